@@ -1,0 +1,224 @@
+"""Runtime messages between Tolaria, Kasmina and Tamiyo (HLD 8.1.2, F.4, H.5)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Self
+
+from pydantic import Field, model_validator
+
+from esper.contracts.assets import KernelArtifactId, Tag
+from esper.contracts.base import Contract, Sha256Hex, SeedId, Timestamp, VersionedContract, utcnow
+from esper.contracts.enums import (
+    TERMINAL_STAGES,
+    GraftingStrategy,
+    KasminaCommandType,
+    RunControlAction,
+    SeedLifecycle,
+)
+
+NonNegInt = Annotated[int, Field(ge=0)]
+
+
+class HardwareContext(Contract):
+    device_type: Literal["cpu", "cuda", "mps", "xpu"]
+    device_name: str = ""
+    memory_available_gb: Annotated[float, Field(ge=0)]
+    supports_quantization: bool = False
+
+
+class HealthSignal(VersionedContract):
+    """One layer's seed telemetry for one report interval: one message per layer, not per seed.
+
+    Every per-seed list has one entry per seed of the layer, in chunk order.
+    """
+
+    run_id: str
+    layer_id: NonNegInt
+    layer_name: str
+    epoch: NonNegInt
+    step: NonNegInt
+    lifecycle: list[SeedLifecycle]
+    activation_mean: list[float]
+    activation_variance: list[float]
+    dead_ratio: list[Annotated[float, Field(ge=0, le=1)]]
+    gradient_energy: list[float]
+    is_ready_for_transition: list[bool]
+
+    @model_validator(mode="after")
+    def _one_entry_per_seed(self) -> Self:
+        n = len(self.lifecycle)
+        for name in ("activation_mean", "activation_variance", "dead_ratio", "gradient_energy",
+                     "is_ready_for_transition"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"{name} has {len(getattr(self, name))} entries for {n} seeds")
+        return self
+
+
+class SystemStatePacket(VersionedContract):
+    """Snapshot passed from Tolaria to Tamiyo at each epoch boundary. Seeds keyed `layer:index`."""
+
+    run_id: str
+    current_epoch: NonNegInt
+    global_step: NonNegInt = 0
+    train_loss: float | None = None
+    validation_accuracy: float | None
+    validation_loss: float
+    hardware_context: HardwareContext
+    health_map: dict[SeedId, dict[str, float]] = Field(default_factory=dict)
+    seed_states: dict[SeedId, SeedLifecycle] = Field(default_factory=dict)
+
+
+class KasminaControlCommand(VersionedContract):
+    """Tamiyo's command to one seed, applied at the next epoch boundary (HLD F.4)."""
+
+    command_id: str
+    run_id: str
+    target_layer_id: NonNegInt
+    target_seed_id: NonNegInt
+    command: KasminaCommandType
+    kernel_artifact_id: KernelArtifactId | None = None
+    target_stage: SeedLifecycle | None = None
+    grafting_strategy: GraftingStrategy = GraftingStrategy.FIXED_RAMP
+    selected_for_tags: list[Tag] | None = None
+    reason: str = ""
+
+    @model_validator(mode="after")
+    def _arguments_match_command(self) -> Self:
+        if self.command is KasminaCommandType.REQUEST_GERMINATION and self.kernel_artifact_id is None:
+            raise ValueError("request_germination needs a kernel_artifact_id")
+        if (self.command is KasminaCommandType.ADVANCE) != (self.target_stage is not None):
+            raise ValueError("target_stage is given with, and only with, the advance command")
+        return self
+
+
+class AdaptationSignal(VersionedContract):
+    """Tamiyo's answer to Tolaria at an epoch end, with the commands it issued."""
+
+    optimizer_rebuild_required: bool
+    emergency_rollback_required: bool
+    rollback_reason: str | None = None
+    commands: list[KasminaControlCommand] = Field(default_factory=list)
+
+
+class FieldReport(VersionedContract):
+    """The outcome of one adaptation, for Karn, Simic and Urabrask's risk model (HLD 8.1.2)."""
+
+    report_id: str
+    run_id: str
+    blueprint_id: Sha256Hex
+    kernel_artifact_id: KernelArtifactId
+    seed_id: SeedId
+    pre_metric: float
+    post_metric: float
+    outcome: SeedLifecycle
+    reason: str = ""
+    epoch: NonNegInt = 0
+    eval_metrics: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _outcome_is_terminal(self) -> Self:
+        if self.outcome not in TERMINAL_STAGES:
+            raise ValueError(f"outcome must be a terminal stage, not {self.outcome.value}")
+        return self
+
+
+class SeedTransition(VersionedContract):
+    """A seed moved between lifecycle stages (topic lifecycle.seed.transitions)."""
+
+    run_id: str
+    seed_id: SeedId
+    epoch: NonNegInt
+    from_stage: SeedLifecycle
+    to_stage: SeedLifecycle
+    kernel_artifact_id: KernelArtifactId | None = None
+    reason: str = ""
+
+    @model_validator(mode="after")
+    def _legal(self) -> Self:
+        if not self.from_stage.can_transition_to(self.to_stage):
+            raise ValueError(f"illegal transition {self.from_stage.value} -> {self.to_stage.value}")
+        return self
+
+
+class TamiyoDecision(VersionedContract):
+    """A controller decision and its explanation (topic control.tamiyo.decisions, HLD C.9)."""
+
+    decision_id: str
+    run_id: str
+    epoch: NonNegInt
+    action: Literal["germinate", "advance", "cull", "cancel", "rollback", "wait"]
+    seed_id: SeedId | None = None
+    kernel_artifact_id: KernelArtifactId | None = None
+    policy: str = "heuristic"
+    explanation: str
+    scores: dict[str, float] = Field(default_factory=dict)
+
+
+class EpochEvent(VersionedContract):
+    """Tolaria's end-of-epoch heartbeat (topic system.events.epoch)."""
+
+    run_id: str
+    epoch: NonNegInt
+    global_step: NonNegInt
+    train_loss: float
+    validation_loss: float
+    validation_accuracy: float | None = None
+    learning_rate: float | None = None
+    active_seeds: NonNegInt = 0
+    fossilized_seeds: NonNegInt = 0
+    epoch_seconds: Annotated[float, Field(ge=0)] = 0.0
+
+
+class RunControl(VersionedContract):
+    """An operator's command to a training run (topic control.run)."""
+
+    run_id: str
+    action: RunControlAction
+    reason: str = ""
+    issued_at: Timestamp = Field(default_factory=utcnow)
+
+
+class HealthSummaryReport(VersionedContract):
+    """Compressed status from a sub-Tamiyo to Tamiyo-Prime (HLD H.5)."""
+
+    domain_id: str
+    avg_health_score: float
+    net_volatility: float
+    active_adaptations: NonNegInt
+    atp_balance: int
+
+
+class AllocationCommand(VersionedContract):
+    """Tamiyo-Prime's budget for a sub-Tamiyo (HLD H.5)."""
+
+    target_domain_id: str
+    atp_budget_allocation: NonNegInt
+    is_priority_agent: bool = False
+
+
+class BlueprintSubmitted(VersionedContract):
+    """A blueprint IR is in Urza and waits for the forge (topic compilation.blueprint.submitted)."""
+
+    blueprint_id: Sha256Hex
+    submitted_by: Literal["library", "human", "karn"]
+    name: str = ""
+
+
+class KernelReady(VersionedContract):
+    """A new artifact waits for the bench (topic compilation.kernel.ready)."""
+
+    kernel_artifact_id: KernelArtifactId
+    blueprint_id: Sha256Hex
+    pipeline: str
+    target: str
+
+
+class KernelCharacterized(VersionedContract):
+    """Urabrask's verdict on a kernel (topic validation.kernel.characterized, HLD F.4)."""
+
+    blueprint_id: Sha256Hex
+    kernel_artifact_id: KernelArtifactId
+    status: Literal["VALIDATED", "REJECTED"]
+    tags: list[Tag] = Field(default_factory=list)
+    latency_ms: float | None = None
+    reason: str | None = None

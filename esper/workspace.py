@@ -1,0 +1,113 @@
+"""The workspace directory: where every esper process of one project meets (DESIGN.md section 3).
+
+    workspace.json          marker, written last by `create`: a workspace without it is not one
+    urza.db                 SQLite catalog (WAL)
+    artifacts/sha256/ab/…   content-addressed blobs
+    runs/<run_id>/          training runs
+    policies/<name>/<ver>/  controller and architect policies
+    keys/                   Ed25519 keys: forge.key, bench.key (0600) and their .pub
+    oona/                   the embedded Redis server's data, socket and pid file
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from filelock import FileLock
+
+from esper import signing
+from esper._fs import atomic_write_text
+from esper.contracts.base import utcnow
+from esper.errors import BadInputError, NotFoundError
+
+WORKSPACE_ENV = "ESPER_WORKSPACE"
+DEFAULT_WORKSPACE = "esper-workspace"
+WORKSPACE_FORMAT = 1
+KeyRole = Literal["forge", "bench"]
+KEY_ROLES: tuple[KeyRole, ...] = ("forge", "bench")
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @classmethod
+    def resolve(cls, path: str | os.PathLike | None = None) -> Workspace:
+        """`--workspace`, else `$ESPER_WORKSPACE`, else `./esper-workspace`."""
+        chosen = path or os.environ.get(WORKSPACE_ENV) or DEFAULT_WORKSPACE
+        return cls(Path(chosen).expanduser().absolute())
+
+    # Layout ---------------------------------------------------------------------------------
+    @property
+    def marker(self) -> Path:
+        return self.root / "workspace.json"
+
+    @property
+    def db_path(self) -> Path:
+        return self.root / "urza.db"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.root / "artifacts"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def policies_dir(self) -> Path:
+        return self.root / "policies"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.root / "keys"
+
+    @property
+    def oona_dir(self) -> Path:
+        return self.root / "oona"
+
+    def private_key_path(self, role: KeyRole) -> Path:
+        return self.keys_dir / f"{role}.key"
+
+    def public_key_path(self, role: KeyRole) -> Path:
+        return self.keys_dir / f"{role}.pub"
+
+    # Life -----------------------------------------------------------------------------------
+    def exists(self) -> bool:
+        return self.marker.is_file()
+
+    def require(self) -> Workspace:
+        """Return self if this is a workspace, else a NotFoundError that says how to make one."""
+        if not self.exists():
+            raise NotFoundError(f"no Esper workspace at {self.root} (run `esper library init` "
+                                f"or pass --workspace)")
+        return self
+
+    def create(self) -> bool:
+        """Make the layout and key pairs; idempotent, never replaces a key. True if it was new."""
+        if self.root.exists() and not self.root.is_dir():
+            raise BadInputError(f"workspace path {self.root} exists and is not a directory")
+        self.root.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.root / ".init.lock")):
+            if self.exists():
+                return False
+            for d in (self.artifacts_dir, self.runs_dir, self.policies_dir, self.oona_dir):
+                d.mkdir(exist_ok=True)
+            self.keys_dir.mkdir(mode=0o700, exist_ok=True)
+            for role in KEY_ROLES:
+                if not self.private_key_path(role).exists():
+                    signing.generate_keypair(self.private_key_path(role), self.public_key_path(role))
+            marker = {"format": WORKSPACE_FORMAT, "created_at": utcnow().isoformat()}
+            atomic_write_text(self.marker, json.dumps(marker, indent=2) + "\n")
+            return True
+
+    # Keys -----------------------------------------------------------------------------------
+    def private_key(self, role: KeyRole) -> signing.Ed25519PrivateKey:
+        return signing.load_private_key(self.private_key_path(role))
+
+    def public_key(self, role: KeyRole) -> signing.Ed25519PublicKey:
+        return signing.load_public_key(self.public_key_path(role))
