@@ -77,8 +77,8 @@ def open_signed(document: bytes, trusted: Ed25519PublicKey, *, what: str = "docu
     except (ValueError, KeyError, TypeError, AttributeError):
         raise IntegrityError(f"{what}: not a signed document") from None
     if doc.get("key_id") != key_id(trusted):
-        raise IntegrityError(f"{what}: signed by key {doc.get('key_id')!r}, not the trusted "
-                             f"{doc.get('signer', '?')} key {key_id(trusted)}")
+        raise IntegrityError(f"{what}: signed by key {doc.get('key_id')!r} "
+                             f"(claims signer {doc.get('signer')!r}), not the trusted key {key_id(trusted)}")
     try:
         trusted.verify(signature, body)
     except InvalidSignature:
