@@ -14,15 +14,17 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from filelock import FileLock
 
-from esper import signing
 from esper._fs import atomic_write_text
-from esper.contracts.base import utcnow
 from esper.errors import BadInputError, NotFoundError
+
+if TYPE_CHECKING:  # cryptography loads lazily: `esper --help` must stay fast
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 WORKSPACE_ENV = "ESPER_WORKSPACE"
 DEFAULT_WORKSPACE = "esper-workspace"
@@ -98,16 +100,22 @@ class Workspace:
             for d in (self.artifacts_dir, self.runs_dir, self.policies_dir, self.oona_dir):
                 d.mkdir(exist_ok=True)
             self.keys_dir.mkdir(mode=0o700, exist_ok=True)
+            from esper import signing
+
             for role in KEY_ROLES:
                 if not self.private_key_path(role).exists():
                     signing.generate_keypair(self.private_key_path(role), self.public_key_path(role))
-            marker = {"format": WORKSPACE_FORMAT, "created_at": utcnow().isoformat()}
+            marker = {"format": WORKSPACE_FORMAT, "created_at": datetime.now(UTC).isoformat()}
             atomic_write_text(self.marker, json.dumps(marker, indent=2) + "\n")
             return True
 
     # Keys -----------------------------------------------------------------------------------
-    def private_key(self, role: KeyRole) -> signing.Ed25519PrivateKey:
+    def private_key(self, role: KeyRole) -> Ed25519PrivateKey:
+        from esper import signing
+
         return signing.load_private_key(self.private_key_path(role))
 
-    def public_key(self, role: KeyRole) -> signing.Ed25519PublicKey:
+    def public_key(self, role: KeyRole) -> Ed25519PublicKey:
+        from esper import signing
+
         return signing.load_public_key(self.public_key_path(role))

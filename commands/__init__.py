@@ -1,0 +1,1 @@
+"""One module per `esper` subcommand. Thin: options in, a domain call, the result rendered."""

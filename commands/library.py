@@ -1,0 +1,224 @@
+"""`esper library`: the workspace's blueprint and kernel catalog (Urza)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from esper_cli.context import get_context, out_console
+
+app = typer.Typer(
+    help="The catalog of blueprints and kernels (Urza).\n\n"
+    "Example: esper library init && esper library list --kind kernels --status VALIDATED",
+    no_args_is_help=True,
+)
+
+
+class Kind(str, Enum):
+    BLUEPRINTS = "blueprints"
+    KERNELS = "kernels"
+
+
+def _open(ctx: typer.Context):
+    from esper.urza import Urza
+
+    return Urza.open(get_context(ctx).workspace.require())
+
+
+@app.command()
+def init(ctx: typer.Context) -> None:
+    """Create the workspace (if needed) and load the standard blueprints; safe to rerun.
+
+    Example: esper --workspace ./ws library init
+    """
+    from esper.library import init_workspace
+
+    ectx = get_context(ctx)
+    created, registered = init_workspace(ectx.workspace)
+    added = sum(r.created for r in registered)
+    data = {"workspace": str(ectx.workspace.root), "created": created,
+            "blueprints_added": added, "blueprints_present": len(registered) - added}
+    ectx.emit(data, lambda: out_console.print(
+        f"{'Created' if created else 'Using'} workspace {ectx.workspace.root}: "
+        f"{added} standard blueprints added, {len(registered) - added} already present."))
+
+
+@app.command("list")
+def list_(
+    ctx: typer.Context,
+    kind: Annotated[Kind, typer.Option(help="What to list.")] = Kind.BLUEPRINTS,
+    status: Annotated[Optional[str], typer.Option(help="Only this status, e.g. VALIDATED.")] = None,
+    tag: Annotated[Optional[str], typer.Option(help="Kernels: only those with this tag.")] = None,
+    origin: Annotated[Optional[str], typer.Option(
+        help="Blueprints: only this origin (library, human, karn).")] = None,
+    target: Annotated[Optional[str], typer.Option(help="Kernels: only this device target.")] = None,
+) -> None:
+    """List blueprints or kernels.
+
+    Example: esper library list --kind kernels --tag low_memory
+    """
+    from commands._render import blueprint_rows, kernel_rows, print_table
+    from esper.contracts import BlueprintStatus, KernelStatus
+
+    ectx = get_context(ctx)
+    with _open(ctx) as urza:
+        if kind is Kind.BLUEPRINTS:
+            status_enum = _parse_enum(BlueprintStatus, status, "--status")
+            items = urza.list_blueprints(status=status_enum, origin=origin)
+            columns, rows = blueprint_rows(items)
+        else:
+            status_enum = _parse_enum(KernelStatus, status, "--status")
+            items = urza.list_kernels(status=status_enum, tag=tag, target=target)
+            columns, rows = kernel_rows(items)
+    ectx.emit([i.to_jsonable() for i in items],
+              lambda: print_table(f"{len(items)} {kind.value}", columns, rows))
+
+
+@app.command()
+def show(ctx: typer.Context, item_id: Annotated[str, typer.Argument(
+        metavar="ID", help="A blueprint or kernel id, or a unique prefix of one.")]) -> None:
+    """Show one blueprint or kernel in full.
+
+    Example: esper library show 3fa2c1
+    """
+    from commands._render import print_record
+    from esper.library import find_record
+
+    ectx = get_context(ctx)
+    with _open(ctx) as urza:
+        record = find_record(urza, item_id)
+    ectx.emit(record.to_jsonable(), lambda: print_record(record))
+
+
+@app.command()
+def query(
+    ctx: typer.Context,
+    blueprint: Annotated[Optional[str], typer.Option(help="Only kernels of this blueprint id.")] = None,
+    interface: Annotated[Optional[str], typer.Option(
+        help="linear:IN:OUT or conv2d:IN:OUT[:STRIDE].")] = None,
+    target: Annotated[Optional[str], typer.Option(help="Device target, e.g. cpu, h100.")] = None,
+    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16.")] = None,
+    pipeline: Annotated[Optional[str], typer.Option(help="fast, standard or aggressive.")] = None,
+    tag: Annotated[Optional[list[str]], typer.Option(help="Required tag (repeatable).")] = None,
+    prefer: Annotated[Optional[list[str]], typer.Option(help="Preferred tag (repeatable).")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(help="Excluded tag (repeatable).")] = None,
+    max_latency_ms: Annotated[Optional[float], typer.Option(help="Latency cap in ms.")] = None,
+    max_memory_mb: Annotated[Optional[float], typer.Option(help="Peak memory cap in MB.")] = None,
+    limit: Annotated[int, typer.Option(help="At most this many results.")] = 50,
+) -> None:
+    """Find VALIDATED kernels as Tamiyo does (KernelQuery): filter, then rank by preferred
+    tags and measured latency.
+
+    Example: esper library query --interface linear:64:16 --tag low_memory --prefer high_speed
+    """
+    from commands._render import kernel_rows, print_table
+    from esper.contracts import KernelInterface, KernelQuery
+
+    fields = {"blueprint_id": blueprint, "target": target, "dtype": dtype, "pipeline": pipeline,
+              "required_tags": tag or [], "preferred_tags": prefer or [],
+              "excluded_tags": exclude or [], "max_latency_ms": max_latency_ms,
+              "max_memory_mb": max_memory_mb, "limit": limit,
+              "interface": KernelInterface.parse(interface).to_jsonable() if interface else None}
+    q = KernelQuery.from_jsonable(fields, source="query options")
+    ectx = get_context(ctx)
+    with _open(ctx) as urza:
+        kernels = urza.query_kernels(q).matching_kernels
+    columns, rows = kernel_rows(kernels)
+    ectx.emit([k.to_jsonable() for k in kernels],
+              lambda: print_table(f"{len(kernels)} matching kernels", columns, rows))
+
+
+@app.command("import")
+def import_(
+    ctx: typer.Context,
+    files: Annotated[list[Path], typer.Argument(help="Blueprint IR JSON files.")],
+) -> None:
+    """Validate blueprint IR files and add them to the catalog (all or none; a known IR,
+    by hash, is reported and left as it is).
+
+    Example: esper library import my_branch.json
+    """
+    from esper.library import read_ir_files, register
+
+    ectx = get_context(ctx)
+    irs = read_ir_files(files)
+    with _open(ctx) as urza:
+        registered = register(urza, irs, origin="human", actor="library.import")
+    data = [{"source": r.source, "id": r.blueprint.id, "name": r.blueprint.name,
+             "created": r.created} for r in registered]
+
+    def render() -> None:
+        for r in registered:
+            verb = "added" if r.created else "already present"
+            out_console.print(f"{r.source}: {verb} as {r.blueprint.name} ({r.blueprint.id[:12]})")
+
+    ectx.emit(data, render)
+
+
+@app.command()
+def export(
+    ctx: typer.Context,
+    blueprint_id: Annotated[str, typer.Argument(metavar="ID", help="Blueprint id or prefix.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write here instead of "
+                                                "stdout.")] = None,
+) -> None:
+    """Print a blueprint's IR as JSON (re-importable).
+
+    Example: esper library export 3fa2c1 -o branch.json
+    """
+    from esper._fs import atomic_write_text
+    from esper.library import export_ir
+
+    with _open(ctx) as urza:
+        text = export_ir(urza, blueprint_id)
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        atomic_write_text(out, text)
+
+
+@app.command()
+def verify(ctx: typer.Context) -> None:
+    """Check the audit chain, every blob's hash and every signature. Exit 3 on any problem.
+
+    Example: esper library verify && echo intact
+    """
+    from esper.errors import IntegrityError
+
+    ectx = get_context(ctx)
+    with _open(ctx) as urza:
+        report = urza.verify()
+    data = report.to_jsonable() if hasattr(report, "to_jsonable") else report.__dict__
+    ectx.emit(data, lambda: out_console.print(report.summary()))
+    if report.problems:
+        raise IntegrityError(f"{len(report.problems)} integrity problem(s); first: "
+                             f"{report.problems[0]}")
+
+
+@app.command()
+def stats(ctx: typer.Context) -> None:
+    """Counts of blueprints and kernels by status, blobs, reports.
+
+    Example: esper --json library stats
+    """
+    from commands._render import print_stats
+
+    ectx = get_context(ctx)
+    with _open(ctx) as urza:
+        numbers = urza.stats()
+    ectx.emit(numbers, lambda: print_stats(numbers))
+
+
+def _parse_enum(enum_cls, value: str | None, option: str):
+    if value is None:
+        return None
+    try:
+        return enum_cls(value.upper())
+    except ValueError:
+        from esper.errors import BadInputError
+
+        choices = ", ".join(m.value for m in enum_cls)
+        raise BadInputError(f"{option}: unknown status {value!r}; choose from {choices}") from None

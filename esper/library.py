@@ -1,0 +1,81 @@
+"""The blueprint library: how validated IRs get into Urza (`esper library init` / `import`).
+
+Sits above both `esper.blueprints` (parse, validate, hash) and `esper.urza` (store), which are
+siblings and never import each other.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from esper.blueprints import BlueprintIR, canonical_json, load_ir, standard_library, validate
+from esper.contracts import Blueprint
+from esper.errors import BadInputError, NotFoundError
+from esper.urza import Urza
+from esper.workspace import Workspace
+
+
+@dataclass(frozen=True)
+class Registered:
+    blueprint: Blueprint
+    created: bool  # False: the same IR (by hash) was already in the catalog; nothing changed
+    source: str
+
+
+def register(urza: Urza, irs: list[tuple[BlueprintIR, str]], *, origin: str,
+             actor: str) -> list[Registered]:
+    """Validate every IR first, then add them all: a bad one means none is added."""
+    for ir, source in irs:
+        validate(ir, source=source)
+    return [
+        Registered(*urza.add_blueprint(canonical_json(ir), name=ir.name,
+                                       interface_kind=ir.interface_kind, origin=origin,
+                                       actor=actor), source)
+        for ir, source in irs
+    ]
+
+
+def read_ir_files(paths: list[Path]) -> list[tuple[BlueprintIR, str]]:
+    irs = []
+    for path in paths:
+        if not path.is_file():
+            raise NotFoundError(f"{path}: no such file")
+        irs.append((load_ir(path.read_bytes(), source=str(path)), str(path)))
+    return irs
+
+
+def init_workspace(workspace: Workspace) -> tuple[bool, list[Registered]]:
+    """Create the workspace (idempotent) and load the standard blueprints into it."""
+    created = workspace.create()
+    with Urza.open(workspace) as urza:
+        irs = [(ir, f"standard library: {ir.name}") for ir in standard_library()]
+        return created, register(urza, irs, origin="library", actor="library.init")
+
+
+def export_ir(urza: Urza, blueprint_id: str) -> str:
+    """The IR of a blueprint as indented JSON (its canonical form hashes to the blueprint id)."""
+    blueprint = urza.get_blueprint(blueprint_id)
+    try:
+        ir = json.loads(urza.blueprint_ir(blueprint.id))
+    except ValueError:
+        raise BadInputError(f"blueprint {blueprint.id}: stored IR is not JSON") from None
+    return json.dumps(ir, indent=2, sort_keys=True) + "\n"
+
+
+def find_record(urza: Urza, item_id: str):
+    """A blueprint or a kernel by id or unique prefix (kernel ids start with an IR-hash prefix
+    too, so an id matching both is ambiguous and must be given in full)."""
+    found = []
+    for getter in (urza.get_blueprint, urza.get_kernel):
+        try:
+            found.append(getter(item_id))
+        except NotFoundError:
+            pass
+    if not found:
+        raise NotFoundError(f"no blueprint or kernel with id {item_id!r}")
+    if len(found) > 1:
+        raise BadInputError(f"{item_id!r} names both blueprint {found[0].id} and kernel "
+                            f"{found[1].id}; give more of the id")
+    return found[0]

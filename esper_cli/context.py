@@ -1,0 +1,58 @@
+"""What every subcommand gets from the root: the global options, resolved once."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from esper.workspace import Workspace
+
+# Diagnostics and progress go to stderr; stdout carries results only (tables or JSON).
+err_console = Console(stderr=True)
+out_console = Console()
+
+
+class LogLevel(str, Enum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+@dataclass(frozen=True)
+class EsperContext:
+    workspace: Workspace
+    redis_url: str | None
+    log_level: LogLevel
+    json: bool
+
+    @property
+    def debug(self) -> bool:
+        return self.log_level is LogLevel.DEBUG
+
+    def emit(self, data: Any, render=None) -> None:
+        """Print a result: JSON with --json or when stdout is not for humans, else `render()`."""
+        if self.json or render is None:
+            sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+        else:
+            render()
+
+
+def get_context(ctx: typer.Context) -> EsperContext:
+    return ctx.find_root().obj
+
+
+def configure_logging(level: LogLevel) -> None:
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=err_console, show_path=level is LogLevel.DEBUG,
+                          rich_tracebacks=level is LogLevel.DEBUG)
+    logging.basicConfig(level=level.value.upper(), format="%(message)s", handlers=[handler],
+                        force=True)

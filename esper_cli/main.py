@@ -1,0 +1,95 @@
+"""The `esper` entry point. It only composes sub-apps; each lives in `commands/<name>.py`."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from typer.core import TyperGroup
+
+from commands import library
+from esper.errors import EsperError
+from esper.workspace import DEFAULT_WORKSPACE, WORKSPACE_ENV, Workspace
+from esper_cli.context import EsperContext, LogLevel, configure_logging, err_console
+
+log = logging.getLogger("esper")
+
+
+class EsperGroup(TyperGroup):
+    """Turns every failure into one line on stderr and the exit code of DESIGN.md section 14."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except EsperError as e:
+            _report(ctx, e)
+            raise typer.Exit(e.exit_code) from None
+        except Exception as e:  # a bug or an unexpected environment failure: still one line
+            _report(ctx, e, unexpected=True)
+            raise typer.Exit(1) from None
+
+
+def _report(ctx, error: BaseException, unexpected: bool = False) -> None:
+    obj = ctx.obj
+    debug = isinstance(obj, EsperContext) and obj.debug
+    if debug:
+        err_console.print_exception(show_locals=False)
+    prefix = f"internal error ({type(error).__name__})" if unexpected else "error"
+    hint = "" if debug or not unexpected else " (rerun with --log-level debug for the traceback)"
+    err_console.print(f"[bold red]{prefix}:[/] {error}{hint}", markup=True, highlight=False,
+                      soft_wrap=True)
+
+
+app = typer.Typer(
+    name="esper",
+    cls=EsperGroup,
+    help="Morphogenetic training: grow pre-compiled, pre-validated sub-networks into a live "
+    "PyTorch model.\n\nExample: esper library init && esper library list",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(library.app, name="library")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"esper {version('esper')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    workspace: Annotated[
+        Path | None,
+        typer.Option("--workspace", envvar=WORKSPACE_ENV, show_default=False,
+                     help=f"Workspace directory (default: ./{DEFAULT_WORKSPACE})."),
+    ] = None,
+    redis_url: Annotated[
+        str | None,
+        typer.Option("--redis-url", envvar="ESPER_REDIS_URL", show_default=False,
+                     help="External Redis (redis://, rediss://, unix://). Default: the "
+                     "workspace's embedded server."),
+    ] = None,
+    log_level: Annotated[LogLevel, typer.Option("--log-level", help="Logging verbosity; "
+                                                "debug also prints tracebacks.")] = LogLevel.INFO,
+    json_output: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Esper's global options; they go before the subcommand."""
+    configure_logging(log_level)
+    ctx.obj = EsperContext(workspace=Workspace.resolve(workspace), redis_url=redis_url,
+                           log_level=log_level, json=json_output)
+
+
+def main() -> None:
+    app(prog_name="esper")
