@@ -1,0 +1,204 @@
+"""The builder: a validated BlueprintIR and a concrete interface -> an `nn.Module`.
+
+Nothing is evaluated or imported from the IR: each op maps to a module through a fixed factory
+table, and `forward` runs the layers in the validator's topological order. The loop over
+layers unrolls at trace time with no data-dependent branch, so the module compiles with
+`torch.compile(fullgraph=True)`.
+
+Initialisation is PyTorch's default for each layer, drawn from one generator (deterministic for
+a seed, and the global RNG is left untouched), except the op feeding the output, which starts at
+exactly zero: a graft at any alpha is function-preserving until it learns. At the first step
+only that op gets gradient; once it has moved, every parameter does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from esper.blueprints.budget import DEFAULT_BUDGET, Budget
+from esper.blueprints.ir import BlueprintIR
+from esper.blueprints.shapes import ResolvedNode
+from esper.blueprints.validate import validate
+from esper.contracts.assets import KernelInterface
+from esper.contracts.enums import LayerKind
+
+
+class Add(nn.Module):
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a + b
+
+
+class Mul(nn.Module):
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a * b
+
+
+class Scale(nn.Module):
+    """A learned per-channel gain (LayerScale); channels are the last dim of features, dim 1 of maps."""
+
+    def __init__(self, channels: int, init: float, feature_maps: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(channels))
+        self.init = init
+        self.feature_maps = feature_maps
+
+    def reset_parameters(self) -> None:
+        nn.init.constant_(self.weight, self.init)
+
+    def zero_(self) -> None:
+        nn.init.zeros_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.view(-1, 1, 1) if self.feature_maps else self.weight  # (C, 1, 1) on maps
+        return x * weight
+
+
+class LowRank(nn.Module):
+    """x -> B (A x) + b: A is rank-by-in without bias, B out-by-rank."""
+
+    def __init__(self, in_features: int, rank: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features, bias=bias)
+
+    def zero_(self) -> None:
+        # Only B: A stays random so that B's gradient (g outer A x) is nonzero from the start.
+        _zero(self.up)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+
+class AttentionHead(nn.Module):
+    """Single-head self-attention over dim -2 of a (..., T, C) input."""
+
+    def __init__(self, in_features: int, dim: int, causal: bool) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(in_features, 3 * dim)
+        self.causal = causal
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() < 3:  # the rank is static under tracing: no graph break
+            raise ValueError(f"attention_head needs a sequence input (..., T, C), got shape "
+                             f"{tuple(x.shape)}")
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # each (..., T, dim)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+
+
+def _conv(taps: int, depthwise: bool = False) -> Callable[[ResolvedNode, bool], nn.Module]:
+    def make(node: ResolvedNode, feature_maps: bool) -> nn.Module:
+        attrs = node.attrs
+        out = node.in_channels if depthwise else attrs["out"]
+        return nn.Conv2d(node.in_channels, out, taps, stride=attrs["stride"], padding=taps // 2,
+                         groups=node.in_channels if depthwise else 1, bias=attrs["bias"])
+    return make
+
+
+# The only way an op becomes code. Every whitelisted op but input and output has an entry.
+FACTORIES: dict[str, Callable[[ResolvedNode, bool], nn.Module]] = {
+    "linear": lambda n, _: nn.Linear(n.in_channels, n.attrs["out"], bias=n.attrs["bias"]),
+    "low_rank": lambda n, _: LowRank(n.in_channels, n.attrs["rank"], n.attrs["out"], n.attrs["bias"]),
+    "conv1x1": _conv(1),
+    "conv3x3": _conv(3),
+    "depthwise_conv3x3": _conv(3, depthwise=True),
+    "layer_norm": lambda n, _: nn.LayerNorm(n.in_channels),
+    "rms_norm": lambda n, _: nn.RMSNorm(n.in_channels),
+    "batch_norm": lambda n, _: nn.BatchNorm2d(n.in_channels),
+    "relu": lambda n, _: nn.ReLU(),
+    "gelu": lambda n, _: nn.GELU(),
+    "silu": lambda n, _: nn.SiLU(),
+    "tanh": lambda n, _: nn.Tanh(),
+    "sigmoid": lambda n, _: nn.Sigmoid(),
+    "mul": lambda n, _: Mul(),
+    "add": lambda n, _: Add(),
+    "attention_head": lambda n, _: AttentionHead(n.in_channels, n.attrs["dim"], n.attrs["causal"]),
+    "dropout": lambda n, _: nn.Dropout(n.attrs["p"]),
+    "scale": lambda n, maps: Scale(n.in_channels, float(n.attrs["init"]), maps),
+}
+
+
+class BlueprintModule(nn.Module):
+    """A blueprint built for one interface. `layers[k]` is the node `node_ids[k]`."""
+
+    def __init__(self, ir: BlueprintIR, interface: KernelInterface, nodes: dict[str, ResolvedNode],
+                 blueprint_id: str, zero_init_node: str) -> None:
+        super().__init__()
+        self.interface = interface
+        self.blueprint_id = blueprint_id
+        self.name = ir.name
+        self.needs_sequence = ir.needs_sequence
+        feature_maps = interface.kind is LayerKind.CONV2D
+        # Slot 0 holds the input; layer k writes slot k + 1 (nodes are in topological order).
+        steps = [(node_id, node) for node_id, node in nodes.items()
+                 if node.op not in ("input", "output")]
+        input_id = next(node_id for node_id, node in nodes.items() if node.op == "input")
+        slot = {input_id: 0} | {node_id: k + 1 for k, (node_id, _) in enumerate(steps)}
+        self.node_ids = tuple(node_id for node_id, _ in steps)
+        self.zero_init_node = zero_init_node
+        self._reads = tuple(tuple(slot[ref] for ref in node.inputs) for _, node in steps)
+        output = next(node for node in nodes.values() if node.op == "output")
+        self._output_slot = slot[output.inputs[0]]
+        self.layers = nn.ModuleList(FACTORIES[node.op](node, feature_maps) for _, node in steps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        values = [x]
+        for layer, reads in zip(self.layers, self._reads):
+            values.append(layer(*[values[i] for i in reads]))
+        return values[self._output_slot]
+
+    def extra_repr(self) -> str:
+        return f"name={self.name}, interface={self.interface}, id={self.blueprint_id[:12]}"
+
+
+def build(ir: BlueprintIR, interface: KernelInterface, *, dtype: torch.dtype = torch.float32,
+          device: torch.device | str | None = None, seed: int | None = None,
+          generator: torch.Generator | None = None,
+          budget: Budget = DEFAULT_BUDGET) -> BlueprintModule:
+    """Validate `ir` at `interface` and build it, its output exactly zero for any input.
+
+    Weights are drawn on the CPU from `generator`, or from a generator seeded with `seed`, or
+    (neither given) from one seeded by the global RNG, as PyTorch's own layers would; the same
+    seed gives the same weights on every device.
+    """
+    if seed is not None and generator is not None:
+        raise ValueError("give a seed or a generator, not both")
+    result = validate(ir, interface, budget)
+    if generator is None:
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+        generator = torch.Generator().manual_seed(seed)
+    # Built on the meta device, so layer constructors draw nothing from the global RNG.
+    with torch.device("meta"):
+        module = BlueprintModule(ir, interface, result.checks[0].nodes, result.blueprint_id,
+                                 result.zero_init_node)
+    module.to_empty(device="cpu")
+    for layer in module.layers:
+        _reset(layer, generator)
+    _zero(module.layers[module.node_ids.index(result.zero_init_node)])
+    return module.to(device=device, dtype=dtype)
+
+
+def _reset(layer: nn.Module, generator: torch.Generator) -> None:
+    """PyTorch's default initialisation, drawn from `generator`."""
+    for sub in layer.modules():
+        if isinstance(sub, (nn.Linear, nn.Conv2d)):
+            nn.init.kaiming_uniform_(sub.weight, a=math.sqrt(5), generator=generator)
+            if sub.bias is not None:
+                bound = 1 / math.sqrt(sub.weight[0].numel())  # 1/sqrt(fan_in)
+                nn.init.uniform_(sub.bias, -bound, bound, generator=generator)
+        elif isinstance(sub, (nn.LayerNorm, nn.RMSNorm, nn.BatchNorm2d, Scale)):
+            sub.reset_parameters()  # constants (and running statistics): no randomness
+
+
+def _zero(layer: nn.Module) -> None:
+    if isinstance(layer, (LowRank, Scale)):
+        layer.zero_()
+        return
+    nn.init.zeros_(layer.weight)
+    if layer.bias is not None:
+        nn.init.zeros_(layer.bias)
