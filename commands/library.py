@@ -186,14 +186,26 @@ def verify(ctx: typer.Context) -> None:
 
     Example: esper library verify && echo intact
     """
+    from dataclasses import asdict
+
     from esper.errors import IntegrityError
 
     ectx = get_context(ctx)
     with _open(ctx) as urza:
         report = urza.verify()
-    data = report.to_jsonable() if hasattr(report, "to_jsonable") else report.__dict__
-    ectx.emit(data, lambda: out_console.print(report.summary()))
-    if report.problems:
+
+    def render() -> None:
+        out_console.print(f"audit chain: {report.audit.rows} rows, "
+                          f"{'intact' if report.audit.ok else 'BROKEN'}")
+        out_console.print(f"blobs: {report.blobs_checked} checked; validation reports: "
+                          f"{report.reports_checked} checked")
+        for problem in report.problems:
+            out_console.print(f"[red]problem:[/] {problem}", highlight=False)
+        if report.ok:
+            out_console.print("[green]workspace intact[/]")
+
+    ectx.emit({**asdict(report), "ok": report.ok}, render)
+    if not report.ok:
         raise IntegrityError(f"{len(report.problems)} integrity problem(s); first: "
                              f"{report.problems[0]}")
 

@@ -23,7 +23,8 @@ class EsperGroup(TyperGroup):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+        except (typer.Exit, typer.Abort, typer.TyperException, KeyboardInterrupt):
+            # usage errors (exit 2), explicit exits and Ctrl-C (130) are typer's to report
             raise
         except EsperError as e:
             _report(ctx, e)
