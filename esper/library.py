@@ -65,17 +65,9 @@ def export_ir(urza: Urza, blueprint_id: str) -> str:
 
 
 def find_record(urza: Urza, item_id: str):
-    """A blueprint or a kernel by id or unique prefix (kernel ids start with an IR-hash prefix
-    too, so an id matching both is ambiguous and must be given in full)."""
-    found = []
-    for getter in (urza.get_blueprint, urza.get_kernel):
-        try:
-            found.append(getter(item_id))
-        except NotFoundError:
-            pass
-    if not found:
-        raise NotFoundError(f"no blueprint or kernel with id {item_id!r}")
-    if len(found) > 1:
-        raise BadInputError(f"{item_id!r} names both blueprint {found[0].id} and kernel "
-                            f"{found[1].id}; give more of the id")
-    return found[0]
+    """A blueprint or a kernel by id or unique prefix. Kernel ids contain '-' and blueprint ids
+    never do; a kernel id's first 12 characters are its blueprint's, so a bare prefix names the
+    blueprint."""
+    if "-" in item_id:
+        return urza.get_kernel(item_id)
+    return urza.get_blueprint(item_id)

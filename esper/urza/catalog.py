@@ -1,0 +1,207 @@
+"""`Urza`: the catalog and artifact store of one workspace, behind one object.
+
+    with Urza.open(workspace) as urza:
+        blueprint, created = urza.add_blueprint(ir_bytes, name="mlp",
+                                                interface_kind=LayerKind.LINEAR, actor="library")
+        job = urza.claim_next_blueprint("forge-1", lease_seconds=60)
+
+One `Urza` is one SQLite connection: use it from one thread, and open one per process (or per
+thread). Any number of processes may open the same workspace at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from esper.contracts import UrabraskValidationReport
+from esper.errors import BadInputError, EsperError, IntegrityError, NotFoundError
+from esper.signing import Ed25519PublicKey, open_signed
+from esper.urza.audit import AuditCheck, verify_chain
+from esper.urza.blueprints import BlueprintCatalog
+from esper.urza.db import BUSY_TIMEOUT_S, connect
+from esper.urza.kernels import KernelCatalog
+from esper.urza.migrations import LATEST_VERSION, applied_version, migrate
+from esper.urza.records import RecordCatalog
+from esper.urza.store import ArtifactStore, sha256_hex
+from esper.urza.values import now_iso, require_text
+from esper.workspace import KeyRole, Workspace
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """What `esper library verify` found: an empty `problems` list means all is sound."""
+
+    audit: AuditCheck
+    blobs_checked: int
+    reports_checked: int
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+class Urza(BlueprintCatalog, KernelCatalog, RecordCatalog):
+    @classmethod
+    def open(cls, workspace: Workspace, *, busy_timeout_s: float = BUSY_TIMEOUT_S) -> Urza:
+        """Open the workspace's catalog, creating or migrating its schema as needed."""
+        workspace.require()
+        db = connect(workspace.db_path, busy_timeout_s)
+        urza = cls(workspace, db, ArtifactStore(workspace.artifacts_dir))
+        try:
+            # Check before locking: the common case (schema current) takes no write lock.
+            if applied_version(db) != LATEST_VERSION:
+                with urza.transaction():
+                    migrate(db)
+        except BaseException:
+            db.conn.close()
+            raise
+        return urza
+
+    def close(self) -> None:
+        self.db.conn.close()
+
+    def __enter__(self) -> Urza:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    # Idempotent consumers ---------------------------------------------------------------------
+    def run_once(self, group: str, event_id: str, effect: Callable[[], None]) -> bool:
+        """Apply `effect` for (group, event_id) at most once, ever.
+
+        The event is marked processed and the effect's catalog writes commit in one
+        transaction: if `effect` raises, neither happens and the exception propagates (the bus
+        will redeliver). Returns False, without calling `effect`, for an event already processed.
+        """
+        require_text(group, "consumer group")
+        require_text(event_id, "event id")
+        with self.transaction():
+            cursor = self._execute(
+                "INSERT INTO processed_events (consumer_group, event_id, processed_at)"
+                " VALUES (?, ?, ?) ON CONFLICT DO NOTHING", (group, event_id, now_iso()))
+            if cursor.rowcount != 1:
+                return False
+            effect()
+            return True
+
+    # Integrity ------------------------------------------------------------------------------
+    def verify_audit_chain(self) -> AuditCheck:
+        return verify_chain(self.db)
+
+    def verify(self) -> VerifyReport:
+        """Check everything that can be checked: the database file, the audit chain, every
+        blob's hash, every reference from a row to a blob, every kernel manifest's signature
+        against the forge key and every stored validation report's against the bench key."""
+        problems: list[str] = []
+        for (line,) in self.db.execute("PRAGMA quick_check").fetchall():
+            if line != "ok":
+                problems.append(f"database: {line}")
+        audit = self.verify_audit_chain()
+        if not audit.ok:
+            problems.append(f"audit log: row {audit.first_bad_seq}: {audit.reason}")
+        problems += self.store.verify_all()
+        blobs = sum(1 for _ in self.store.iter_hashes())
+        with self._snapshot():
+            problems += self._check_blueprint_refs()
+            problems += self._check_manifests()
+            reports = self._rows("SELECT id, kernel_id, signed_blob, body FROM validation_reports"
+                                 " ORDER BY id")
+            problems += self._check_reports(reports)
+        return VerifyReport(audit=audit, blobs_checked=blobs, reports_checked=len(reports),
+                            problems=problems)
+
+    def stats(self) -> dict:
+        """Counts for `esper library stats` and dashboards."""
+        with self._snapshot():
+            def by_status(table: str) -> dict[str, int]:
+                return {r["status"]: r["n"] for r in self._rows(
+                    f"SELECT status, count(*) AS n FROM {table} GROUP BY status ORDER BY status")}
+
+            def count(table: str) -> int:
+                return self._scalar(f"SELECT count(*) FROM {table}")
+
+            counts = {
+                "schema_version": applied_version(self.db),
+                "blueprints": by_status("blueprints"),
+                "kernels": by_status("kernels"),
+                "validation_reports": count("validation_reports"),
+                "field_reports": count("field_reports"),
+                "decisions": count("decisions"),
+                "runs": count("runs"),
+                "policies": count("policies"),
+                "requested_interfaces": count("interfaces"),
+                "processed_events": count("processed_events"),
+                "audit_rows": count("audit_log"),
+            }
+        hashes = list(self.store.iter_hashes())
+        counts["blobs"] = len(hashes)
+        counts["blob_bytes"] = sum(self.store.size(h) for h in hashes)
+        return counts
+
+    # Internals ------------------------------------------------------------------------------
+    def _check_blueprint_refs(self) -> list[str]:
+        problems = []
+        for row in self._rows("SELECT id, architecture_ref FROM blueprints ORDER BY id"):
+            if row["architecture_ref"] != row["id"]:
+                problems.append(f"blueprint {row['id']}: architecture_ref "
+                                f"{row['architecture_ref']} is not its id")
+            if not self.store.has(row["architecture_ref"]):
+                problems.append(f"blueprint {row['id']}: IR blob {row['architecture_ref']} "
+                                "is missing")
+        return problems
+
+    def _check_manifests(self) -> list[str]:
+        problems = []
+        rows = self._rows("SELECT id, kernel_binary_ref FROM kernels ORDER BY id")
+        forge_key = self._trusted_key("forge", problems) if rows else None
+        for row in rows:
+            what = f"kernel {row['id']}: manifest"
+            try:
+                document = self.store.get(row["kernel_binary_ref"])
+                if forge_key is not None:
+                    open_signed(document, forge_key, what=what)
+            except (NotFoundError, IntegrityError) as e:
+                problems.append(str(e) if str(e).startswith(what) else f"{what}: {e}")
+        for row in self._rows(
+                "SELECT k.id FROM kernels k LEFT JOIN validation_reports r"
+                " ON r.id = k.validation_report_id"
+                " WHERE k.status = 'VALIDATED' AND (r.id IS NULL OR r.passed != 1) ORDER BY k.id"):
+            problems.append(f"kernel {row['id']}: VALIDATED without a passing bench-signed report")
+        return problems
+
+    def _check_reports(self, reports: list[dict[str, Any]]) -> list[str]:
+        problems: list[str] = []
+        bench_key = self._trusted_key("bench", problems) if reports else None
+        if bench_key is None:
+            return problems
+        for row in reports:
+            what = f"validation report {row['id']} (kernel {row['kernel_id']})"
+            try:
+                document = self.store.get(row["signed_blob"])
+            except (NotFoundError, IntegrityError) as e:  # missing or damaged
+                problems.append(f"{what}: {e}")
+                continue
+            try:
+                body = open_signed(document, bench_key, what=what)
+                report = UrabraskValidationReport.from_json(body, source=what)
+            except (IntegrityError, BadInputError) as e:
+                problems.append(str(e))
+                continue
+            if body.decode("utf-8") != row["body"]:
+                problems.append(f"{what}: stored body differs from the signed document "
+                                f"(sha256 {sha256_hex(body)})")
+            elif report.kernel_artifact_id != row["kernel_id"]:
+                problems.append(f"{what}: the signed report is for kernel "
+                                f"{report.kernel_artifact_id}")
+        return problems
+
+    def _trusted_key(self, role: KeyRole, problems: list[str]) -> Ed25519PublicKey | None:
+        try:
+            return self.workspace.public_key(role)
+        except (OSError, EsperError) as e:
+            problems.append(f"{role} public key cannot be read: {e}")
+            return None

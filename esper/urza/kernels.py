@@ -1,0 +1,315 @@
+"""Compiled kernels in the catalog: registration, the bench's work queue, validation and queries.
+
+The one road to VALIDATED is `apply_validation_report` with a report signed by the workspace's
+bench key (DESIGN.md section 5): no status setter, no flag, no actor can take another.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from esper.contracts import (
+    KERNEL_TRANSITIONS,
+    LATENCY_MS,
+    MEMORY_MB,
+    BlueprintStatus,
+    CompiledKernelArtifact,
+    KernelQuery,
+    KernelQueryResult,
+    KernelStatus,
+    UrabraskValidationReport,
+)
+from esper.errors import BadInputError, IllegalTransitionError, IntegrityError, NotFoundError
+from esper.signing import open_signed
+from esper.urza.db import CatalogBase
+from esper.urza.query import kernel_query_sql
+from esper.urza.rows import KERNEL_SELECT, kernel_from_row, prefix_pattern
+from esper.urza.values import (
+    canonical_json,
+    lease_iso,
+    lease_window,
+    now_iso,
+    parse_enum,
+    require_text,
+    to_iso,
+)
+
+# Blueprints that may receive new kernels: not ones found INVALID or ARCHIVED.
+_BLUEPRINTS_TAKING_KERNELS = {BlueprintStatus.UNVALIDATED.value, BlueprintStatus.COMPILING.value,
+                              BlueprintStatus.COMPILED.value}
+
+
+class KernelCatalog(CatalogBase):
+    # Registration -----------------------------------------------------------------------------
+    def add_kernel(self, artifact: CompiledKernelArtifact, *,
+                   actor: str) -> tuple[CompiledKernelArtifact, bool]:
+        """Register a freshly compiled artifact (PENDING_BENCHMARKING, no report yet).
+
+        Its blueprint must be in the catalog and its signed manifest (`kernel_binary_ref`) in
+        the store. A known id changes nothing and returns the existing record with False.
+        """
+        if not isinstance(artifact, CompiledKernelArtifact):
+            raise BadInputError(f"add_kernel takes a CompiledKernelArtifact, not "
+                                f"{type(artifact).__name__}")
+        require_text(actor, "actor")
+        if artifact.status is not KernelStatus.PENDING_BENCHMARKING:
+            raise BadInputError(f"kernel {artifact.id}: a new kernel is PENDING_BENCHMARKING, not "
+                                f"{artifact.status.value} (only a bench-signed report validates)")
+        if artifact.validation_report is not None:
+            raise BadInputError(f"kernel {artifact.id}: a new kernel carries no validation report; "
+                                "apply the signed report with apply_validation_report")
+        expected = (f"{artifact.blueprint_id[:12]}-{artifact.target}-"
+                    f"{artifact.compilation_pipeline.value}-")
+        if not artifact.id.startswith(expected):
+            raise BadInputError(f"kernel id {artifact.id!r} does not match its blueprint, target "
+                                f"and pipeline (expected {expected}<config hash>)")
+        if not self.store.has(artifact.kernel_binary_ref):
+            raise NotFoundError(f"kernel {artifact.id}: manifest blob {artifact.kernel_binary_ref} "
+                                "is not in the artifact store; put it there first")
+        with self.transaction():
+            existing = self._kernel_row(artifact.id)
+            if existing is not None:
+                return kernel_from_row(existing), False
+            blueprint = self._row("SELECT status, interface_kind FROM blueprints WHERE id = ?",
+                                  (artifact.blueprint_id,))
+            if blueprint is None:
+                raise NotFoundError(f"kernel {artifact.id}: blueprint {artifact.blueprint_id} is "
+                                    "not in the catalog")
+            if blueprint["status"] not in _BLUEPRINTS_TAKING_KERNELS:
+                raise IllegalTransitionError(f"kernel {artifact.id}: blueprint "
+                                             f"{artifact.blueprint_id} is {blueprint['status']}")
+            if blueprint["interface_kind"] != artifact.interface.kind.value:
+                raise BadInputError(f"kernel {artifact.id}: a {artifact.interface.kind.value} "
+                                    f"interface for a {blueprint['interface_kind']} blueprint")
+            created = to_iso(artifact.created_at)
+            face = artifact.interface
+            self._execute(
+                "INSERT INTO kernels (id, blueprint_id, status, status_reason, pipeline,"
+                " interface_kind, in_features, out_features, stride, target, dtype,"
+                " toolchain_hash, kernel_binary_ref, compilation, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (artifact.id, artifact.blueprint_id, artifact.status.value, artifact.status_reason,
+                 artifact.compilation_pipeline.value, face.kind.value, face.in_features,
+                 face.out_features, face.stride, artifact.target, artifact.dtype,
+                 artifact.toolchain_hash, artifact.kernel_binary_ref,
+                 artifact.compilation.to_json() if artifact.compilation else None,
+                 created, created))
+            self._replace_tags(artifact.id, artifact.tags)
+            self.audit(actor, "kernel.added", artifact.id,
+                       {"blueprint_id": artifact.blueprint_id, "interface": str(face),
+                        "target": artifact.target, "dtype": artifact.dtype,
+                        "pipeline": artifact.compilation_pipeline.value,
+                        "kernel_binary_ref": artifact.kernel_binary_ref})
+            return kernel_from_row(self._kernel_row(artifact.id)), True
+
+    # Lookup ---------------------------------------------------------------------------------
+    def get_kernel(self, id_or_prefix: str) -> CompiledKernelArtifact:
+        """A kernel by id or unique prefix, with its tags and applied validation report."""
+        return kernel_from_row(self._resolve_kernel(id_or_prefix))
+
+    def list_kernels(self, status: KernelStatus | str | None = None,
+                     blueprint_id: str | None = None, tag: str | None = None,
+                     target: str | None = None) -> list[CompiledKernelArtifact]:
+        """Kernels in registration order, any status."""
+        where, params = [], []
+        if status is not None:
+            where.append("k.status = ?")
+            params.append(parse_enum(KernelStatus, status, "kernel status").value)
+        if blueprint_id is not None:
+            where.append("k.blueprint_id = ?")
+            params.append(blueprint_id)
+        if tag is not None:
+            where.append("EXISTS (SELECT 1 FROM kernel_tags t WHERE t.kernel_id = k.id"
+                         " AND t.tag = ?)")
+            params.append(tag)
+        if target is not None:
+            where.append("k.target = ?")
+            params.append(target)
+        sql = KERNEL_SELECT + (" WHERE " + " AND ".join(where) if where else "")
+        return [kernel_from_row(r)
+                for r in self._rows(sql + " ORDER BY k.created_at, k.rowid", tuple(params))]
+
+    def query_kernels(self, q: KernelQuery) -> KernelQueryResult:
+        """Tamiyo's question: the VALIDATED kernels that fit, best first (preferred tags carried,
+        then measured latency; unmeasured last)."""
+        if not isinstance(q, KernelQuery):
+            raise BadInputError(f"query_kernels takes a KernelQuery, not {type(q).__name__}")
+        sql, params = kernel_query_sql(q)
+        return KernelQueryResult(matching_kernels=[kernel_from_row(r)
+                                                   for r in self._rows(sql, params)])
+
+    # Status ---------------------------------------------------------------------------------
+    def set_kernel_status(self, kernel_id: str, new: KernelStatus, *, actor: str, reason: str,
+                          worker: str | None = None) -> CompiledKernelArtifact:
+        """REJECTED or ARCHIVED along KERNEL_TRANSITIONS. Never VALIDATED: that takes a report
+        signed by the bench key (`apply_validation_report`). `worker`: as for blueprints, the
+        change is refused unless that bench worker still holds the claim."""
+        new = parse_enum(KernelStatus, new, "kernel status")
+        require_text(actor, "actor")
+        require_text(reason, "reason", max_length=2000)
+        if new is KernelStatus.VALIDATED:
+            raise IllegalTransitionError("only a report signed by the bench key can validate a "
+                                         "kernel (apply_validation_report)")
+        with self.transaction():
+            row = self._resolve_kernel(kernel_id)
+            old = KernelStatus(row["status"])
+            self._check_transition(row["id"], old, new)
+            if worker is not None and row["claimed_by"] != worker:
+                raise IllegalTransitionError(f"kernel {row['id']} is not claimed by {worker!r} "
+                                             f"(claimed by {row['claimed_by']!r})")
+            self._execute(
+                "UPDATE kernels SET status = ?, status_reason = ?, updated_at = ?,"
+                " claimed_by = NULL, lease_until = NULL WHERE id = ? AND status = ?",
+                (new.value, reason, now_iso(), row["id"], old.value))
+            self.audit(actor, "kernel.status", row["id"],
+                       {"from": old.value, "to": new.value, "reason": reason,
+                        "claimed_by": row["claimed_by"]})
+            return kernel_from_row(self._kernel_row(row["id"]))
+
+    def apply_validation_report(self, signed_report: bytes, *,
+                                actor: str) -> CompiledKernelArtifact:
+        """Apply Urabrask's verdict: VALIDATED if it passed, else REJECTED with its reason.
+
+        The document must verify against this workspace's bench public key (IntegrityError
+        otherwise); the body parsed is the very buffer that was verified. The signed document is
+        kept in the store, the kernel's tags become the report's generated tags, and its
+        latency and memory are kept in columns for queries.
+        """
+        require_text(actor, "actor")
+        if not isinstance(signed_report, bytes):
+            raise BadInputError("a signed validation report must be bytes")
+        body = open_signed(signed_report, self.workspace.public_key("bench"),
+                           what="validation report")
+        report = UrabraskValidationReport.from_json(body, source="validation report")
+        blob = self.store.put(signed_report)
+        with self.transaction():
+            row = self._kernel_row(report.kernel_artifact_id)
+            if row is None:
+                raise NotFoundError(f"validation report names kernel {report.kernel_artifact_id}, "
+                                    "which is not in the catalog")
+            if row["blueprint_id"] != report.blueprint_id:
+                raise IntegrityError(f"validation report for kernel {row['id']} names blueprint "
+                                     f"{report.blueprint_id}; the catalog says "
+                                     f"{row['blueprint_id']}")
+            old = KernelStatus(row["status"])
+            new = KernelStatus.VALIDATED if report.passed_validation else KernelStatus.REJECTED
+            self._check_transition(row["id"], old, new)
+            report_id = self._scalar(
+                "INSERT INTO validation_reports (kernel_id, signed_blob, body, passed, applied_at,"
+                " applied_by) VALUES (?, ?, ?, ?, ?, ?) RETURNING id",
+                (row["id"], blob, body.decode("utf-8"), int(report.passed_validation), now_iso(),
+                 actor))
+            latency = report.benchmark_results.get(LATENCY_MS)
+            memory = report.benchmark_results.get(MEMORY_MB)
+            self._execute(
+                "UPDATE kernels SET status = ?, status_reason = ?, latency_ms = ?, memory_mb = ?,"
+                " validation_report_id = ?, updated_at = ?, claimed_by = NULL, lease_until = NULL"
+                " WHERE id = ?",
+                (new.value, report.rejection_reason, latency, memory, report_id, now_iso(),
+                 row["id"]))
+            previous_tags = self._tags(row["id"])
+            self._replace_tags(row["id"], report.generated_tags)
+            self.audit(actor, "kernel.validated" if report.passed_validation else "kernel.rejected",
+                       row["id"],
+                       {"report_blob": blob, "from": old.value, "to": new.value,
+                        "reason": report.rejection_reason,
+                        "tags": sorted(set(report.generated_tags)),
+                        "previous_tags": previous_tags, LATENCY_MS: latency, MEMORY_MB: memory})
+            return kernel_from_row(self._kernel_row(row["id"]))
+
+    # The bench's queue ------------------------------------------------------------------------
+    def claim_next_kernel(self, worker: str, lease_seconds: float, *,
+                          targets: Iterable[str] | None = None) -> CompiledKernelArtifact | None:
+        """Take the oldest PENDING_BENCHMARKING kernel nobody holds (or whose holder's lease
+        expired), or None. `targets`: only kernels for these devices (a CPU-only bench cannot
+        measure a CUDA kernel). The status stays PENDING_BENCHMARKING while claimed."""
+        require_text(worker, "worker")
+        now, until = lease_window(lease_seconds)
+        params: dict[str, Any] = {"worker": worker, "until": until, "now": now,
+                                  "now_iso": now_iso()}
+        target_filter = ""
+        if targets is not None:
+            params["targets"] = canonical_json(sorted(set(targets)))
+            target_filter = " AND target IN (SELECT value FROM json_each(:targets))"
+        with self.transaction():
+            claimed = self._row(
+                "UPDATE kernels SET claimed_by = :worker, lease_until = :until,"
+                " previous_claimant = claimed_by, updated_at = :now_iso"
+                " WHERE id = (SELECT id FROM kernels"
+                "              WHERE status = 'PENDING_BENCHMARKING'"
+                "                AND (claimed_by IS NULL OR lease_until IS NULL"
+                "                     OR lease_until < :now)" + target_filter +
+                "              ORDER BY created_at, rowid LIMIT 1)"
+                " RETURNING id, previous_claimant", params)
+            if claimed is None:
+                return None
+            if claimed["previous_claimant"] is not None:
+                self.audit(worker, "kernel.lease_expired", claimed["id"],
+                           {"worker": claimed["previous_claimant"]})
+            self.audit(worker, "kernel.claimed", claimed["id"], {"lease_until": lease_iso(until)})
+            return kernel_from_row(self._kernel_row(claimed["id"]))
+
+    def renew_kernel_lease(self, kernel_id: str, worker: str, lease_seconds: float) -> bool:
+        """Extend `worker`'s claim; False if the claim is no longer its own."""
+        require_text(worker, "worker")
+        _, until = lease_window(lease_seconds)
+        with self.transaction():
+            row = self._resolve_kernel(kernel_id, exact=True)
+            cursor = self._execute(
+                "UPDATE kernels SET lease_until = ?"
+                " WHERE id = ? AND status = 'PENDING_BENCHMARKING' AND claimed_by = ?",
+                (until, row["id"], worker))
+            return cursor.rowcount == 1
+
+    def release_kernel(self, kernel_id: str, worker: str) -> bool:
+        """Give a claim back unbenchmarked; False if `worker` no longer held it."""
+        require_text(worker, "worker")
+        with self.transaction():
+            row = self._resolve_kernel(kernel_id, exact=True)
+            cursor = self._execute(
+                "UPDATE kernels SET claimed_by = NULL, lease_until = NULL, updated_at = ?"
+                " WHERE id = ? AND status = 'PENDING_BENCHMARKING' AND claimed_by = ?",
+                (now_iso(), row["id"], worker))
+            if cursor.rowcount != 1:
+                return False
+            self.audit(worker, "kernel.released", row["id"], {})
+            return True
+
+    # Internals ------------------------------------------------------------------------------
+    @staticmethod
+    def _check_transition(kernel_id: str, old: KernelStatus, new: KernelStatus) -> None:
+        if new not in KERNEL_TRANSITIONS[old]:
+            allowed = ", ".join(sorted(s.value for s in KERNEL_TRANSITIONS[old])) or "none"
+            raise IllegalTransitionError(f"kernel {kernel_id}: {old.value} -> {new.value} is not "
+                                         f"allowed (from {old.value}: {allowed})")
+
+    def _tags(self, kernel_id: str) -> list[str]:
+        return [r["tag"] for r in self._rows(
+            "SELECT tag FROM kernel_tags WHERE kernel_id = ? ORDER BY tag", (kernel_id,))]
+
+    def _replace_tags(self, kernel_id: str, tags: Iterable[str]) -> None:
+        self._require_write_transaction()
+        self._execute("DELETE FROM kernel_tags WHERE kernel_id = ?", (kernel_id,))
+        self.db.conn.executemany("INSERT INTO kernel_tags (kernel_id, tag) VALUES (?, ?)",
+                                 [(kernel_id, tag) for tag in sorted(set(tags))])
+
+    def _kernel_row(self, kernel_id: str) -> dict[str, Any] | None:
+        return self._row(KERNEL_SELECT + " WHERE k.id = ?", (kernel_id,))
+
+    def _resolve_kernel(self, id_or_prefix: str, *, exact: bool = False) -> dict[str, Any]:
+        """The row named by a full id or (unless `exact`) by a unique prefix."""
+        row = self._kernel_row(id_or_prefix) if isinstance(id_or_prefix, str) else None
+        if row is not None:
+            return row
+        pattern = None if exact else prefix_pattern(id_or_prefix, "kernel")
+        if pattern is not None:
+            rows = self._rows(KERNEL_SELECT + " WHERE k.id GLOB ? ORDER BY k.id LIMIT 6",
+                              (pattern,))
+            if len(rows) == 1:
+                return rows[0]
+            if len(rows) > 1:
+                shown = ", ".join(r["id"] for r in rows[:5])
+                raise BadInputError(f"kernel id prefix {id_or_prefix!r} is ambiguous: it matches "
+                                    f"{shown}{', ...' if len(rows) > 5 else ''}")
+        raise NotFoundError(f"no kernel with id {id_or_prefix!r}")
