@@ -202,6 +202,12 @@ def test_query_filters_by_tag_and_ranks_by_latency(ws):
     listed = esper(ws, "--json", "library", "list", "--kind", "kernels", "--tag", "high_memory")
     assert len(json.loads(listed.stdout)) == 1
     assert esper(ws, "library", "query", "--tag", "low_memory").exit_code == 0
+    shown = json.loads(esper(ws, "--json", "library", "show", fast).stdout)
+    assert shown["id"] == fast and shown["status"] == "VALIDATED"
+    assert shown["validation_report"]["benchmark_results"][LATENCY_MS] == 0.5
+    # A bare prefix names the blueprint, even though its kernels' ids start with it too.
+    blueprint = json.loads(esper(ws, "--json", "library", "show", fast[:12]).stdout)
+    assert blueprint["id"].startswith(fast[:12]) and fast in blueprint["compiled_artifacts"]
 
 
 def test_verify_passes_then_catches_a_tampered_blob(ws):
