@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
-import json
 from enum import Enum
-from functools import cached_property
-from typing import Any, Self
+from typing import Self
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    create_model,
+    model_validator,
+)
 from ulid import ULID
 
-from esper.contracts.base import SCHEMA_VERSION, Timestamp, VersionedContract, utcnow
+from esper.contracts.base import Timestamp, VersionedContract, describe_validation_error, utcnow
+from esper.errors import BadInputError
 from esper.contracts.operational import (
     AllocationCommand,
     BlueprintSubmitted,
@@ -70,37 +77,63 @@ def new_event_id() -> str:
 
 
 class Envelope(VersionedContract):
-    """Every bus message. The payload is the JSON form of the topic's contract, checked on parse."""
+    """Every bus message: routing and tracing metadata around the topic's contract.
+
+    `Envelope.wrap` and `Envelope.from_json` return the topic's typed envelope (a subclass whose
+    `payload` is that topic's contract), so a message is validated once: when it is built, or
+    in one strict pass over the JSON when it is received.
+    """
 
     event_id: str = Field(default_factory=new_event_id, pattern=r"^[0-9A-HJKMNP-TV-Z]{26}$")
     topic: Topic
     sender_id: str = Field(min_length=1, max_length=200)
     timestamp: Timestamp = Field(default_factory=utcnow)
     trace_id: str = Field(default_factory=new_event_id, min_length=1, max_length=200)
-    payload: dict[str, Any]
-
-    @classmethod
-    def wrap(cls, topic: Topic, message: VersionedContract, *, sender_id: str,
-             trace_id: str | None = None) -> Self:
-        expected = TOPIC_PAYLOADS[topic]
-        if not isinstance(message, expected):
-            raise TypeError(f"topic {topic.value} carries {expected.__name__}, "
-                            f"not {type(message).__name__}")
-        extra = {"trace_id": trace_id} if trace_id else {}
-        return cls(topic=topic, sender_id=sender_id, payload=message.to_jsonable(), **extra)
+    payload: SerializeAsAny[VersionedContract]
 
     @model_validator(mode="after")
     def _payload_matches_topic(self) -> Self:
-        try:
-            TOPIC_PAYLOADS[self.topic].model_validate_json(json.dumps(self.payload))
-        except ValidationError as e:
-            err = e.errors()[0]
-            loc = ".".join(str(p) for p in err["loc"]) or "(root)"
-            raise ValueError(f"payload field '{loc}': {err['msg']}") from None
+        expected = TOPIC_PAYLOADS[self.topic]
+        if type(self.payload) is not expected:
+            raise ValueError(f"topic {self.topic.value} carries {expected.__name__}, "
+                             f"not {type(self.payload).__name__}")
         return self
 
-    @cached_property
+    @property
     def message(self) -> VersionedContract:
-        """The payload as its topic's contract."""
-        return TOPIC_PAYLOADS[self.topic].model_validate_json(json.dumps(self.payload))
+        """The payload, as its topic's contract."""
+        return self.payload
 
+    @classmethod
+    def wrap(cls, topic: Topic, message: VersionedContract, *, sender_id: str,
+             trace_id: str | None = None) -> Envelope:
+        expected = TOPIC_PAYLOADS[topic]
+        if type(message) is not expected:
+            raise TypeError(f"topic {topic.value} carries {expected.__name__}, "
+                            f"not {type(message).__name__}")
+        extra = {"trace_id": trace_id} if trace_id else {}
+        # `message` is already a validated contract: the typed envelope takes it as it is.
+        return _TYPED_ENVELOPES[topic](topic=topic, sender_id=sender_id, payload=message, **extra)
+
+    @classmethod
+    def from_json(cls, data: str | bytes, *, source: str = "") -> Envelope:
+        """Parse a bus entry: read the topic, then validate the whole envelope in one pass."""
+        try:
+            topic = _EnvelopeTopic.model_validate_json(data).topic
+            return _TYPED_ENVELOPES[topic].model_validate_json(data)
+        except ValidationError as e:
+            raise BadInputError(describe_validation_error(e, "Envelope", source)) from None
+
+
+class _EnvelopeTopic(BaseModel):
+    """Just the routing key of an envelope; the rest is validated by the typed envelope."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+    topic: Topic
+
+
+_TYPED_ENVELOPES: dict[Topic, type[Envelope]] = {
+    topic: create_model(f"Envelope[{payload.__name__}]", __base__=Envelope,
+                        payload=(payload, ...))
+    for topic, payload in TOPIC_PAYLOADS.items()
+}

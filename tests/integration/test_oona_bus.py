@@ -342,7 +342,7 @@ def test_unparseable_entries_are_dead_lettered_at_once(bus):
         assert [letter.reason.split(":")[0] for letter in letters] == ["unparseable"] * 2
         assert letters[0].original_id == garbage_id
         assert letters[0].body == {"junk": b"\xff\x00not an envelope"}  # kept byte for byte
-        assert letters[1].reason.endswith("invalid Envelope: field 'sender_id': Field required")
+        assert "invalid Envelope: field 'sender_id': Field required" in letters[1].reason
         assert oona.group_info(Topic.CONTROL_RUN)[0].pending == 0
         assert oona.redis.xlen(dead_letter_key(Topic.CONTROL_RUN)) == 2
 

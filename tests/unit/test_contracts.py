@@ -179,8 +179,10 @@ def test_envelope_checks_payload_against_topic():
         c.Envelope.wrap(c.Topic.CONTROL_RUN, event, sender_id="x")
     bad = env.to_jsonable()
     bad["payload"]["epoch"] = -1
-    with pytest.raises(BadInputError, match="payload field 'epoch'"):
+    with pytest.raises(BadInputError, match="field 'payload.epoch'"):
         c.Envelope.from_jsonable(bad)
+    with pytest.raises(ValueError, match="carries RunControl, not EpochEvent"):
+        c.Envelope(topic=c.Topic.CONTROL_RUN, sender_id="x", payload=event)
     bad = env.to_jsonable()
     bad["topic"] = "no.such.topic"
     with pytest.raises(BadInputError, match="topic"):
