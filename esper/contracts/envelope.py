@@ -14,7 +14,7 @@ from pydantic import (
     create_model,
     model_validator,
 )
-from ulid import ULID
+import uuid_utils
 
 from esper.contracts.base import Timestamp, VersionedContract, describe_validation_error, utcnow
 from esper.errors import BadInputError
@@ -71,9 +71,12 @@ TOPIC_PAYLOADS: dict[Topic, type[VersionedContract]] = {
 }
 
 
+# UUIDv7: unique, and its text sorts by creation time (millisecond prefix).
+EVENT_ID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$"
+
+
 def new_event_id() -> str:
-    """A ULID: unique, and sorts by creation time."""
-    return str(ULID())
+    return str(uuid_utils.uuid7())
 
 
 class Envelope(VersionedContract):
@@ -84,11 +87,13 @@ class Envelope(VersionedContract):
     in one strict pass over the JSON when it is received.
     """
 
-    event_id: str = Field(default_factory=new_event_id, pattern=r"^[0-9A-HJKMNP-TV-Z]{26}$")
+    event_id: str = Field(default_factory=new_event_id, pattern=EVENT_ID_PATTERN)
     topic: Topic
     sender_id: str = Field(min_length=1, max_length=200)
     timestamp: Timestamp = Field(default_factory=utcnow)
-    trace_id: str = Field(default_factory=new_event_id, min_length=1, max_length=200)
+    # A message that starts a trace is its own root: the trace id defaults to the event id.
+    trace_id: str = Field(default_factory=lambda data: data["event_id"], min_length=1,
+                          max_length=200)
     payload: SerializeAsAny[VersionedContract]
 
     @model_validator(mode="after")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -189,10 +190,18 @@ def test_envelope_checks_payload_against_topic():
         c.Envelope.from_jsonable(bad)
 
 
-def test_every_topic_has_a_payload_and_event_ids_are_unique():
+def test_every_topic_has_a_payload_and_event_ids_sort_by_time():
     assert set(c.TOPIC_PAYLOADS) == set(c.Topic)
-    ids = [c.new_event_id() for _ in range(50)]
-    assert len(set(ids)) == 50
+    ids = []
+    for _ in range(5):
+        ids += [c.new_event_id() for _ in range(20)]
+        time.sleep(0.002)  # UUIDv7 orders by millisecond; within one, only uniqueness holds
+    assert len(set(ids)) == len(ids)
+    firsts = ids[::20]
+    assert firsts == sorted(firsts)
+    event = c.RunControl(run_id="r", action=c.RunControlAction.STOP)
+    root = c.Envelope.wrap(c.Topic.CONTROL_RUN, event, sender_id="x")
+    assert root.trace_id == root.event_id
 
 
 def test_interface_parse_and_str():
