@@ -34,10 +34,12 @@ def init(ctx: typer.Context) -> None:
 
     Example: esper --workspace ./ws library init
     """
-    from esper.library import init_workspace
+    from esper.library import announce, init_workspace, notice_bus
 
     ectx = get_context(ctx)
-    created, registered = init_workspace(ectx.workspace)
+    with notice_bus(ectx.workspace, ectx.redis_url) as bus:
+        created, registered = init_workspace(ectx.workspace)
+        announce(bus, registered, submitted_by="library")
     added = sum(r.created for r in registered)
     data = {"workspace": str(ectx.workspace.root), "created": created,
             "blueprints_added": added, "blueprints_present": len(registered) - added}
@@ -137,16 +139,18 @@ def import_(
     files: Annotated[list[Path], typer.Argument(help="Blueprint IR JSON files.")],
 ) -> None:
     """Validate blueprint IR files and add them to the catalog (all or none; a known IR,
-    by hash, is reported and left as it is).
+    by hash, is reported and left as it is). New blueprints are announced to a running forge
+    on the bus (compilation.blueprint.submitted).
 
     Example: esper library import my_branch.json
     """
-    from esper.library import read_ir_files, register
+    from esper.library import announce, notice_bus, read_ir_files, register
 
     ectx = get_context(ctx)
     irs = read_ir_files(files)
-    with _open(ctx) as urza:
+    with _open(ctx) as urza, notice_bus(ectx.workspace, ectx.redis_url) as bus:
         registered = register(urza, irs, origin="human", actor="library.import")
+        announce(bus, registered, submitted_by="human")
     data = [{"source": r.source, "id": r.blueprint.id, "name": r.blueprint.name,
              "created": r.created} for r in registered]
 

@@ -7,14 +7,20 @@ siblings and never import each other.
 from __future__ import annotations
 
 import json
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from esper.blueprints import BlueprintIR, canonical_json, load_ir, standard_library, validate
-from esper.contracts import Blueprint
-from esper.errors import BadInputError, NotFoundError
+from esper.contracts import Blueprint, BlueprintSubmitted, Topic
+from esper.errors import BadInputError, BusUnavailableError, NotFoundError
+from esper.oona import Oona
 from esper.urza import Urza
 from esper.workspace import Workspace
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,41 @@ def init_workspace(workspace: Workspace) -> tuple[bool, list[Registered]]:
     with Urza.open(workspace) as urza:
         irs = [(ir, f"standard library: {ir.name}") for ir in standard_library()]
         return created, register(urza, irs, origin="library", actor="library.init")
+
+
+@contextmanager
+def notice_bus(workspace: Workspace, redis_url: str | None) -> Iterator[Oona | None]:
+    """The bus on which to tell the forge about new blueprints, or None when nobody listens.
+
+    Urza is the record and the forge polls it, so the notice only saves it a wait: an
+    unreachable bus is a warning. A malformed URL is bad input, raised before anything changes.
+    """
+    try:
+        bus = Oona.connect_if_running(workspace, redis_url, sender_id="library")
+    except BusUnavailableError as e:
+        log.warning("%s; the forge will find new blueprints when it next polls Urza", e)
+        bus = None
+    try:
+        yield bus
+    finally:
+        if bus is not None:
+            bus.close()
+
+
+def announce(bus: Oona | None, registered: list[Registered], *, submitted_by: str) -> int:
+    """Publish `compilation.blueprint.submitted` for each newly added blueprint; return how many."""
+    new = [r.blueprint for r in registered if r.created]
+    if bus is None or not new:
+        return 0
+    notices = [(Topic.COMPILATION_BLUEPRINT_SUBMITTED,
+                BlueprintSubmitted(blueprint_id=b.id, submitted_by=submitted_by, name=b.name))
+               for b in new]
+    try:
+        bus.publish_many(notices)
+    except BusUnavailableError as e:
+        log.warning("%s; the forge will find new blueprints when it next polls Urza", e)
+        return 0
+    return len(new)
 
 
 def export_ir(urza: Urza, blueprint_id: str) -> str:

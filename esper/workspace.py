@@ -37,6 +37,9 @@ KEY_ROLES: tuple[KeyRole, ...] = ("forge", "bench")
 class Workspace:
     root: Path
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
     @classmethod
     def resolve(cls, path: str | os.PathLike | None = None) -> Workspace:
         """`--workspace`, else `$ESPER_WORKSPACE`, else `./esper-workspace`."""

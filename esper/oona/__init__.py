@@ -12,7 +12,13 @@ publishes through a `BufferedPublisher`, which rides out an unreachable bus.
 from esper.oona.buffered import BufferedPublisher
 from esper.oona.client import GroupInfo, Oona, redact_url
 from esper.oona.consumer import Consumer, Delivery, IdempotencyLedger, normalise_autoclaim
-from esper.oona.embedded import EmbeddedServer, ensure_embedded, socket_path_for, stop_embedded
+from esper.oona.embedded import (
+    EmbeddedServer,
+    embedded_running,
+    ensure_embedded,
+    socket_path_for,
+    stop_embedded,
+)
 from esper.oona.streams import TELEMETRY_RETENTION, DeadLetter, Entry, dead_letter_key
 
 __all__ = [
@@ -27,6 +33,7 @@ __all__ = [
     "IdempotencyLedger",
     "Oona",
     "dead_letter_key",
+    "embedded_running",
     "ensure_embedded",
     "normalise_autoclaim",
     "redact_url",

@@ -29,7 +29,7 @@ from redis.retry import Retry
 from esper.contracts import Envelope, Topic, VersionedContract
 from esper.errors import BadInputError, BusUnavailableError
 from esper.oona.consumer import Consumer
-from esper.oona.embedded import ensure_embedded
+from esper.oona.embedded import embedded_running, ensure_embedded
 from esper.oona.streams import (
     ENVELOPE_FIELD,
     TELEMETRY_RETENTION,
@@ -97,6 +97,18 @@ class Oona:
             oona.close()
             raise
         return oona
+
+    @classmethod
+    def connect_if_running(cls, workspace: Workspace, url: str | None = None, *,
+                           sender_id: str) -> Oona | None:
+        """Like `connect`, but with no URL only if the embedded server is already up; else None.
+
+        For notices that only matter to someone already listening: anyone listening on the
+        embedded bus would have started it.
+        """
+        if not url and not embedded_running(workspace):
+            return None
+        return cls.connect(workspace, url, sender_id=sender_id)
 
     @property
     def redis(self) -> redis.Redis:

@@ -116,6 +116,11 @@ def ensure_embedded(workspace: Workspace) -> EmbeddedServer:
         return _start(workspace, socket_path)
 
 
+def embedded_running(workspace: Workspace) -> bool:
+    """Whether the workspace's server is up and answering (never starts one)."""
+    return _answers(socket_path_for(workspace))
+
+
 def stop_embedded(workspace: Workspace, timeout_s: float = STOP_TIMEOUT_S) -> bool:
     """Shut the workspace's server down (AOF flushed) and wait for it to exit. True if one ran."""
     if not workspace.oona_dir.is_dir():

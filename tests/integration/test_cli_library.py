@@ -242,3 +242,65 @@ def test_stats(ws):
     numbers = json.loads(esper(ws, "--json", "library", "stats").stdout)
     assert numbers["blueprints"] == {"UNVALIDATED": len(standard_library())}
     assert esper(ws, "library", "stats").exit_code == 0
+
+
+def _exported_variant(ws: Workspace, tmp_path, name: str):
+    mlp = next(b for b in json.loads(esper(ws, "--json", "library", "list").stdout)
+               if b["name"] == "mlp_relu_w16")
+    ir = json.loads(esper(ws, "library", "export", mlp["id"]).stdout)
+    ir["name"] = name
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(ir))
+    return path
+
+
+def test_import_announces_new_blueprints_to_a_running_bus(ws, tmp_path):
+    from esper.contracts import Topic
+    from esper.oona import Oona, stop_embedded
+
+    variant = _exported_variant(ws, tmp_path, "announced")
+    with Oona.connect(ws, sender_id="forge") as forge_side:  # starts the embedded server
+        try:
+            result = esper(ws, "--json", "library", "import", str(variant))
+            assert result.exit_code == 0, result.output
+            [entry] = forge_side.range(Topic.COMPILATION_BLUEPRINT_SUBMITTED)
+            notice = entry.envelope.message
+            assert notice.blueprint_id == json.loads(result.stdout)[0]["id"]
+            assert notice.submitted_by == "human" and entry.envelope.sender_id == "library"
+            # A duplicate adds nothing and announces nothing.
+            assert esper(ws, "library", "import", str(variant)).exit_code == 0
+            assert len(forge_side.range(Topic.COMPILATION_BLUEPRINT_SUBMITTED)) == 1
+        finally:
+            stop_embedded(ws)
+
+
+def test_import_without_a_running_bus_starts_no_server(ws, tmp_path):
+    from esper.oona import embedded_running
+
+    assert esper(ws, "library", "import", str(_exported_variant(ws, tmp_path, "quiet"))).exit_code == 0
+    assert not embedded_running(ws)
+
+
+def test_bad_redis_url_is_exit_2_and_changes_nothing(ws, tmp_path):
+    variant = _exported_variant(ws, tmp_path, "never_added")
+    before = snapshot(ws)
+    result = esper(ws, "--redis-url", "http://user:hunter2@localhost:1", "library", "import",
+                   str(variant))
+    assert result.exit_code == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "http://" in result.stderr
+    assert "hunter2" not in result.stderr
+    assert snapshot(ws) == before
+
+
+def test_unreachable_redis_warns_and_the_catalog_still_takes_the_blueprint(ws, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    variant = _exported_variant(ws, tmp_path, "added_anyway")
+    result = esper(ws, "--json", "--redis-url", f"redis://127.0.0.1:{port}", "library", "import",
+                   str(variant))
+    assert result.exit_code == 0
+    assert json.loads(result.stdout)[0]["created"] is True
+    assert "unreachable" in result.stderr and "poll" in result.stderr
