@@ -10,10 +10,12 @@ from rich.tree import Tree
 from esper_cli.context import out_console
 
 
-def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:
+def print_table(title: str, columns: list[str], rows: list[list[str]],
+                wrap: tuple[str, ...] = ("tags",)) -> None:
+    """Ids and names never wrap (they are copied and grepped); free text does."""
     table = Table(title=title, title_justify="left", header_style="bold")
     for column in columns:
-        table.add_column(column, overflow="fold")
+        table.add_column(column, overflow="fold", no_wrap=column not in wrap)
     for row in rows:
         table.add_row(*row)
     out_console.print(table)

@@ -15,8 +15,10 @@ from rich.console import Console
 from esper.workspace import Workspace
 
 # Diagnostics and progress go to stderr; stdout carries results only (tables or JSON).
+# Off a terminal (a pipe, cron, a CI log) nothing knows the width: print tables whole rather
+# than cut to rich's default of 80 columns.
 err_console = Console(stderr=True)
-out_console = Console()
+out_console = Console(width=None if sys.stdout.isatty() else 240)
 
 
 class LogLevel(str, Enum):
