@@ -39,6 +39,7 @@ from esper.contracts.operational import (
     AdaptationSignal,
     AllocationCommand,
     BlueprintSubmitted,
+    CompilationFailed,
     EpochEvent,
     FieldReport,
     HardwareContext,

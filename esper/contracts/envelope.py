@@ -21,6 +21,7 @@ from esper.errors import BadInputError
 from esper.contracts.operational import (
     AllocationCommand,
     BlueprintSubmitted,
+    CompilationFailed,
     EpochEvent,
     FieldReport,
     HealthSignal,
@@ -42,6 +43,7 @@ class Topic(str, Enum):
     INNOVATION_FIELD_REPORTS = "innovation.field_reports"
     COMPILATION_BLUEPRINT_SUBMITTED = "compilation.blueprint.submitted"
     COMPILATION_KERNEL_READY = "compilation.kernel.ready"
+    COMPILATION_FAILED = "compilation.failed"
     VALIDATION_KERNEL_CHARACTERIZED = "validation.kernel.characterized"
     SYSTEM_EVENTS_EPOCH = "system.events.epoch"
     LIFECYCLE_SEED_TRANSITIONS = "lifecycle.seed.transitions"
@@ -61,6 +63,7 @@ TOPIC_PAYLOADS: dict[Topic, type[VersionedContract]] = {
     Topic.INNOVATION_FIELD_REPORTS: FieldReport,
     Topic.COMPILATION_BLUEPRINT_SUBMITTED: BlueprintSubmitted,
     Topic.COMPILATION_KERNEL_READY: KernelReady,
+    Topic.COMPILATION_FAILED: CompilationFailed,
     Topic.VALIDATION_KERNEL_CHARACTERIZED: KernelCharacterized,
     Topic.SYSTEM_EVENTS_EPOCH: EpochEvent,
     Topic.LIFECYCLE_SEED_TRANSITIONS: SeedTransition,

@@ -213,6 +213,23 @@ class KernelReady(VersionedContract):
     target: str
 
 
+class CompilationFailed(VersionedContract):
+    """The forge could not use a blueprint (topic compilation.failed, HLD J.3.2, J.7).
+
+    `stage` "validation": the IR failed the static check and the blueprint is now INVALID.
+    `stage` "compile": one pipeline failed for one interface and target; the others stand.
+    """
+
+    blueprint_id: Sha256Hex
+    stage: Literal["validation", "compile"]
+    reason: str
+    rule: str | None = None
+    node: str | None = None
+    pipeline: str | None = None
+    interface: str | None = None
+    target: str | None = None
+
+
 class KernelCharacterized(VersionedContract):
     """Urabrask's verdict on a kernel (topic validation.kernel.characterized, HLD F.4)."""
 

@@ -54,6 +54,8 @@ SAMPLES: list[c.Contract] = [
                    activation_variance=[1.0, 2.0], dead_ratio=[0.0, 0.5],
                    gradient_energy=[0.1, 0.2], is_ready_for_transition=[False, True]),
     c.BlueprintSubmitted(blueprint_id=BP, submitted_by="karn"),
+    c.CompilationFailed(blueprint_id=BP, stage="validation", reason="node 'h': rule 'shape'",
+                        rule="shape", node="h"),
     c.KernelReady(kernel_artifact_id=KID, blueprint_id=BP, pipeline="fast", target="cpu"),
     c.KernelCharacterized(blueprint_id=BP, kernel_artifact_id=KID, status="VALIDATED",
                           tags=["high_speed"], latency_ms=0.12),
