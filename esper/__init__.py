@@ -1,0 +1,27 @@
+"""Esper's SDK (HLD 9.3.1): the importable side of the `esper` command line.
+
+Names resolve lazily, so `import esper` stays cheap and does not import torch:
+
+    import esper
+    model = esper.wrap(model, config)        # from kasmina, once built
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# SDK name -> "module:attribute". Only what is built is listed.
+_EXPORTS: dict[str, str] = {}
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module, attribute = _EXPORTS[name].split(":")
+    except KeyError:
+        raise AttributeError(f"module 'esper' has no attribute {name!r}") from None
+    return getattr(importlib.import_module(module), attribute)
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_EXPORTS))
