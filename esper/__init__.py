@@ -3,7 +3,7 @@
 Names resolve lazily, so `import esper` stays cheap and does not import torch:
 
     import esper
-    model = esper.wrap(model, config)        # from kasmina, once built
+    model, report = esper.wrap(model, config)   # kasmina.wrap
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import importlib
 from typing import Any
 
 # SDK name -> "module:attribute". Only what is built is listed.
-_EXPORTS: dict[str, str] = {}
+_EXPORTS: dict[str, str] = {
+    "wrap": "kasmina.wrap:wrap",
+}
 
 
 def __getattr__(name: str) -> Any:

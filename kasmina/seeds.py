@@ -1,0 +1,115 @@
+"""Batched seed execution: the seeds of one layer that run one kernel in one stage form a
+`SeedBank`, their weights stacked on a leading seed axis and run as one `vmap`ped call, so a
+family of a thousand seeds is a handful of batched matmuls, not a Python loop over seeds.
+
+A bank's stacked tensors are the seeds' weights (not copies of per-seed modules): optimizers
+see one parameter per blueprint tensor per bank. Banks are rebuilt only at epoch boundaries,
+when seeds change stage; see `KasminaLayer.on_epoch_end`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from esper.contracts import SeedLifecycle
+
+
+def _key(name: str) -> str:
+    return name.replace(".", "__")
+
+
+class SeedBank(nn.Module):
+    """Seeds `chunks` of one layer running kernel `kernel_artifact_id` in stage `stage`.
+
+    `forward(x)` -> (A, *g_shape): every seed's blueprint output for the shared input x.
+    The template module (the cached kernel) is not a submodule: its own weights are never used.
+    """
+
+    def __init__(self, template: nn.Module, kernel_artifact_id: str, stage: SeedLifecycle,
+                 chunks: Sequence[int], params: dict[str, torch.Tensor],
+                 buffers: dict[str, torch.Tensor], trainable: bool) -> None:
+        super().__init__()
+        self.kernel_artifact_id = kernel_artifact_id
+        self.stage = stage
+        self.chunks = list(chunks)
+        device = next(iter(params.values())).device if params else None
+        self.register_buffer("chunk_index", torch.tensor(self.chunks, dtype=torch.long, device=device),
+                             persistent=False)
+        self.weights = nn.ParameterDict(
+            {_key(n): nn.Parameter(t, requires_grad=trainable) for n, t in params.items()})
+        self.stacked_buffers = nn.Module()
+        for n, t in buffers.items():
+            self.stacked_buffers.register_buffer(_key(n), t)
+        self._param_names = list(params)
+        self._buffer_names = list(buffers)
+        object.__setattr__(self, "template", template)
+
+    @classmethod
+    def fresh(cls, template: nn.Module, kernel_artifact_id: str, stage: SeedLifecycle,
+              chunks: Sequence[int], dtype: torch.dtype, device: torch.device,
+              trainable: bool) -> SeedBank:
+        """New seeds, each starting from the kernel's initial weights."""
+        count = len(chunks)
+
+        def stack(t: torch.Tensor) -> torch.Tensor:
+            t = t.detach().to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+            return t.unsqueeze(0).repeat(count, *([1] * t.dim()))  # (A, *shape), a fresh copy
+
+        return cls(template, kernel_artifact_id, stage, chunks,
+                   {n: stack(p) for n, p in template.named_parameters()},
+                   {n: stack(b) for n, b in template.named_buffers()}, trainable)
+
+    @property
+    def size(self) -> int:
+        return len(self.chunks)
+
+    def seed_state(self) -> dict[str, torch.Tensor]:
+        """Every stacked tensor by its name in the template, (A, *shape)."""
+        state = {n: self.weights[_key(n)] for n in self._param_names}
+        state |= {n: getattr(self.stacked_buffers, _key(n)) for n in self._buffer_names}
+        return state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.template.train(self.training)
+        if not self._param_names and not self._buffer_names:  # a fixed-function kernel
+            g = self.template(x)
+            return g.unsqueeze(0).expand(self.size, *g.shape)  # stride 0 on the seed axis
+        params = {n: self.weights[_key(n)] for n in self._param_names}
+        buffers = {n: getattr(self.stacked_buffers, _key(n)) for n in self._buffer_names}
+
+        def one_seed(p, b, inputs):
+            return functional_call(self.template, {**p, **b}, (inputs,))
+
+        return vmap(one_seed, in_dims=(0, 0, None), randomness="different")(params, buffers, x)
+
+    def forward_one(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        """Seed `index` alone: the seed-by-seed path the batched one is tested against."""
+        self.template.train(self.training)
+        state = {n: t[index] for n, t in self.seed_state().items()}
+        return functional_call(self.template, state, (x,))
+
+    def extra_repr(self) -> str:
+        return f"kernel={self.kernel_artifact_id}, stage={self.stage.value}, seeds={self.size}"
+
+
+def regroup(banks: Sequence[SeedBank], chunks: Sequence[int]) -> dict[str, torch.Tensor]:
+    """The stacked state of seeds `chunks` (in that order), gathered from `banks` of one kernel."""
+    where: dict[int, tuple[int, int]] = {}
+    for b, bank in enumerate(banks):
+        for i, chunk in enumerate(bank.chunks):
+            where[chunk] = (b, i)
+    names = list(banks[0].seed_state())
+    offsets, total = [], 0
+    for bank in banks:
+        offsets.append(total)
+        total += bank.size
+    rows = torch.tensor([offsets[where[c][0]] + where[c][1] for c in chunks], dtype=torch.long)
+    out = {}
+    for name in names:
+        everything = torch.cat([bank.seed_state()[name].detach() for bank in banks])  # (sum A, ...)
+        out[name] = everything.index_select(0, rows.to(everything.device)).clone()
+    return out

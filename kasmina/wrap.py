@@ -1,0 +1,204 @@
+"""`wrap(model, config)`: replace the configured modules with KasminaLayers (DESIGN.md 10).
+
+Targets are chosen by type (default every nn.Linear; nn.Conv2d on request) or by module path
+(globs on the dotted path, or `re:` regular expressions, HLD Appendix I style), plus named
+blocks with a declared interface. The wrapped model computes exactly what it computed before
+until a seed is grafted.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from esper.contracts import KasminaControlCommand, KernelInterface, LayerKind
+from esper.errors import BadInputError
+from kasmina.cache import KernelCache, KernelSource
+from kasmina.config import BlockSpec, KasminaConfig
+from kasmina.layer import BoundaryReport, KasminaLayer
+
+
+@dataclass(frozen=True)
+class WrappedLayer:
+    layer_id: int
+    path: str
+    kind: LayerKind
+    seeds: int
+    chunk_width: int
+    interface: KernelInterface  # what each seed's kernel plugs into: host in -> chunk width
+
+
+@dataclass
+class WrapReport:
+    layers: list[WrappedLayer] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+
+    @property
+    def interfaces(self) -> list[KernelInterface]:
+        """The distinct seed interfaces, for the forge to compile kernels for."""
+        return sorted({layer.interface for layer in self.layers}, key=str)
+
+    @property
+    def seeds(self) -> int:
+        return sum(layer.seeds for layer in self.layers)
+
+
+def _matches(path: str, pattern: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], path) is not None
+    return fnmatch.fnmatchcase(path, pattern)
+
+
+def _host_interface(module: nn.Module) -> tuple[KernelInterface | None, str]:
+    if isinstance(module, nn.Linear):
+        return KernelInterface(kind=LayerKind.LINEAR, in_features=module.in_features,
+                               out_features=module.out_features), ""
+    if isinstance(module, nn.Conv2d):
+        k, s, p, d = module.kernel_size, module.stride, module.padding, module.dilation
+        if s[0] != s[1]:
+            return None, f"conv stride {s} is not square"
+        same = p == "same" or (isinstance(p, tuple) and all(
+            kk % 2 == 1 and pp == (kk - 1) // 2 * dd for kk, pp, dd in zip(k, p, d)))
+        if not same:
+            return None, (f"conv geometry (kernel {k}, padding {p}) does not give the "
+                          "ceil(size / stride) output a seed's blueprint produces")
+        return KernelInterface(kind=LayerKind.CONV2D, in_features=module.in_channels,
+                               out_features=module.out_channels, stride=s[0]), ""
+    return None, f"{type(module).__name__} is not a supported host type"
+
+
+def _block_interface(spec: BlockSpec) -> KernelInterface:
+    return KernelInterface(kind=LayerKind(spec.kind), in_features=spec.in_features,
+                           out_features=spec.out_features, stride=spec.stride)
+
+
+def wrap(model: nn.Module, config: KasminaConfig | dict[str, Any] | None = None, *,
+         kernel_source: KernelSource | None = None) -> tuple[nn.Module, WrapReport]:
+    """Wrap the configured modules of `model` in place; returns (model, report).
+
+    `kernel_source` (the forge's verifying loader, injected by Tolaria) can also be attached
+    later with `attach_kernel_source`.
+    """
+    if not isinstance(config, KasminaConfig):
+        config = KasminaConfig.from_mapping(config)
+    cache = KernelCache(kernel_source, config.cache_bytes, config.load_workers) if kernel_source else None
+    report = WrapReport()
+    types = {"linear": nn.Linear, "conv2d": nn.Conv2d}
+    chosen: list[tuple[str, nn.Module, KernelInterface]] = []
+    claimed: list[str] = []
+    for path, module in model.named_modules():
+        if isinstance(module, KasminaLayer) or any(path.startswith(c + ".") for c in claimed):
+            continue
+        excluded = any(_matches(path, p) for p in config.exclude)
+        block = next((spec for pattern, spec in config.blocks.items() if _matches(path, pattern)), None)
+        if block is not None and not excluded:
+            chosen.append((path, module, _block_interface(block)))
+            claimed.append(path)
+            continue
+        if not isinstance(module, tuple(types[t] for t in config.targets)) or excluded:
+            continue
+        explicit = bool(config.include) and any(_matches(path, p) for p in config.include)
+        if config.include and not explicit:
+            continue
+        interface, reason = _host_interface(module)
+        if interface is None:
+            if explicit:
+                raise BadInputError(f"kasmina: cannot wrap {path or '(root)'}: {reason}")
+            report.skipped.append((path, reason))
+            continue
+        chosen.append((path, module, interface))
+        claimed.append(path)
+
+    for layer_id, (path, module, interface) in enumerate(chosen):
+        if config.chunk_width is not None:
+            if interface.out_features % config.chunk_width:
+                raise BadInputError(f"kasmina: layer {path}: chunk_width {config.chunk_width} does "
+                                    f"not divide its {interface.out_features} outputs")
+            seeds = interface.out_features // config.chunk_width
+        else:
+            seeds = config.seeds_per_layer
+            if interface.out_features % seeds:
+                raise BadInputError(f"kasmina: layer {path}: seeds_per_layer {seeds} does not "
+                                    f"divide its {interface.out_features} outputs")
+        layer = KasminaLayer(module, interface, seeds, layer_id=layer_id, layer_name=path,
+                             config=config, cache=cache)
+        if path == "":
+            model = layer
+        else:
+            parent_path, _, name = path.rpartition(".")
+            setattr(model.get_submodule(parent_path), name, layer)
+        report.layers.append(WrappedLayer(layer_id, path, interface.kind, seeds, layer.chunk_width,
+                                          layer.seed_interface))
+    return model, report
+
+
+def layers(model: nn.Module) -> list[KasminaLayer]:
+    """The model's KasminaLayers, by layer id."""
+    return sorted((m for m in model.modules() if isinstance(m, KasminaLayer)), key=lambda m: m.layer_id)
+
+
+def attach_kernel_source(model: nn.Module, source: KernelSource, max_bytes: int | None = None,
+                         workers: int | None = None) -> KernelCache:
+    """Give every layer one shared kernel cache over `source` (Tolaria: the forge's loader)."""
+    found = layers(model)
+    config = found[0].config if found else KasminaConfig()
+    cache = KernelCache(source, max_bytes or config.cache_bytes, workers or config.load_workers)
+    for layer in found:
+        layer.cache = cache
+    return cache
+
+
+def seed_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every seed parameter an optimizer should train now (TRAINING, GRAFTING, FINE_TUNING)."""
+    return [p for layer in layers(model) for p in layer.seed_parameters()]
+
+
+def host_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Every parameter of the model that is not a seed's."""
+    seeds = {id(p) for layer in layers(model) for bank in layer.banks.values() for p in bank.parameters()}
+    return [p for p in model.parameters() if id(p) not in seeds]
+
+
+def dispatch(model: nn.Module, commands: list[KasminaControlCommand]) -> None:
+    """Queue each command on its layer (applied at the next `on_epoch_end`)."""
+    by_id = {layer.layer_id: layer for layer in layers(model)}
+    for command in commands:
+        if command.target_layer_id not in by_id:
+            raise BadInputError(f"command {command.command_id}: no layer {command.target_layer_id}")
+        by_id[command.target_layer_id].queue(command)
+
+
+def on_epoch_end(model: nn.Module, epoch: int | None = None, run_id: str = "") -> list[BoundaryReport]:
+    return [layer.on_epoch_end(epoch, run_id) for layer in layers(model)]
+
+
+def observe_loss(model: nn.Module, loss: torch.Tensor) -> None:
+    for layer in layers(model):
+        layer.observe_loss(loss)
+
+
+@contextmanager
+def seeds_disabled(model: nn.Module, seed_ids: list[str]) -> Iterator[None]:
+    """Inside the block the given seeds (`layer:index`) are the identity: the 'without' half of
+    EVALUATING's with/without comparison."""
+    by_layer: dict[int, list[int]] = {}
+    for sid in seed_ids:
+        layer_id, _, index = sid.partition(":")
+        by_layer.setdefault(int(layer_id), []).append(int(index))
+    with ExitStack() as stack:
+        for layer in layers(model):
+            if layer.layer_id in by_layer:
+                stack.enter_context(layer.disabled(by_layer[layer.layer_id]))
+        yield
+
+
+def rollback_requests(model: nn.Module) -> list[str]:
+    """Reasons Kasmina asks Tolaria for an emergency rollback (corrupt seed state)."""
+    return [layer.rollback_requested for layer in layers(model) if layer.rollback_requested]

@@ -1,0 +1,191 @@
+"""The Triton blend kernels equal the PyTorch reference, forward and every gradient.
+
+Triton runs on the CPU through its interpreter: TRITON_INTERPRET is set before the kernels are
+decorated (kasmina.kernels imports them on first use); with a GPU they run natively. Shapes stay small: the interpreter is slow.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # before the kernels are decorated (on first use, below)
+    os.environ["TRITON_INTERPRET"] = "1"
+
+pytest.importorskip("triton")
+
+from kasmina import kernels  # noqa: E402
+from kasmina.kernels import reference  # noqa: E402
+
+TOLERANCE = {torch.float32: (1e-5, 1e-5)}
+# (rows, chunks, width): 37 x 3 x 11 is the non-power-of-two case; 64 x 4 x 8 spans tiles.
+SHAPES = [(37, 3, 11), (64, 4, 8), (5, 7, 1)]
+# Small tiles so that the shapes above cover several column tiles and row iterations.
+TILES = {"block_r": 8, "block_f": 16}
+
+
+def _triton():
+    from kasmina.kernels import blend
+
+    return blend
+
+
+def _problem(rows, chunks, width, active, dtype, generator):
+    y = torch.randn(rows, chunks * width, generator=generator, dtype=dtype)
+    slot_chunk = torch.randperm(chunks, generator=generator)[:active].sort().values
+    chunk_slot = torch.full((chunks,), -1, dtype=torch.int32)
+    chunk_slot[slot_chunk] = torch.arange(active, dtype=torch.int32)
+    g = torch.randn(active, rows, width, generator=generator, dtype=dtype)
+    slot_alpha = torch.rand(active, generator=generator, dtype=torch.float32)
+    # A few exact zeros and near-zeros, so the dead count is exercised.
+    y[::5, ::3] = 0.0
+    return y, g, slot_alpha, chunk_slot, slot_chunk
+
+
+def _poisoned_empty_like(t):
+    return torch.full_like(t, float("nan"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("active", [0, 1, "all"])
+def test_blend_forward_and_backward_match_reference(shape, active, dtype):
+    rows, chunks, width = shape
+    active = chunks if active == "all" else min(active, chunks)
+    generator = torch.Generator().manual_seed(hash((shape, active)) % 2**31)
+    y, g, slot_alpha, chunk_slot, slot_chunk = _problem(rows, chunks, width, active, dtype, generator)
+    blend = _triton()
+    atol, rtol = TOLERANCE[dtype]
+
+    out, stats = blend.blend_forward(y, g, slot_alpha, chunk_slot, 1e-6, **TILES)
+    want_out, want_stats = reference.blend_forward(y, g, slot_alpha, chunk_slot, slot_chunk, 1e-6)
+    torch.testing.assert_close(out, want_out, atol=atol, rtol=rtol)
+    torch.testing.assert_close(stats, want_stats, atol=1e-4, rtol=1e-5)
+
+    grad_out = torch.randn(rows, chunks * width, generator=generator, dtype=dtype)
+    grad_g, energy = blend.blend_backward(grad_out, slot_alpha, chunk_slot, active, **TILES)
+    want_grad_g, want_energy = reference.blend_backward(grad_out, slot_alpha, chunk_slot, slot_chunk)
+    torch.testing.assert_close(grad_g, want_grad_g, atol=atol, rtol=rtol)
+    torch.testing.assert_close(energy, want_energy, atol=1e-4, rtol=1e-5)
+
+
+def test_blend_writes_every_output_element():
+    """The output buffer is poisoned with NaN before the kernel runs: no element may survive."""
+    generator = torch.Generator().manual_seed(1)
+    y, g, slot_alpha, chunk_slot, slot_chunk = _problem(37, 3, 11, 2, torch.float32, generator)
+    blend = _triton()
+    original = torch.empty_like
+    torch.empty_like = _poisoned_empty_like  # the launcher allocates `out` with empty_like
+    try:
+        out, _ = blend.blend_forward(y, g, slot_alpha, chunk_slot, 1e-6, **TILES)
+    finally:
+        torch.empty_like = original
+    assert torch.isfinite(out).all()
+    want, _ = reference.blend_forward(y, g, slot_alpha, chunk_slot, slot_chunk, 1e-6)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("row_step", [1, 3])
+def test_sampled_stats_and_energy_match_reference(row_step):
+    generator = torch.Generator().manual_seed(row_step)
+    y = torch.randn(37, 33, generator=generator)
+    y[::4, ::2] = 0.0
+    blend = _triton()
+    torch.testing.assert_close(blend.sampled_stats(y, 3, row_step, 1e-6, **TILES),
+                               reference.chunk_stats(y, 3, row_step, 1e-6), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(blend.sampled_energy(y, 3, row_step, **TILES),
+                               reference.chunk_energy(y, 3, row_step), atol=1e-4, rtol=1e-5)
+
+
+def test_registered_op_gradients_match_the_reference_path():
+    """Through autograd: the triton_op's gradients for y, g and the telemetry probe equal the
+    reference path's, with the default tile sizes."""
+    generator = torch.Generator().manual_seed(7)
+    y, g, slot_alpha, chunk_slot, slot_chunk = _problem(37, 3, 11, 2, torch.float32, generator)
+    grad_out = torch.randn(37, 33, generator=generator)
+    results = []
+    for name in ("triton", "reference"):
+        yy, gg = y.clone().requires_grad_(), g.clone().requires_grad_()
+        probe = kernels.new_probe(3)
+        with kernels.backend(name):
+            out, stats = kernels.blend_chunks(yy, gg, slot_alpha, chunk_slot, slot_chunk, probe, 1e-6)
+        out.backward(grad_out)
+        results.append((out.detach(), stats, yy.grad, gg.grad, probe.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+def test_gradient_probe_adds_sampled_energy():
+    generator = torch.Generator().manual_seed(3)
+    y = torch.randn(37, 33, generator=generator, requires_grad=True)
+    grad = torch.randn(37, 33, generator=generator)
+    for name in ("triton", "reference"):
+        probe = kernels.new_probe(3)
+        with kernels.backend(name):
+            out = kernels.GradientProbe.apply(y, probe, 3, 2)
+            out.backward(grad)
+        torch.testing.assert_close(probe.grad[:, 0], reference.chunk_energy(grad, 3, 2).double(),
+                                   atol=1e-4, rtol=1e-5)
+        assert probe.grad[:, 1].tolist() == [19 * 11] * 3
+    y.grad = None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile of user Triton kernels needs CUDA")
+def test_compile_fullgraph_sees_through_the_blend():
+    """Dynamo traces the registered ops (no graph break), forward and backward, and the compiled
+    step equals eager. CPU tracing of user Triton kernels is not supported by inductor."""
+    generator = torch.Generator().manual_seed(11)
+    y, g, slot_alpha, chunk_slot, slot_chunk = (t.cuda() for t in _problem(64, 4, 32, 2, torch.float32,
+                                                                           generator))
+
+    def step(y, g, probe):
+        out, stats = kernels.blend_chunks(y, g, slot_alpha, chunk_slot, slot_chunk, probe, 1e-6)
+        return out.square().sum() + stats.sum()
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        yy, gg = y.clone().requires_grad_(), g.clone().requires_grad_()
+        probe = kernels.new_probe(4, "cuda")
+        fn(yy, gg, probe).backward()
+        results.append((yy.grad, gg.grad, probe.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_a_layer_on_the_triton_path_equals_the_reference_path():
+    """A wrapped layer end to end (sampled dormant telemetry, then a blend with a live seed, a
+    fixed-function kernel with a stride-0 seed axis): outputs, gradients and telemetry agree."""
+    import kasmina
+    from esper.blueprints import standard_library
+    from esper.contracts import SeedLifecycle as S
+
+    library = {ir.name: ir for ir in standard_library()}
+    x = torch.randn(9, 6, generator=torch.Generator().manual_seed(5))
+    results = []
+    for name in ("triton", "reference"):
+        torch.manual_seed(0)
+        source = kasmina.BlueprintKernelSource()
+        model, _ = kasmina.wrap(torch.nn.Sequential(torch.nn.Linear(6, 12)),
+                                {"seeds_per_layer": 3, "telemetry": {"every": 1, "max_rows": 4}},
+                                kernel_source=source)
+        layer = model[0]
+        kernel = source.add(library["mlp_gelu_w8"], layer.seed_interface)
+        with kernels.backend(name):
+            model(x).sum().backward()  # dormant: sampled rows 0, 3, 6
+            for seed in (0, 2):
+                layer.transition(seed, S.GERMINATED, kernel_artifact_id=kernel)
+                layer.transition(seed, S.LOADING)
+                layer.transition(seed, S.GRAFTING)
+            with torch.no_grad():
+                for p in layer.seed_parameters():
+                    p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+            out = model(x)
+            out.square().sum().backward()
+        signal = layer.health_signal()
+        results.append([out.detach(), layer.host.weight.grad] + [p.grad for p in layer.seed_parameters()]
+                       + [torch.tensor(signal.activation_variance), torch.tensor(signal.gradient_energy)])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,101 @@
+"""wrap(model, config): target selection, chunking, the report, and config errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import esper
+import kasmina
+from esper.contracts import KernelInterface, LayerKind
+from esper.errors import BadInputError
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 8)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.down = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.odd = nn.Conv2d(8, 8, 2)  # no "same" geometry: not a seed host
+        self.blocks = nn.ModuleList([Block(), Block()])
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.odd(self.down(torch.relu(self.stem(x))))
+        x = x.mean(dim=(2, 3))
+        for block in self.blocks:
+            x = x + block(x)
+        return self.head(x)
+
+
+def _paths(report):
+    return [layer.path for layer in report.layers]
+
+
+def test_default_wraps_every_linear_and_preserves_the_function():
+    torch.manual_seed(0)
+    net = Net()
+    x = torch.randn(2, 3, 9, 9)
+    want = net(x)
+    model, report = esper.wrap(net, {"seeds_per_layer": 2})
+    assert _paths(report) == ["blocks.0.fc1", "blocks.0.fc2", "blocks.1.fc1", "blocks.1.fc2", "head"]
+    assert [layer.layer_id for layer in report.layers] == [0, 1, 2, 3, 4]
+    assert report.layers[0].interface == KernelInterface(kind=LayerKind.LINEAR, in_features=8, out_features=8)
+    assert torch.equal(model(x), want)
+    assert report.seeds == 10 and len(report.interfaces) == 3
+
+
+def test_conv_targets_carry_the_stride_and_odd_geometry_is_skipped():
+    model, report = kasmina.wrap(Net(), {"targets": ["conv2d"], "chunk_width": 4})
+    assert _paths(report) == ["stem", "down"]
+    assert report.layers[1].interface == KernelInterface(kind=LayerKind.CONV2D, in_features=8,
+                                                         out_features=4, stride=2)
+    assert report.skipped and report.skipped[0][0] == "odd"
+    model(torch.randn(1, 3, 8, 8))
+
+
+def test_patterns_glob_regex_exclude_and_named_blocks():
+    _, report = kasmina.wrap(Net(), {"include": ["blocks.*.fc1"], "seeds_per_layer": 4})
+    assert _paths(report) == ["blocks.0.fc1", "blocks.1.fc1"]
+    _, report = kasmina.wrap(Net(), {"include": [r"re:blocks\.1\..*"], "exclude": ["*.fc2"]})
+    assert _paths(report) == ["blocks.1.fc1"]
+    torch.manual_seed(0)
+    net = Net()
+    x = torch.randn(2, 3, 9, 9)
+    want = net(x)
+    model, report = kasmina.wrap(net, {"blocks": {"blocks.0": {"kind": "linear", "in_features": 8,
+                                                                "out_features": 8}},
+                                       "include": ["head"], "seeds_per_layer": 2})
+    assert _paths(report) == ["blocks.0", "head"]
+    assert isinstance(model.blocks[0], kasmina.KasminaLayer)
+    assert isinstance(model.blocks[0].host.fc1, nn.Linear)  # inside a claimed block: untouched
+    assert torch.equal(model(x), want)
+
+
+def test_config_errors_name_the_field_and_bad_chunking_is_refused():
+    with pytest.raises(BadInputError, match="field 'telemetry.every'"):
+        kasmina.wrap(Net(), {"telemetry": {"every": 0}})
+    with pytest.raises(BadInputError, match="field 'targets.0'"):
+        kasmina.wrap(Net(), {"targets": ["lstm"]})
+    with pytest.raises(BadInputError, match="exactly one of seeds_per_layer and chunk_width"):
+        kasmina.wrap(Net(), {"seeds_per_layer": 2, "chunk_width": 4})
+    with pytest.raises(BadInputError, match="chunk_width 3 does not divide"):
+        kasmina.wrap(Net(), {"chunk_width": 3})
+    with pytest.raises(BadInputError, match="cannot wrap odd"):
+        kasmina.wrap(Net(), {"targets": ["conv2d"], "include": ["odd"]})
+
+
+def test_a_bare_linear_model_is_itself_wrapped():
+    model, report = kasmina.wrap(nn.Linear(4, 6), {"seeds_per_layer": 3})
+    assert isinstance(model, kasmina.KasminaLayer) and _paths(report) == [""]
