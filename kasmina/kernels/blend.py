@@ -126,15 +126,26 @@ def _grid(rows: int, features: int, device: torch.device, block_r: int, block_f:
     return (col_tiles, triton.cdiv(rows, rows_per_program)), rows_per_program
 
 
+def _checked_buffer(buffer: torch.Tensor, shape, like: torch.Tensor) -> torch.Tensor:
+    if (tuple(buffer.shape) != tuple(shape) or buffer.dtype != like.dtype
+            or buffer.device != like.device or not buffer.is_contiguous()):
+        raise ValueError(f"output buffer must be a contiguous {like.dtype} tensor of shape "
+                         f"{tuple(shape)} on {like.device}, got {tuple(buffer.shape)} "
+                         f"{buffer.dtype} on {buffer.device}")
+    return buffer
+
+
 def blend_forward(y: torch.Tensor, g: torch.Tensor, slot_alpha: torch.Tensor,
                   chunk_slot: torch.Tensor, dead_threshold: float, *, block_r: int = BLOCK_R,
-                  block_f: int = BLOCK_F) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the fused blend: (out (rows, F), stats (C, 3) float32)."""
+                  block_f: int = BLOCK_F, out: torch.Tensor | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the fused blend: (out (rows, F), stats (C, 3) float32). `out`, if given, is
+    overwritten whole (tests pass one poisoned with NaN)."""
     y = y.contiguous()
     rows, features = y.shape
     chunks = chunk_slot.numel()
     width = features // chunks
-    out = torch.empty_like(y)
+    out = torch.empty_like(y) if out is None else _checked_buffer(out, y.shape, y)
     col_stats = torch.zeros(features, 3, device=y.device, dtype=torch.float32)
     has_g = g.shape[0] > 0
     grid, rows_per_program = _grid(rows, features, y.device, block_r, block_f)
@@ -150,14 +161,17 @@ def blend_forward(y: torch.Tensor, g: torch.Tensor, slot_alpha: torch.Tensor,
 
 
 def blend_backward(grad_out: torch.Tensor, slot_alpha: torch.Tensor, chunk_slot: torch.Tensor,
-                   num_slots: int, *, block_r: int = BLOCK_R, block_f: int = BLOCK_F
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the blend backward: (grad_g (A, rows, L), energy (C,) float32)."""
+                   num_slots: int, *, block_r: int = BLOCK_R, block_f: int = BLOCK_F,
+                   grad_g: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the blend backward: (grad_g (A, rows, L), energy (C,) float32). `grad_g`, if
+    given, is overwritten whole."""
     grad_out = grad_out.contiguous()
     rows, features = grad_out.shape
     chunks = chunk_slot.numel()
     width = features // chunks
-    grad_g = torch.empty(num_slots, rows, width, device=grad_out.device, dtype=grad_out.dtype)
+    shape = (num_slots, rows, width)
+    grad_g = (torch.empty(shape, device=grad_out.device, dtype=grad_out.dtype) if grad_g is None
+              else _checked_buffer(grad_g, shape, grad_out))
     col_energy = torch.zeros(features, device=grad_out.device, dtype=torch.float32)
     grid, rows_per_program = _grid(rows, features, grad_out.device, block_r, block_f)
     wrap_triton(_blend_bwd_kernel)[grid](

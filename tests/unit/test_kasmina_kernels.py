@@ -11,7 +11,10 @@ import os
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # before the kernels are decorated (on first use, below)
+# With a GPU the kernels run natively on it; without one, on the CPU through Triton's
+# interpreter, which must be switched on before the kernels are decorated (first use, below).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
 
 pytest.importorskip("triton")
@@ -41,7 +44,7 @@ def _problem(rows, chunks, width, active, dtype, generator):
     slot_alpha = torch.rand(active, generator=generator, dtype=torch.float32)
     # A few exact zeros and near-zeros, so the dead count is exercised.
     y[::5, ::3] = 0.0
-    return y, g, slot_alpha, chunk_slot, slot_chunk
+    return tuple(t.to(DEVICE) for t in (y, g, slot_alpha, chunk_slot, slot_chunk))
 
 
 def _poisoned_empty_like(t):
@@ -59,13 +62,15 @@ def test_blend_forward_and_backward_match_reference(shape, active, dtype):
     blend = _triton()
     atol, rtol = TOLERANCE[dtype]
 
-    out, stats = blend.blend_forward(y, g, slot_alpha, chunk_slot, 1e-6, **TILES)
+    out, stats = blend.blend_forward(y, g, slot_alpha, chunk_slot, 1e-6, **TILES,
+                                     out=_poisoned_empty_like(y))
     want_out, want_stats = reference.blend_forward(y, g, slot_alpha, chunk_slot, slot_chunk, 1e-6)
     torch.testing.assert_close(out, want_out, atol=atol, rtol=rtol)
     torch.testing.assert_close(stats, want_stats, atol=1e-4, rtol=1e-5)
 
-    grad_out = torch.randn(rows, chunks * width, generator=generator, dtype=dtype)
-    grad_g, energy = blend.blend_backward(grad_out, slot_alpha, chunk_slot, active, **TILES)
+    grad_out = torch.randn(rows, chunks * width, generator=generator, dtype=dtype).to(DEVICE)
+    grad_g, energy = blend.blend_backward(grad_out, slot_alpha, chunk_slot, active, **TILES,
+                                          grad_g=_poisoned_empty_like(g))
     want_grad_g, want_energy = reference.blend_backward(grad_out, slot_alpha, chunk_slot, slot_chunk)
     torch.testing.assert_close(grad_g, want_grad_g, atol=atol, rtol=rtol)
     torch.testing.assert_close(energy, want_energy, atol=1e-4, rtol=1e-5)
@@ -76,12 +81,8 @@ def test_blend_writes_every_output_element():
     generator = torch.Generator().manual_seed(1)
     y, g, slot_alpha, chunk_slot, slot_chunk = _problem(37, 3, 11, 2, torch.float32, generator)
     blend = _triton()
-    original = torch.empty_like
-    torch.empty_like = _poisoned_empty_like  # the launcher allocates `out` with empty_like
-    try:
-        out, _ = blend.blend_forward(y, g, slot_alpha, chunk_slot, 1e-6, **TILES)
-    finally:
-        torch.empty_like = original
+    out, _ = blend.blend_forward(y, g, slot_alpha, chunk_slot, 1e-6, **TILES,
+                                 out=_poisoned_empty_like(y))
     assert torch.isfinite(out).all()
     want, _ = reference.blend_forward(y, g, slot_alpha, chunk_slot, slot_chunk, 1e-6)
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
@@ -92,6 +93,7 @@ def test_sampled_stats_and_energy_match_reference(row_step):
     generator = torch.Generator().manual_seed(row_step)
     y = torch.randn(37, 33, generator=generator)
     y[::4, ::2] = 0.0
+    y = y.to(DEVICE)
     blend = _triton()
     torch.testing.assert_close(blend.sampled_stats(y, 3, row_step, 1e-6, **TILES),
                                reference.chunk_stats(y, 3, row_step, 1e-6), atol=1e-4, rtol=1e-5)
@@ -104,11 +106,11 @@ def test_registered_op_gradients_match_the_reference_path():
     reference path's, with the default tile sizes."""
     generator = torch.Generator().manual_seed(7)
     y, g, slot_alpha, chunk_slot, slot_chunk = _problem(37, 3, 11, 2, torch.float32, generator)
-    grad_out = torch.randn(37, 33, generator=generator)
+    grad_out = torch.randn(37, 33, generator=generator).to(DEVICE)
     results = []
     for name in ("triton", "reference"):
         yy, gg = y.clone().requires_grad_(), g.clone().requires_grad_()
-        probe = kernels.new_probe(3)
+        probe = kernels.new_probe(3, DEVICE)
         with kernels.backend(name):
             out, stats = kernels.blend_chunks(yy, gg, slot_alpha, chunk_slot, slot_chunk, probe, 1e-6)
         out.backward(grad_out)
@@ -119,10 +121,10 @@ def test_registered_op_gradients_match_the_reference_path():
 
 def test_gradient_probe_adds_sampled_energy():
     generator = torch.Generator().manual_seed(3)
-    y = torch.randn(37, 33, generator=generator, requires_grad=True)
-    grad = torch.randn(37, 33, generator=generator)
+    y = torch.randn(37, 33, generator=generator).to(DEVICE).requires_grad_()
+    grad = torch.randn(37, 33, generator=generator).to(DEVICE)
     for name in ("triton", "reference"):
-        probe = kernels.new_probe(3)
+        probe = kernels.new_probe(3, DEVICE)
         with kernels.backend(name):
             out = kernels.GradientProbe.apply(y, probe, 3, 2)
             out.backward(grad)
@@ -163,12 +165,12 @@ def test_a_layer_on_the_triton_path_equals_the_reference_path():
     from esper.contracts import SeedLifecycle as S
 
     library = {ir.name: ir for ir in standard_library()}
-    x = torch.randn(9, 6, generator=torch.Generator().manual_seed(5))
+    x = torch.randn(9, 6, generator=torch.Generator().manual_seed(5)).to(DEVICE)
     results = []
     for name in ("triton", "reference"):
         torch.manual_seed(0)
         source = kasmina.BlueprintKernelSource()
-        model, _ = kasmina.wrap(torch.nn.Sequential(torch.nn.Linear(6, 12)),
+        model, _ = kasmina.wrap(torch.nn.Sequential(torch.nn.Linear(6, 12)).to(DEVICE),
                                 {"seeds_per_layer": 3, "telemetry": {"every": 1, "max_rows": 4}},
                                 kernel_source=source)
         layer = model[0]
