@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from commands import library
+from commands import forge, library
 from esper.errors import EsperError
 from esper.workspace import DEFAULT_WORKSPACE, WORKSPACE_ENV, Workspace
 from esper_cli.context import EsperContext, LogLevel, configure_logging, err_console
@@ -56,6 +56,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(library.app, name="library")
+app.add_typer(forge.app, name="forge")
 
 
 def _version(value: bool) -> None:

@@ -5,7 +5,8 @@
 
 Measures:
   1. fused blend bandwidth vs the device's copy bandwidth (target >= 90%), vs eager PyTorch and
-     vs torch.compile of the same function (the reference), fp32 and bf16;
+     vs torch.compile of the same function (the reference), fp32 and bf16, forward and backward;
+     on CUDA first a sweep of candidate tiles (SWEEP below), each printed as it is measured;
   2. dormant overhead of a wrapped 4096x4096 bf16 linear at 8192 rows, telemetry on, vs the bare
      layer (target < 0.5%), forward and forward+backward;
   3. a layer with 10,000 seeds, 1,000 active: forward+backward vs the same seeds run one by one
@@ -61,44 +62,110 @@ def timer(device: torch.device, fn, iters: int, repeats: int, warmup: int = 3) -
     return statistics.median(results)
 
 
+# Candidate tiles swept per dtype in one run, (block_r, block_f, num_warps, programs_per_sm):
+# block_f columns are split into chunks x columns per chunk; programs_per_sm None gives each row
+# tile its own program. The winners become kasmina.kernels.blend.TILES.
+SWEEP = {
+    "float32": [(8, 1024, 8, None), (4, 1024, 4, None), (8, 512, 4, None), (16, 1024, 8, None),
+                (4, 2048, 8, None), (8, 1024, 8, 8), (4, 1024, 4, 16), (8, 512, 4, 16),
+                (32, 256, 8, 4)],
+    "bfloat16": [(8, 2048, 8, None), (4, 2048, 8, None), (4, 1024, 4, None), (8, 1024, 4, None),
+                 (16, 1024, 8, None), (8, 2048, 8, 8), (4, 1024, 4, 16), (8, 1024, 4, 8),
+                 (32, 256, 8, 4)],
+}
+
+
 def bench_blend(device, sizes, rows_table, raw):
     from kasmina import kernels
     from kasmina.kernels import reference
 
     rows, features, chunks = sizes["blend"]
     width = features // chunks
+    triton_path = kernels.uses_triton(torch.empty(0, device=device))  # CUDA, or backend("triton")
+    blend = None
+    if triton_path:
+        from kasmina.kernels import blend
     for dtype in (torch.float32, torch.bfloat16):
         name = str(dtype).removeprefix("torch.")
         y = torch.randn(rows, features, device=device, dtype=dtype)
         g = torch.randn(chunks, rows, width, device=device, dtype=dtype)  # every chunk active
+        grad_out = torch.randn_like(y)
         slot_alpha = torch.rand(chunks, device=device)
         slot_chunk = torch.arange(chunks, device=device)
         chunk_slot = torch.arange(chunks, device=device, dtype=torch.int32)
         moved = 3 * y.numel() * y.element_size()  # read y, read g, write out
+        moved_bwd = 2 * y.numel() * y.element_size()  # read grad_out, write grad_g
         src = torch.empty(moved // 2, dtype=torch.uint8, device=device)
         dst = torch.empty_like(src)
         copy_ms = timer(device, lambda: dst.copy_(src), sizes["iters"], sizes["repeats"])  # moves `moved` bytes
+        del src, dst
+        copy_gbs = moved / copy_ms / 1e6
+        print(f"  copy {name}: {copy_gbs:.0f} GB/s", flush=True)
 
         with torch.no_grad():
+            sweep = {}
+            for config in (SWEEP[name] if blend is not None else []):
+                tiles = blend.Tiles(*config)
+                fwd_ms = timer(device, lambda: blend.blend_forward(y, g, slot_alpha, chunk_slot, 1e-6,
+                                                                   tiles=tiles),
+                               sizes["iters"], sizes["repeats"])
+                bwd_ms = timer(device, lambda: blend.blend_backward(grad_out, slot_alpha, chunk_slot, chunks,
+                                                                    tiles=tiles),
+                               sizes["iters"], sizes["repeats"])
+                # the share of the launcher that is the torch sum of the per-program partial stats
+                launch = blend._launch(rows, chunks, width, device, tiles)
+                partials = torch.empty(launch.row_programs * launch.width_tiles, chunks, 3, device=device)
+                reduce_ms = timer(device, lambda: partials.sum(dim=0), sizes["iters"], sizes["repeats"])
+                sweep[str(config)] = {"fwd_ms": fwd_ms, "fwd_of_copy": moved / fwd_ms / 1e6 / copy_gbs,
+                                      "bwd_ms": bwd_ms, "bwd_of_copy": moved_bwd / bwd_ms / 1e6 / copy_gbs,
+                                      "programs": launch.grid[0], "stats_reduce_ms": reduce_ms}
+                print(f"  sweep {name} {config}: forward {fwd_ms * 1e3:.1f} us = "
+                      f"{sweep[str(config)]['fwd_of_copy']:.1%} of copy, backward {bwd_ms * 1e3:.1f} us = "
+                      f"{sweep[str(config)]['bwd_of_copy']:.1%}; {launch.grid[0]} programs, "
+                      f"stats sum {reduce_ms * 1e3:.1f} us", flush=True)
             fused_ms = timer(device, lambda: kernels.blend_chunks(y, g, slot_alpha, chunk_slot, slot_chunk,
                                                                   None, 1e-6),
                              sizes["iters"], sizes["repeats"])
             eager_ms = timer(device, lambda: reference.blend_forward(y, g, slot_alpha, chunk_slot, slot_chunk,
                                                                      1e-6), sizes["iters"], sizes["repeats"])
+            if triton_path:
+                def fused_bwd():
+                    return torch.ops.kasmina.blend_backward(grad_out, slot_alpha, chunk_slot, chunks)
+            else:
+                def fused_bwd():
+                    return reference.blend_backward(grad_out, slot_alpha, chunk_slot, slot_chunk)
+            fused_bwd_ms = timer(device, fused_bwd, sizes["iters"], sizes["repeats"])
+            eager_bwd_ms = timer(device, lambda: reference.blend_backward(grad_out, slot_alpha, chunk_slot,
+                                                                          slot_chunk),
+                                 sizes["iters"], sizes["repeats"])
             try:
                 compiled = torch.compile(reference.blend_forward)
                 compiled_ms = timer(device, lambda: compiled(y, g, slot_alpha, chunk_slot, slot_chunk, 1e-6),
                                     sizes["iters"], sizes["repeats"])
+                compiled_bwd = torch.compile(reference.blend_backward)
+                compiled_bwd_ms = timer(device, lambda: compiled_bwd(grad_out, slot_alpha, chunk_slot, slot_chunk),
+                                        sizes["iters"], sizes["repeats"])
             except Exception as e:  # noqa: BLE001 - report, do not abort the bench
-                compiled_ms, raw[f"blend_{name}_compile_error"] = float("nan"), repr(e)
-        copy_gbs = moved / copy_ms / 1e6
+                compiled_ms = compiled_bwd_ms = float("nan")
+                raw[f"blend_{name}_compile_error"] = repr(e)
         fused_gbs = moved / fused_ms / 1e6
+        fused_bwd_gbs = moved_bwd / fused_bwd_ms / 1e6
         raw[f"blend_{name}"] = {"rows": rows, "features": features, "chunks": chunks, "bytes": moved,
                                 "copy_ms": copy_ms, "fused_ms": fused_ms, "eager_ms": eager_ms,
-                                "compiled_ms": compiled_ms, "copy_GBps": copy_gbs, "fused_GBps": fused_gbs}
+                                "compiled_ms": compiled_ms, "copy_GBps": copy_gbs, "fused_GBps": fused_gbs,
+                                "tiles": str(blend.default_tiles(dtype)) if blend is not None else None,
+                                "backward": {"bytes": moved_bwd, "fused_ms": fused_bwd_ms,
+                                             "eager_ms": eager_bwd_ms, "compiled_ms": compiled_bwd_ms,
+                                             "fused_GBps": fused_bwd_gbs},
+                                "sweep": sweep}
         rows_table.append((f"blend {name} {rows}x{features}, {chunks} chunks",
                            f"{fused_gbs:.0f} GB/s = {fused_gbs / copy_gbs:.1%} of copy ({copy_gbs:.0f})",
                            f"{eager_ms / fused_ms:.2f}x eager, {compiled_ms / fused_ms:.2f}x compiled"))
+        rows_table.append((f"blend backward {name} {rows}x{features}, {chunks} chunks",
+                           f"{fused_bwd_gbs:.0f} GB/s = {fused_bwd_gbs / copy_gbs:.1%} of copy",
+                           f"{eager_bwd_ms / fused_bwd_ms:.2f}x eager, "
+                           f"{compiled_bwd_ms / fused_bwd_ms:.2f}x compiled"))
+        del y, g, grad_out
 
 
 def bench_dormant(device, sizes, rows_table, raw):
@@ -265,6 +332,7 @@ def main() -> None:
         if args.only and name not in args.only:
             continue
         fn(device, sizes, table, raw)
+        args.out.write_text(json.dumps(raw, indent=2, default=str) + "\n")
     width = max(len(r[0]) for r in table)
     print(f"Kasmina on {raw['device']} (torch {raw['torch']}, triton {raw['triton']})")
     for what, headline, detail in table:

@@ -1,11 +1,19 @@
 """Triton kernels of the blend and its telemetry, registered with `torch.library.triton_op`.
 
 `_blend_fwd_kernel` writes `out = y + alpha * g` on the chunks that have a blending seed (a copy
-elsewhere) and, in the same pass, accumulates per-column sum, sum of squares and dead count of
-`out`; with `STORE_OUT=False` and a row step it is the sampled telemetry read of a dormant
-layer. `_blend_bwd_kernel` writes `grad_g = alpha * grad_out` on the blending chunks and
-accumulates the per-column gradient energy; with `HAS_G=False` and a row step it is the sampled
-gradient read. Column partials are reduced to chunks with one small torch sum.
+elsewhere) and, in the same pass, sums per chunk the sum, sum of squares and dead count of
+`out`; with `STORE_OUT=False` and `SAMPLED=True` it is the row-sampled telemetry read of a
+dormant layer. `_blend_bwd_kernel` writes `grad_g = alpha * grad_out` on the blending chunks and
+sums per chunk the gradient energy; with `HAS_G=False` and `SAMPLED=True` it is the sampled
+gradient read.
+
+Tiles are chunk-aligned: a program owns a (BLOCK_R rows) x (BLOCK_C chunks) x (BLOCK_W columns
+of each chunk) block, so each chunk's slot and alpha are loaded once per program and the column
+addresses of `y` and `g` are contiguous runs the compiler can vectorize (`g` is indexed by slot,
+`y` by chunk). A chunk wider than the tile spans several width tiles (BLOCK_C = 1); narrow
+chunks are packed BLOCK_C to a tile; widths that are not a power of two are masked. Each
+program writes its per-chunk partial sums to a scratch buffer (no atomics, so the telemetry is
+deterministic), which one small torch sum reduces to (C, 3).
 
 Layout and semantics: see `reference.py`, the ground truth these kernels are tested against.
 
@@ -15,6 +23,9 @@ time: import it only through `kasmina.kernels`, which does so on the first Trito
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -22,108 +33,179 @@ from torch.library import triton_op, wrap_triton
 
 from kasmina.kernels import probe_gradient
 
-# Not yet tuned on a GPU (this module was written on a CPU-only machine); scripts/bench_kasmina.py
-# measures what these reach against the device's copy bandwidth.
-BLOCK_R = 32
-BLOCK_F = 256
-NUM_WARPS = 8
-PROGRAMS_PER_SM = 4
+
+@dataclass(frozen=True)
+class Tiles:
+    """A launch shape: tiles of `block_r` rows x `block_f` columns (`block_f` is split into
+    chunks x columns per chunk at launch), `num_warps`, and `programs_per_sm`: that many programs
+    per SM share the rows, each looping over its row range; None gives each row tile its own
+    program."""
+
+    block_r: int
+    block_f: int
+    num_warps: int
+    programs_per_sm: int | None = None
+
+
+# Default tiles by element size (bytes); 2 covers bfloat16 and float16.
+# Placeholder until the GPU sweep of scripts/bench_kasmina.py (the comment then carries its measure).
+TILES = {
+    4: Tiles(block_r=8, block_f=1024, num_warps=8),
+    2: Tiles(block_r=8, block_f=2048, num_warps=8),
+}
+
+
+def default_tiles(dtype: torch.dtype) -> Tiles:
+    return TILES.get(dtype.itemsize, TILES[4])
 
 
 @triton.jit
 def _blend_fwd_kernel(
-    y_ptr, g_ptr, out_ptr, col_stats_ptr, slot_alpha_ptr, chunk_slot_ptr,
-    rows, features, width, row_step,
-    stride_y_row, stride_g_slot, stride_g_row, stride_g_col,
-    rows_per_program, dead_threshold,
-    HAS_G: tl.constexpr, STORE_OUT: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
+    y_ptr, g_ptr, out_ptr, partial_ptr, slot_alpha_ptr, chunk_slot_ptr,
+    rows, chunks, width, row_step, rows_per_program, chunk_groups, width_tiles,
+    stride_y_row, stride_g_slot, stride_g_row, stride_g_col, dead_threshold,
+    HAS_G: tl.constexpr, STORE_OUT: tl.constexpr, SAMPLED: tl.constexpr,
+    EVEN_C: tl.constexpr, EVEN_W: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    pid_f = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    cols = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
-    col_mask = cols < features
+    pid = tl.program_id(0)
+    pid_w = pid % width_tiles
+    pid_c = (pid // width_tiles) % chunk_groups
+    pid_r = pid // (width_tiles * chunk_groups)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # chunks of this tile
+    w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)  # columns inside each chunk
+    if EVEN_C:
+        c_mask = tl.full([BLOCK_C], 1, tl.int1)
+    else:
+        c_mask = c < chunks
+    if EVEN_W:
+        w_mask = tl.full([BLOCK_W], 1, tl.int1)
+    else:
+        w_mask = w < width
+    col_mask = c_mask[:, None] & w_mask[None, :]  # (BLOCK_C, BLOCK_W)
+    y_cols = (c * width)[:, None] + w[None, :]
     if HAS_G:
-        chunk = cols // width
-        slot = tl.load(chunk_slot_ptr + chunk, mask=col_mask, other=-1)
-        active = (slot >= 0) & col_mask
-        safe_slot = tl.maximum(slot, 0).to(tl.int64)
+        slot = tl.load(chunk_slot_ptr + c, mask=c_mask, other=-1)
+        active = slot >= 0
+        safe_slot = tl.maximum(slot, 0)
         alpha = tl.load(slot_alpha_ptr + safe_slot, mask=active, other=0.0).to(tl.float32)
-        g_cols = safe_slot * stride_g_slot + (cols - chunk * width).to(tl.int64) * stride_g_col
+        g_cols = safe_slot.to(tl.int64)[:, None] * stride_g_slot + w[None, :] * stride_g_col
+        g_col_mask = col_mask & active[:, None]
 
-    acc_sum = tl.zeros([BLOCK_F], dtype=tl.float32)
-    acc_sq = tl.zeros([BLOCK_F], dtype=tl.float32)
-    acc_dead = tl.zeros([BLOCK_F], dtype=tl.float32)
-    row_start = pid_r * rows_per_program  # in sampled rows
+    acc_sum = tl.zeros([BLOCK_C, BLOCK_W], dtype=tl.float32)
+    acc_sq = tl.zeros([BLOCK_C, BLOCK_W], dtype=tl.float32)
+    acc_dead = tl.zeros([BLOCK_C, BLOCK_W], dtype=tl.float32)
+    row_start = pid_r * rows_per_program  # in (sampled) rows
     row_end = tl.minimum(row_start + rows_per_program, rows)
     for r0 in range(row_start, row_end, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         row_mask = r < row_end
-        row = r.to(tl.int64) * row_step
-        mask = row_mask[:, None] & col_mask[None, :]
-        y = tl.load(y_ptr + row[:, None] * stride_y_row + cols[None, :], mask=mask, other=0.0)
-        value = y.to(tl.float32)
+        row = r.to(tl.int64)
+        if SAMPLED:
+            row = row * row_step
+        mask = row_mask[:, None, None] & col_mask[None, :, :]
+        y_offsets = (row * stride_y_row)[:, None, None] + y_cols[None, :, :]
+        value = tl.load(y_ptr + y_offsets, mask=mask, other=0.0).to(tl.float32)
         if HAS_G:
-            g = tl.load(g_ptr + row[:, None] * stride_g_row + g_cols[None, :],
-                        mask=mask & active[None, :], other=0.0)
-            value = value + alpha[None, :] * g.to(tl.float32)
+            g = tl.load(g_ptr + (row * stride_g_row)[:, None, None] + g_cols[None, :, :],
+                        mask=row_mask[:, None, None] & g_col_mask[None, :, :], other=0.0)
+            value = value + alpha[None, :, None] * g.to(tl.float32)
         if STORE_OUT:
-            tl.store(out_ptr + row[:, None] * stride_y_row + cols[None, :],
-                     value.to(out_ptr.dtype.element_ty), mask=mask)
+            tl.store(out_ptr + y_offsets, value.to(out_ptr.dtype.element_ty), mask=mask)
         acc_sum += tl.sum(value, axis=0)
         acc_sq += tl.sum(value * value, axis=0)
         acc_dead += tl.sum(((tl.abs(value) <= dead_threshold) & mask).to(tl.float32), axis=0)
-    tl.atomic_add(col_stats_ptr + cols * 3, acc_sum, mask=col_mask)
-    tl.atomic_add(col_stats_ptr + cols * 3 + 1, acc_sq, mask=col_mask)
-    tl.atomic_add(col_stats_ptr + cols * 3 + 2, acc_dead, mask=col_mask)
+    partial = partial_ptr + ((pid_r * width_tiles + pid_w) * chunks + c) * 3
+    tl.store(partial, tl.sum(acc_sum, axis=1), mask=c_mask)
+    tl.store(partial + 1, tl.sum(acc_sq, axis=1), mask=c_mask)
+    tl.store(partial + 2, tl.sum(acc_dead, axis=1), mask=c_mask)
 
 
 @triton.jit
 def _blend_bwd_kernel(
-    grad_ptr, grad_g_ptr, col_energy_ptr, slot_alpha_ptr, chunk_slot_ptr,
-    rows, features, width, row_step,
+    grad_ptr, grad_g_ptr, partial_ptr, slot_alpha_ptr, chunk_slot_ptr,
+    rows, chunks, width, row_step, rows_per_program, chunk_groups, width_tiles,
     stride_grad_row, stride_gg_slot, stride_gg_row,
-    rows_per_program,
-    HAS_G: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_F: tl.constexpr,
+    HAS_G: tl.constexpr, SAMPLED: tl.constexpr, EVEN_C: tl.constexpr, EVEN_W: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    pid_f = tl.program_id(0)
-    pid_r = tl.program_id(1)
-    cols = pid_f * BLOCK_F + tl.arange(0, BLOCK_F)
-    col_mask = cols < features
+    pid = tl.program_id(0)
+    pid_w = pid % width_tiles
+    pid_c = (pid // width_tiles) % chunk_groups
+    pid_r = pid // (width_tiles * chunk_groups)
+    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    if EVEN_C:
+        c_mask = tl.full([BLOCK_C], 1, tl.int1)
+    else:
+        c_mask = c < chunks
+    if EVEN_W:
+        w_mask = tl.full([BLOCK_W], 1, tl.int1)
+    else:
+        w_mask = w < width
+    col_mask = c_mask[:, None] & w_mask[None, :]
+    grad_cols = (c * width)[:, None] + w[None, :]
     if HAS_G:
-        chunk = cols // width
-        slot = tl.load(chunk_slot_ptr + chunk, mask=col_mask, other=-1)
-        active = (slot >= 0) & col_mask
-        safe_slot = tl.maximum(slot, 0).to(tl.int64)
+        slot = tl.load(chunk_slot_ptr + c, mask=c_mask, other=-1)
+        active = slot >= 0
+        safe_slot = tl.maximum(slot, 0)
         alpha = tl.load(slot_alpha_ptr + safe_slot, mask=active, other=0.0).to(tl.float32)
-        gg_cols = safe_slot * stride_gg_slot + (cols - chunk * width).to(tl.int64)
+        gg_cols = safe_slot.to(tl.int64)[:, None] * stride_gg_slot + w[None, :]
+        gg_col_mask = col_mask & active[:, None]
 
-    acc_energy = tl.zeros([BLOCK_F], dtype=tl.float32)
+    acc_energy = tl.zeros([BLOCK_C, BLOCK_W], dtype=tl.float32)
     row_start = pid_r * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, rows)
     for r0 in range(row_start, row_end, BLOCK_R):
         r = r0 + tl.arange(0, BLOCK_R)
         row_mask = r < row_end
-        row = r.to(tl.int64) * row_step
-        mask = row_mask[:, None] & col_mask[None, :]
-        grad = tl.load(grad_ptr + row[:, None] * stride_grad_row + cols[None, :], mask=mask,
-                       other=0.0).to(tl.float32)
+        row = r.to(tl.int64)
+        if SAMPLED:
+            row = row * row_step
+        mask = row_mask[:, None, None] & col_mask[None, :, :]
+        grad = tl.load(grad_ptr + (row * stride_grad_row)[:, None, None] + grad_cols[None, :, :],
+                       mask=mask, other=0.0).to(tl.float32)
         if HAS_G:
-            tl.store(grad_g_ptr + row[:, None] * stride_gg_row + gg_cols[None, :],
-                     (alpha[None, :] * grad).to(grad_g_ptr.dtype.element_ty),
-                     mask=mask & active[None, :])
+            tl.store(grad_g_ptr + (row * stride_gg_row)[:, None, None] + gg_cols[None, :, :],
+                     (alpha[None, :, None] * grad).to(grad_g_ptr.dtype.element_ty),
+                     mask=row_mask[:, None, None] & gg_col_mask[None, :, :])
         acc_energy += tl.sum(grad * grad, axis=0)
-    tl.atomic_add(col_energy_ptr + cols, acc_energy, mask=col_mask)
+    partial = partial_ptr + (pid_r * width_tiles + pid_w) * chunks + c
+    tl.store(partial, tl.sum(acc_energy, axis=1), mask=c_mask)
 
 
-def _grid(rows: int, features: int, device: torch.device, block_r: int, block_f: int
-          ) -> tuple[tuple[int, int], int]:
-    """(column tiles, row programs) and rows per program: about PROGRAMS_PER_SM programs per SM."""
-    col_tiles = triton.cdiv(features, block_f)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    row_programs = max(1, min(triton.cdiv(rows, block_r), PROGRAMS_PER_SM * sms // col_tiles))
-    rows_per_program = triton.cdiv(triton.cdiv(rows, row_programs), block_r) * block_r
-    return (col_tiles, triton.cdiv(rows, rows_per_program)), rows_per_program
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+@dataclass(frozen=True)
+class _Launch:
+    grid: tuple[int]
+    row_programs: int
+    rows_per_program: int
+    chunk_groups: int
+    width_tiles: int
+    meta: dict
+
+
+def _launch(rows: int, chunks: int, width: int, device: torch.device, tiles: Tiles) -> _Launch:
+    """Split the columns into chunk-aligned tiles and the rows among programs."""
+    block_w = min(triton.next_power_of_2(width), tiles.block_f)
+    block_c = min(max(1, tiles.block_f // block_w), triton.next_power_of_2(chunks))
+    chunk_groups, width_tiles = triton.cdiv(chunks, block_c), triton.cdiv(width, block_w)
+    col_tiles = chunk_groups * width_tiles
+    row_tiles = triton.cdiv(rows, tiles.block_r)
+    if tiles.programs_per_sm is None:
+        row_programs = row_tiles
+    else:
+        row_programs = max(1, min(row_tiles, tiles.programs_per_sm * _sm_count(device) // col_tiles))
+    rows_per_program = triton.cdiv(row_tiles, row_programs) * tiles.block_r
+    row_programs = triton.cdiv(rows, rows_per_program)
+    meta = dict(EVEN_C=chunks % block_c == 0, EVEN_W=width % block_w == 0, BLOCK_R=tiles.block_r,
+                BLOCK_C=block_c, BLOCK_W=block_w, num_warps=tiles.num_warps)
+    return _Launch((row_programs * col_tiles,), row_programs, rows_per_program, chunk_groups,
+                   width_tiles, meta)
 
 
 def _checked_buffer(buffer: torch.Tensor, shape, like: torch.Tensor) -> torch.Tensor:
@@ -135,10 +217,14 @@ def _checked_buffer(buffer: torch.Tensor, shape, like: torch.Tensor) -> torch.Te
     return buffer
 
 
+def _stats_partials(launch: _Launch, chunks: int, device: torch.device) -> torch.Tensor:
+    return torch.empty(launch.row_programs * launch.width_tiles, chunks, 3, device=device,
+                       dtype=torch.float32)
+
+
 def blend_forward(y: torch.Tensor, g: torch.Tensor, slot_alpha: torch.Tensor,
-                  chunk_slot: torch.Tensor, dead_threshold: float, *, block_r: int = BLOCK_R,
-                  block_f: int = BLOCK_F, out: torch.Tensor | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+                  chunk_slot: torch.Tensor, dead_threshold: float, *, tiles: Tiles | None = None,
+                  out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the fused blend: (out (rows, F), stats (C, 3) float32). `out`, if given, is
     overwritten whole (tests pass one poisoned with NaN)."""
     y = y.contiguous()
@@ -146,22 +232,23 @@ def blend_forward(y: torch.Tensor, g: torch.Tensor, slot_alpha: torch.Tensor,
     chunks = chunk_slot.numel()
     width = features // chunks
     out = torch.empty_like(y) if out is None else _checked_buffer(out, y.shape, y)
-    col_stats = torch.zeros(features, 3, device=y.device, dtype=torch.float32)
+    launch = _launch(rows, chunks, width, y.device, tiles or default_tiles(y.dtype))
+    partials = _stats_partials(launch, chunks, y.device)
     has_g = g.shape[0] > 0
-    grid, rows_per_program = _grid(rows, features, y.device, block_r, block_f)
-    wrap_triton(_blend_fwd_kernel)[grid](
-        y, g if has_g else y, out, col_stats, slot_alpha, chunk_slot,
-        rows, features, width, 1,
-        y.stride(0), g.stride(0) if has_g else 0, g.stride(1) if has_g else 0,
-        g.stride(2) if has_g else 0,
-        rows_per_program, dead_threshold,
-        HAS_G=has_g, STORE_OUT=True, BLOCK_R=block_r, BLOCK_F=block_f, num_warps=NUM_WARPS,
-    )
-    return out, col_stats.view(chunks, width, 3).sum(dim=1)
+    if rows:
+        wrap_triton(_blend_fwd_kernel)[launch.grid](
+            y, g if has_g else y, out, partials, slot_alpha, chunk_slot,
+            rows, chunks, width, 1, launch.rows_per_program, launch.chunk_groups,
+            launch.width_tiles,
+            y.stride(0), g.stride(0) if has_g else 0, g.stride(1) if has_g else 0,
+            g.stride(2) if has_g else 0, dead_threshold,
+            HAS_G=has_g, STORE_OUT=True, SAMPLED=False, **launch.meta,
+        )
+    return out, partials.sum(dim=0)
 
 
 def blend_backward(grad_out: torch.Tensor, slot_alpha: torch.Tensor, chunk_slot: torch.Tensor,
-                   num_slots: int, *, block_r: int = BLOCK_R, block_f: int = BLOCK_F,
+                   num_slots: int, *, tiles: Tiles | None = None,
                    grad_g: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the blend backward: (grad_g (A, rows, L), energy (C,) float32). `grad_g`, if
     given, is overwritten whole."""
@@ -172,54 +259,59 @@ def blend_backward(grad_out: torch.Tensor, slot_alpha: torch.Tensor, chunk_slot:
     shape = (num_slots, rows, width)
     grad_g = (torch.empty(shape, device=grad_out.device, dtype=grad_out.dtype) if grad_g is None
               else _checked_buffer(grad_g, shape, grad_out))
-    col_energy = torch.zeros(features, device=grad_out.device, dtype=torch.float32)
-    grid, rows_per_program = _grid(rows, features, grad_out.device, block_r, block_f)
-    wrap_triton(_blend_bwd_kernel)[grid](
-        grad_out, grad_g if num_slots else grad_out, col_energy, slot_alpha, chunk_slot,
-        rows, features, width, 1,
-        grad_out.stride(0), rows * width, width,
-        rows_per_program,
-        HAS_G=num_slots > 0, BLOCK_R=block_r, BLOCK_F=block_f, num_warps=NUM_WARPS,
-    )
-    return grad_g, col_energy.view(chunks, width).sum(dim=1)
+    launch = _launch(rows, chunks, width, grad_out.device, tiles or default_tiles(grad_out.dtype))
+    partials = torch.empty(launch.row_programs * launch.width_tiles, chunks,
+                           device=grad_out.device, dtype=torch.float32)
+    if rows:
+        wrap_triton(_blend_bwd_kernel)[launch.grid](
+            grad_out, grad_g if num_slots else grad_out, partials, slot_alpha, chunk_slot,
+            rows, chunks, width, 1, launch.rows_per_program, launch.chunk_groups,
+            launch.width_tiles,
+            grad_out.stride(0), rows * width, width,
+            HAS_G=num_slots > 0, SAMPLED=False, **launch.meta,
+        )
+    return grad_g, partials.sum(dim=0)
 
 
 def sampled_stats(y: torch.Tensor, chunks: int, row_step: int, dead_threshold: float, *,
-                  block_r: int = BLOCK_R, block_f: int = BLOCK_F) -> torch.Tensor:
+                  tiles: Tiles | None = None) -> torch.Tensor:
     """(C, 3) stats of rows 0, row_step, ... of y: the dormant layer's telemetry read."""
     y = y.contiguous()
     rows, features = y.shape
     sampled_rows = triton.cdiv(rows, row_step)
     width = features // chunks
-    col_stats = torch.zeros(features, 3, device=y.device, dtype=torch.float32)
-    grid, rows_per_program = _grid(sampled_rows, features, y.device, block_r, block_f)
-    wrap_triton(_blend_fwd_kernel)[grid](
-        y, y, y, col_stats, col_stats, col_stats,
-        sampled_rows, features, width, row_step,
-        y.stride(0), 0, 0, 0,
-        rows_per_program, dead_threshold,
-        HAS_G=False, STORE_OUT=False, BLOCK_R=block_r, BLOCK_F=block_f, num_warps=NUM_WARPS,
-    )
-    return col_stats.view(chunks, width, 3).sum(dim=1)
+    launch = _launch(sampled_rows, chunks, width, y.device, tiles or default_tiles(y.dtype))
+    partials = _stats_partials(launch, chunks, y.device)
+    if sampled_rows:
+        wrap_triton(_blend_fwd_kernel)[launch.grid](
+            y, y, y, partials, partials, partials,
+            sampled_rows, chunks, width, row_step, launch.rows_per_program, launch.chunk_groups,
+            launch.width_tiles,
+            y.stride(0), 0, 0, 0, dead_threshold,
+            HAS_G=False, STORE_OUT=False, SAMPLED=row_step != 1, **launch.meta,
+        )
+    return partials.sum(dim=0)
 
 
-def sampled_energy(grad: torch.Tensor, chunks: int, row_step: int, *, block_r: int = BLOCK_R,
-                   block_f: int = BLOCK_F) -> torch.Tensor:
+def sampled_energy(grad: torch.Tensor, chunks: int, row_step: int, *,
+                   tiles: Tiles | None = None) -> torch.Tensor:
     """(C,) sum of grad**2 over rows 0, row_step, ...: the dormant layer's gradient read."""
     grad = grad.contiguous()
     rows, features = grad.shape
     sampled_rows = triton.cdiv(rows, row_step)
     width = features // chunks
-    col_energy = torch.zeros(features, device=grad.device, dtype=torch.float32)
-    grid, rows_per_program = _grid(sampled_rows, features, grad.device, block_r, block_f)
-    wrap_triton(_blend_bwd_kernel)[grid](
-        grad, grad, col_energy, col_energy, col_energy,
-        sampled_rows, features, width, row_step,
-        grad.stride(0), 0, 0,
-        rows_per_program,
-        HAS_G=False, BLOCK_R=block_r, BLOCK_F=block_f, num_warps=NUM_WARPS,
-    )
-    return col_energy.view(chunks, width).sum(dim=1)
+    launch = _launch(sampled_rows, chunks, width, grad.device, tiles or default_tiles(grad.dtype))
+    partials = torch.empty(launch.row_programs * launch.width_tiles, chunks, device=grad.device,
+                           dtype=torch.float32)
+    if sampled_rows:
+        wrap_triton(_blend_bwd_kernel)[launch.grid](
+            grad, grad, partials, partials, partials,
+            sampled_rows, chunks, width, row_step, launch.rows_per_program, launch.chunk_groups,
+            launch.width_tiles,
+            grad.stride(0), 0, 0,
+            HAS_G=False, SAMPLED=row_step != 1, **launch.meta,
+        )
+    return partials.sum(dim=0)
 
 
 # --- the ops torch.compile sees through ---------------------------------------------------------

@@ -22,11 +22,20 @@ pytest.importorskip("triton")
 from kasmina import kernels  # noqa: E402
 from kasmina.kernels import reference  # noqa: E402
 
-TOLERANCE = {torch.float32: (1e-5, 1e-5)}
-# (rows, chunks, width): 37 x 3 x 11 is the non-power-of-two case; 64 x 4 x 8 spans tiles.
-SHAPES = [(37, 3, 11), (64, 4, 8), (5, 7, 1)]
-# Small tiles so that the shapes above cover several column tiles and row iterations.
-TILES = {"block_r": 8, "block_f": 16}
+# Per dtype (atol, rtol) of the blended output and grad_g: the kernel rounds the same float32
+# value as the reference; on a GPU y + alpha * g may be one fused multiply-add, a float32 ulp off.
+TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-5, 1.6e-2)}
+# (rows, chunks, width), against the 16-column test tiles below: 37 x 3 x 11 is the
+# non-power-of-two width (masked columns); 64 x 4 x 8 packs two chunks per tile; 5 x 7 x 1 packs
+# seven width-1 chunks into a tile of eight (masked chunks); 19 x 2 x 40 spans three width tiles
+# per chunk, the last one partial; 13 x 5 x 4 packs four chunks per tile, the last tile partial.
+SHAPES = [(37, 3, 11), (64, 4, 8), (5, 7, 1), (19, 2, 40), (13, 5, 4)]
+
+
+def _tiles(programs_per_sm):
+    """Tiles of 8 rows x 16 columns, so the shapes above cover several tiles; programs_per_sm 1
+    (one SM on CPU) makes one program loop over every row tile, None gives each its own."""
+    return _triton().Tiles(block_r=8, block_f=16, num_warps=4, programs_per_sm=programs_per_sm)
 
 
 def _triton():
@@ -51,29 +60,45 @@ def _poisoned_empty_like(t):
     return torch.full_like(t, float("nan"))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("active", [0, 1, "all"])
-def test_blend_forward_and_backward_match_reference(shape, active, dtype):
+@pytest.mark.parametrize("programs_per_sm", [None, 1])
+def test_blend_forward_and_backward_match_reference(shape, active, dtype, programs_per_sm):
     rows, chunks, width = shape
     active = chunks if active == "all" else min(active, chunks)
-    generator = torch.Generator().manual_seed(hash((shape, active)) % 2**31)
+    generator = torch.Generator().manual_seed(hash((shape, active, dtype.itemsize)) % 2**31)
     y, g, slot_alpha, chunk_slot, slot_chunk = _problem(rows, chunks, width, active, dtype, generator)
     blend = _triton()
+    tiles = _tiles(programs_per_sm)
     atol, rtol = TOLERANCE[dtype]
 
-    out, stats = blend.blend_forward(y, g, slot_alpha, chunk_slot, 1e-6, **TILES,
+    out, stats = blend.blend_forward(y, g, slot_alpha, chunk_slot, 1e-6, tiles=tiles,
                                      out=_poisoned_empty_like(y))
     want_out, want_stats = reference.blend_forward(y, g, slot_alpha, chunk_slot, slot_chunk, 1e-6)
     torch.testing.assert_close(out, want_out, atol=atol, rtol=rtol)
     torch.testing.assert_close(stats, want_stats, atol=1e-4, rtol=1e-5)
 
     grad_out = torch.randn(rows, chunks * width, generator=generator, dtype=dtype).to(DEVICE)
-    grad_g, energy = blend.blend_backward(grad_out, slot_alpha, chunk_slot, active, **TILES,
+    grad_g, energy = blend.blend_backward(grad_out, slot_alpha, chunk_slot, active, tiles=tiles,
                                           grad_g=_poisoned_empty_like(g))
     want_grad_g, want_energy = reference.blend_backward(grad_out, slot_alpha, chunk_slot, slot_chunk)
     torch.testing.assert_close(grad_g, want_grad_g, atol=atol, rtol=rtol)
     torch.testing.assert_close(energy, want_energy, atol=1e-4, rtol=1e-5)
+
+
+def test_blend_reads_strided_seed_outputs():
+    """g with a stride-0 slot axis and non-unit column stride (the layer passes any strides)."""
+    generator = torch.Generator().manual_seed(2)
+    y, g, slot_alpha, chunk_slot, slot_chunk = _problem(21, 4, 11, 3, torch.float32, generator)
+    shared = torch.randn(21, 22, generator=generator).to(DEVICE)[:, ::2]  # (rows, L), stride 2
+    g = shared.unsqueeze(0).expand(3, -1, -1)                             # slot stride 0
+    blend = _triton()
+    out, stats = blend.blend_forward(y, g, slot_alpha, chunk_slot, 1e-6, tiles=_tiles(None),
+                                     out=_poisoned_empty_like(y))
+    want_out, want_stats = reference.blend_forward(y, g, slot_alpha, chunk_slot, slot_chunk, 1e-6)
+    torch.testing.assert_close(out, want_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stats, want_stats, atol=1e-4, rtol=1e-5)
 
 
 def test_blend_writes_every_output_element():
@@ -81,7 +106,7 @@ def test_blend_writes_every_output_element():
     generator = torch.Generator().manual_seed(1)
     y, g, slot_alpha, chunk_slot, slot_chunk = _problem(37, 3, 11, 2, torch.float32, generator)
     blend = _triton()
-    out, _ = blend.blend_forward(y, g, slot_alpha, chunk_slot, 1e-6, **TILES,
+    out, _ = blend.blend_forward(y, g, slot_alpha, chunk_slot, 1e-6, tiles=_tiles(None),
                                  out=_poisoned_empty_like(y))
     assert torch.isfinite(out).all()
     want, _ = reference.blend_forward(y, g, slot_alpha, chunk_slot, slot_chunk, 1e-6)
@@ -89,16 +114,20 @@ def test_blend_writes_every_output_element():
 
 
 @pytest.mark.parametrize("row_step", [1, 3])
-def test_sampled_stats_and_energy_match_reference(row_step):
+@pytest.mark.parametrize("shape", [(37, 3, 11), (29, 2, 40)])
+@pytest.mark.parametrize("programs_per_sm", [None, 1])
+def test_sampled_stats_and_energy_match_reference(row_step, shape, programs_per_sm):
+    rows, chunks, width = shape
     generator = torch.Generator().manual_seed(row_step)
-    y = torch.randn(37, 33, generator=generator)
+    y = torch.randn(rows, chunks * width, generator=generator)
     y[::4, ::2] = 0.0
     y = y.to(DEVICE)
     blend = _triton()
-    torch.testing.assert_close(blend.sampled_stats(y, 3, row_step, 1e-6, **TILES),
-                               reference.chunk_stats(y, 3, row_step, 1e-6), atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(blend.sampled_energy(y, 3, row_step, **TILES),
-                               reference.chunk_energy(y, 3, row_step), atol=1e-4, rtol=1e-5)
+    tiles = _tiles(programs_per_sm)
+    torch.testing.assert_close(blend.sampled_stats(y, chunks, row_step, 1e-6, tiles=tiles),
+                               reference.chunk_stats(y, chunks, row_step, 1e-6), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(blend.sampled_energy(y, chunks, row_step, tiles=tiles),
+                               reference.chunk_energy(y, chunks, row_step), atol=1e-4, rtol=1e-5)
 
 
 def test_registered_op_gradients_match_the_reference_path():
