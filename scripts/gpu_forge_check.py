@@ -12,8 +12,11 @@ by default with empty Inductor and Triton caches, as on a machine that never com
 the first forward+backward, steady-state forward+backward compiled and eager, the largest
 relative error (in norm) of the output and every gradient against the eager module, dynamo
 frames traced in the loading process (must be 0), and which probe shapes the compiled variants
-cover (the others run eager). Prints a markdown table; writes the raw numbers as JSON to --out.
-Takes about 1 to 2 minutes per blueprint on an H100 (mostly compilation); CPU is similar.
+cover (the others run eager). Prints a markdown table; writes the raw numbers as JSON to --out;
+exits 1 if a load traced anything, missed its own bucket, or was less accurate than eager.
+About 50 s per blueprint on an H100 (mostly imports and compilation): the default five take
+4 to 5 minutes; `--pipeline aggressive` about 90 s per blueprint. Results for an H100 are in
+docs/forge-compile-api.md.
 
 Needs torch, safetensors and pydantic (esper.contracts, esper.blueprints); not the catalog,
 the signing library or Redis.
