@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -12,9 +13,45 @@ from esper_cli.context import err_console, get_context, out_console
 app = typer.Typer(no_args_is_help=False, subcommand_metavar="")
 
 
+def _load_config(ctx: typer.Context, param, path: Path | None) -> Path | None:
+    """Read a YAML forge config into the defaults of the other options: flags given on the
+    command line still win. Keys are the option names (`lease_seconds` or `lease-seconds`)."""
+    if path is None:
+        return None
+    import yaml
+
+    from esper.errors import BadInputError, NotFoundError
+
+    if not path.is_file():
+        raise NotFoundError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise BadInputError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise BadInputError(f"{path}: expected a mapping of option names to values")
+    options = {p.name: p for p in ctx.command.params if p.name not in ("config", "help")}
+    defaults = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in options:
+            raise BadInputError(f"{path}: unknown key {key!r}; expected one of "
+                                f"{', '.join(sorted(options))}")
+        try:
+            options[name].process_value(ctx, value)  # the check the flag would get
+        except typer.BadParameter as e:
+            raise BadInputError(f"{path}: key {key!r}: {e.message}") from None
+        defaults[name] = value
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return path
+
+
 @app.callback(invoke_without_command=True)
 def forge(
     ctx: typer.Context,
+    config: Annotated[Optional[Path], typer.Option(
+        "--config", is_eager=True, callback=_load_config, show_default=False,
+        help="YAML file of option values (see configs/forge.yaml); flags given here win.")] = None,
     once: Annotated[bool, typer.Option(
         "--once", help="Do the work there is now, then exit (cron, CI).")] = False,
     max_jobs: Annotated[Optional[int], typer.Option(
@@ -74,6 +111,7 @@ def forge(
 
     Example: esper forge --once --interface linear:64:16 --interface linear:128:32
     """
+    del config  # applied by its callback, as the other options' defaults
     from dataclasses import replace
 
     from esper.contracts import CompilationPipeline, KernelInterface

@@ -265,3 +265,42 @@ def test_idle_rebuilds_for_a_newer_toolchain_stay_within_the_daily_budget(worksp
         without_idle = Forge(workspace, urza, None, ForgeOptions(
             worker_id="forge-i", daily_compile_budget=100, idle_work=False)).run(once=True)
         assert without_idle.jobs == 0
+
+
+def test_shipped_config_loads_and_runs(tmp_path):
+    """configs/forge.yaml parses into the options and a --once run on an empty catalog exits 0."""
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    from esper.urza import Urza
+    from esper.workspace import Workspace
+    from esper_cli.main import app
+
+    config = Path(__file__).resolve().parents[2] / "configs" / "forge.yaml"
+    ws = Workspace(tmp_path / "ws")
+    ws.create()
+    Urza.open(ws).close()
+    result = CliRunner().invoke(app, ["--workspace", str(ws.root), "--json", "forge", "--config",
+                                      str(config), "--once", "--no-warm"])
+    assert result.exit_code == 0, result.output
+
+
+def test_bad_config_is_one_line_exit_2(tmp_path):
+    from typer.testing import CliRunner
+
+    from esper.workspace import Workspace
+    from esper_cli.main import app
+
+    ws = Workspace(tmp_path / "ws")
+    ws.create()
+    cases = {"unknown: 1\n": "unknown key 'unknown'", "lease_seconds: soon\n": "lease_seconds",
+             "- a list\n": "mapping", "interface: [linear:3]\n": "linear:3"}
+    for text, expected in cases.items():
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        result = CliRunner().invoke(app, ["--workspace", str(ws.root), "forge", "--config",
+                                          str(bad), "--once"])
+        assert result.exit_code == 2, (text, result.output)
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], (text, result.stderr)
