@@ -66,16 +66,15 @@ def timer(device: torch.device, fn, iters: int, repeats: int, warmup: int = 3) -
 # block_f columns are split into chunks x columns per chunk; programs_per_sm None gives each row
 # tile its own program. The winners become kasmina.kernels.blend.TILES.
 SWEEP = {
-    "float32": [(8, 1024, 8, None), (4, 1024, 4, None), (8, 512, 4, None), (16, 1024, 8, None),
-                (4, 2048, 8, None), (8, 1024, 8, 8), (4, 1024, 4, 16), (8, 512, 4, 16),
-                (32, 256, 8, 4)],
-    "bfloat16": [(8, 2048, 8, None), (4, 2048, 8, None), (4, 1024, 4, None), (8, 1024, 4, None),
-                 (16, 1024, 8, None), (8, 2048, 8, 8), (4, 1024, 4, 16), (8, 1024, 4, 8),
-                 (32, 256, 8, 4)],
+    "float32": [(2, 512, 2, None), (8, 512, 4, 16), (4, 512, 4, 32), (2, 1024, 4, 32), (8, 512, 4, 8),
+                (8, 256, 2, 16), (4, 1024, 4, 16), (8, 1024, 8, 8), (8, 512, 4, None), (8, 1024, 8, None)],
+    "bfloat16": [(8, 1024, 4, 8), (8, 1024, 4, 16), (4, 1024, 4, 16), (4, 2048, 8, 8), (8, 512, 2, 16),
+                 (4, 512, 2, 32), (4, 1024, 4, 32), (2, 2048, 8, None), (4, 2048, 8, None),
+                 (8, 1024, 4, None)],
 }
 
 
-def bench_blend(device, sizes, rows_table, raw):
+def bench_blend(device, sizes, rows_table, raw, adopt_best=False):
     from kasmina import kernels
     from kasmina.kernels import reference
 
@@ -104,15 +103,22 @@ def bench_blend(device, sizes, rows_table, raw):
 
         with torch.no_grad():
             sweep = {}
+            tuned = ({kernel: blend.default_tiles(kernel, dtype) for kernel in ("forward", "backward")}
+                     if blend is not None else {})
             for config in (SWEEP[name] if blend is not None else []):
+                # Timed through the registered ops, as the layer calls them: a direct call of the
+                # launchers outside a triton_op goes through wrap_triton's HOP dispatch, which costs
+                # about 230 us of CPU per call (second H200 run) and would floor every candidate.
                 tiles = blend.Tiles(*config)
-                fwd_ms = timer(device, lambda: blend.blend_forward(y, g, slot_alpha, chunk_slot, 1e-6,
-                                                                   tiles=tiles),
+                blend.TILES[("forward", dtype.itemsize)] = blend.TILES[("backward", dtype.itemsize)] = tiles
+                fwd_ms = timer(device, lambda: torch.ops.kasmina.blend(y, g, slot_alpha, chunk_slot, slot_chunk,
+                                                                       None, 1e-6),
                                sizes["iters"], sizes["repeats"])
-                bwd_ms = timer(device, lambda: blend.blend_backward(grad_out, slot_alpha, chunk_slot, chunks,
-                                                                    tiles=tiles),
+                bwd_ms = timer(device, lambda: torch.ops.kasmina.blend_backward(grad_out, slot_alpha, chunk_slot,
+                                                                                chunks),
                                sizes["iters"], sizes["repeats"])
-                # the share of the launcher that is the torch sum of the per-program partial stats
+                # the torch sum of the per-program partial stats inside the op (timed alone, back to
+                # back: where the buffer is small this is the CPU's launch rate, an upper bound)
                 launch = blend._launch(rows, chunks, width, device, tiles)
                 partials = torch.empty(launch.row_programs * launch.width_tiles, chunks, 3, device=device)
                 reduce_ms = timer(device, lambda: partials.sum(dim=0), sizes["iters"], sizes["repeats"])
@@ -123,6 +129,15 @@ def bench_blend(device, sizes, rows_table, raw):
                       f"{sweep[str(config)]['fwd_of_copy']:.1%} of copy, backward {bwd_ms * 1e3:.1f} us = "
                       f"{sweep[str(config)]['bwd_of_copy']:.1%}; {launch.grid[0]} programs, "
                       f"stats sum {reduce_ms * 1e3:.1f} us", flush=True)
+            for kernel, key in (("forward", "fwd_ms"), ("backward", "bwd_ms")):
+                if sweep and adopt_best:  # the op path below, and the later sections, run the winners
+                    best = min(SWEEP[name], key=lambda config: sweep[str(config)][key])
+                    blend.TILES[(kernel, dtype.itemsize)] = blend.Tiles(*best)
+                elif sweep:  # back to the module's tuned tiles
+                    blend.TILES[(kernel, dtype.itemsize)] = tuned[kernel]
+            if sweep:
+                print(f"  op path {name}: forward {blend.default_tiles('forward', dtype)}, "
+                      f"backward {blend.default_tiles('backward', dtype)}", flush=True)
             fused_ms = timer(device, lambda: kernels.blend_chunks(y, g, slot_alpha, chunk_slot, slot_chunk,
                                                                   None, 1e-6),
                              sizes["iters"], sizes["repeats"])
@@ -153,7 +168,9 @@ def bench_blend(device, sizes, rows_table, raw):
         raw[f"blend_{name}"] = {"rows": rows, "features": features, "chunks": chunks, "bytes": moved,
                                 "copy_ms": copy_ms, "fused_ms": fused_ms, "eager_ms": eager_ms,
                                 "compiled_ms": compiled_ms, "copy_GBps": copy_gbs, "fused_GBps": fused_gbs,
-                                "tiles": str(blend.default_tiles(dtype)) if blend is not None else None,
+                                "tiles": ({k: str(blend.default_tiles(k, dtype)) for k in ("forward", "backward")}
+                                          if blend is not None else None),
+                                "tiles_adopted_from_sweep": bool(sweep and adopt_best),
                                 "backward": {"bytes": moved_bwd, "fused_ms": fused_bwd_ms,
                                              "eager_ms": eager_bwd_ms, "compiled_ms": compiled_bwd_ms,
                                              "fused_GBps": fused_bwd_gbs},
@@ -315,6 +332,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("bench-kasmina.json"))
     parser.add_argument("--only", nargs="*", choices=["blend", "dormant", "seeds", "load"])
+    parser.add_argument("--adopt-best", action="store_true",
+                        help="run the op path and the later sections with the sweep's fastest tiles")
     args = parser.parse_args()
     device = torch.device(args.device)
     sizes = SIZES[device.type]
@@ -331,7 +350,10 @@ def main() -> None:
                      ("load", bench_load)):
         if args.only and name not in args.only:
             continue
-        fn(device, sizes, table, raw)
+        if fn is bench_blend:
+            fn(device, sizes, table, raw, adopt_best=args.adopt_best)
+        else:
+            fn(device, sizes, table, raw)
         args.out.write_text(json.dumps(raw, indent=2, default=str) + "\n")
     width = max(len(r[0]) for r in table)
     print(f"Kasmina on {raw['device']} (torch {raw['torch']}, triton {raw['triton']})")

@@ -47,16 +47,49 @@ class Tiles:
     programs_per_sm: int | None = None
 
 
-# Default tiles by element size (bytes); 2 covers bfloat16 and float16.
-# Placeholder until the GPU sweep of scripts/bench_kasmina.py (the comment then carries its measure).
+# Default tiles by kernel and element size in bytes (2 covers bfloat16 and float16); the sampled
+# reads use the forward and backward kernels' tiles. Measured through the registered ops at
+# 16384x4096, 64 chunks, on an H200 (torch 2.11, triton 3.6; docs/bench-kasmina.md, run 2). That
+# run's sweep timed the launchers outside the op, which floored every candidate near 230 us of CPU,
+# so the winners below are the fastest of a floored sweep: the bfloat16 backward in particular
+# awaits a sweep with the fixed bench.
 TILES = {
-    4: Tiles(block_r=8, block_f=1024, num_warps=8),
-    2: Tiles(block_r=8, block_f=2048, num_warps=8),
+    # BLOCK_R=2, BLOCK_F=512, num_warps=2: 3681 GB/s = 87.2% of 4220 copy, fp32, H200
+    ("forward", 4): Tiles(block_r=2, block_f=512, num_warps=2),
+    # BLOCK_R=8, BLOCK_F=1024, num_warps=4, 8 programs/SM: 3468 GB/s = 84.1% of 4123 copy, bf16, H200
+    ("forward", 2): Tiles(block_r=8, block_f=1024, num_warps=4, programs_per_sm=8),
+    # BLOCK_R=8, BLOCK_F=512, num_warps=4, 16 programs/SM: 3565 GB/s = 84.5% of 4220 copy, fp32, H200
+    ("backward", 4): Tiles(block_r=8, block_f=512, num_warps=4, programs_per_sm=16),
+    # BLOCK_R=2, BLOCK_F=2048, num_warps=8: 1867 GB/s = 45.3% of 4123 copy, bf16, H200 (not tuned)
+    ("backward", 2): Tiles(block_r=2, block_f=2048, num_warps=8),
 }
 
 
-def default_tiles(dtype: torch.dtype) -> Tiles:
-    return TILES.get(dtype.itemsize, TILES[4])
+def default_tiles(kernel: str, dtype: torch.dtype) -> Tiles:
+    """The tuned tiles of `kernel` ("forward" or "backward") for `dtype`."""
+    return TILES.get((kernel, dtype.itemsize), TILES[(kernel, 4)])
+
+
+@triton.jit
+def _tile_columns(pid, chunks, width, chunk_groups, width_tiles, EVEN_C: tl.constexpr,
+                  EVEN_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr):
+    """This program's row block and its BLOCK_C * BLOCK_W columns: chunk, column inside the
+    chunk, column of the (rows, F) matrix, and the mask of real columns."""
+    pid_w = pid % width_tiles
+    pid_c = (pid // width_tiles) % chunk_groups
+    pid_r = pid // (width_tiles * chunk_groups)
+    f = tl.arange(0, BLOCK_C * BLOCK_W)
+    c = pid_c * BLOCK_C + f // BLOCK_W  # constant over runs of BLOCK_W columns
+    w = pid_w * BLOCK_W + f % BLOCK_W  # contiguous over runs of BLOCK_W columns
+    if EVEN_C and EVEN_W:
+        col_mask = f < BLOCK_C * BLOCK_W
+    elif EVEN_C:
+        col_mask = w < width
+    elif EVEN_W:
+        col_mask = c < chunks
+    else:
+        col_mask = (c < chunks) & (w < width)
+    return pid_r, pid_w, c, w, c * width + w, col_mask
 
 
 @triton.jit
@@ -68,33 +101,19 @@ def _blend_fwd_kernel(
     EVEN_C: tl.constexpr, EVEN_W: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_w = pid % width_tiles
-    pid_c = (pid // width_tiles) % chunk_groups
-    pid_r = pid // (width_tiles * chunk_groups)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)  # chunks of this tile
-    w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)  # columns inside each chunk
-    if EVEN_C:
-        c_mask = tl.full([BLOCK_C], 1, tl.int1)
-    else:
-        c_mask = c < chunks
-    if EVEN_W:
-        w_mask = tl.full([BLOCK_W], 1, tl.int1)
-    else:
-        w_mask = w < width
-    col_mask = c_mask[:, None] & w_mask[None, :]  # (BLOCK_C, BLOCK_W)
-    y_cols = (c * width)[:, None] + w[None, :]
+    pid_r, pid_w, c, w, cols, col_mask = _tile_columns(
+        tl.program_id(0), chunks, width, chunk_groups, width_tiles, EVEN_C, EVEN_W, BLOCK_C, BLOCK_W)
     if HAS_G:
-        slot = tl.load(chunk_slot_ptr + c, mask=c_mask, other=-1)
+        slot = tl.load(chunk_slot_ptr + c, mask=col_mask, other=-1)
         active = slot >= 0
         safe_slot = tl.maximum(slot, 0)
         alpha = tl.load(slot_alpha_ptr + safe_slot, mask=active, other=0.0).to(tl.float32)
-        g_cols = safe_slot.to(tl.int64)[:, None] * stride_g_slot + w[None, :] * stride_g_col
-        g_col_mask = col_mask & active[:, None]
+        g_cols = safe_slot.to(tl.int64) * stride_g_slot + w * stride_g_col
+        g_col_mask = col_mask & active
 
-    acc_sum = tl.zeros([BLOCK_C, BLOCK_W], dtype=tl.float32)
-    acc_sq = tl.zeros([BLOCK_C, BLOCK_W], dtype=tl.float32)
-    acc_dead = tl.zeros([BLOCK_C, BLOCK_W], dtype=tl.float32)
+    acc_sum = tl.zeros([BLOCK_C * BLOCK_W], dtype=tl.float32)
+    acc_sq = tl.zeros([BLOCK_C * BLOCK_W], dtype=tl.float32)
+    acc_dead = tl.zeros([BLOCK_C * BLOCK_W], dtype=tl.float32)
     row_start = pid_r * rows_per_program  # in (sampled) rows
     row_end = tl.minimum(row_start + rows_per_program, rows)
     for r0 in range(row_start, row_end, BLOCK_R):
@@ -103,22 +122,24 @@ def _blend_fwd_kernel(
         row = r.to(tl.int64)
         if SAMPLED:
             row = row * row_step
-        mask = row_mask[:, None, None] & col_mask[None, :, :]
-        y_offsets = (row * stride_y_row)[:, None, None] + y_cols[None, :, :]
+        mask = row_mask[:, None] & col_mask[None, :]
+        y_offsets = (row * stride_y_row)[:, None] + cols[None, :]
         value = tl.load(y_ptr + y_offsets, mask=mask, other=0.0).to(tl.float32)
         if HAS_G:
-            g = tl.load(g_ptr + (row * stride_g_row)[:, None, None] + g_cols[None, :, :],
-                        mask=row_mask[:, None, None] & g_col_mask[None, :, :], other=0.0)
-            value = value + alpha[None, :, None] * g.to(tl.float32)
+            g = tl.load(g_ptr + (row * stride_g_row)[:, None] + g_cols[None, :],
+                        mask=row_mask[:, None] & g_col_mask[None, :], other=0.0)
+            value = value + alpha[None, :] * g.to(tl.float32)
         if STORE_OUT:
             tl.store(out_ptr + y_offsets, value.to(out_ptr.dtype.element_ty), mask=mask)
         acc_sum += tl.sum(value, axis=0)
         acc_sq += tl.sum(value * value, axis=0)
         acc_dead += tl.sum(((tl.abs(value) <= dead_threshold) & mask).to(tl.float32), axis=0)
-    partial = partial_ptr + ((pid_r * width_tiles + pid_w) * chunks + c) * 3
-    tl.store(partial, tl.sum(acc_sum, axis=1), mask=c_mask)
-    tl.store(partial + 1, tl.sum(acc_sq, axis=1), mask=c_mask)
-    tl.store(partial + 2, tl.sum(acc_dead, axis=1), mask=c_mask)
+    chunk = tl.program_id(0) // width_tiles % chunk_groups * BLOCK_C + tl.arange(0, BLOCK_C)
+    partial = partial_ptr + ((pid_r * width_tiles + pid_w) * chunks + chunk) * 3
+    chunk_mask = chunk < chunks
+    tl.store(partial, tl.sum(tl.reshape(acc_sum, [BLOCK_C, BLOCK_W]), axis=1), mask=chunk_mask)
+    tl.store(partial + 1, tl.sum(tl.reshape(acc_sq, [BLOCK_C, BLOCK_W]), axis=1), mask=chunk_mask)
+    tl.store(partial + 2, tl.sum(tl.reshape(acc_dead, [BLOCK_C, BLOCK_W]), axis=1), mask=chunk_mask)
 
 
 @triton.jit
@@ -129,31 +150,17 @@ def _blend_bwd_kernel(
     HAS_G: tl.constexpr, SAMPLED: tl.constexpr, EVEN_C: tl.constexpr, EVEN_W: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_w = pid % width_tiles
-    pid_c = (pid // width_tiles) % chunk_groups
-    pid_r = pid // (width_tiles * chunk_groups)
-    c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
-    if EVEN_C:
-        c_mask = tl.full([BLOCK_C], 1, tl.int1)
-    else:
-        c_mask = c < chunks
-    if EVEN_W:
-        w_mask = tl.full([BLOCK_W], 1, tl.int1)
-    else:
-        w_mask = w < width
-    col_mask = c_mask[:, None] & w_mask[None, :]
-    grad_cols = (c * width)[:, None] + w[None, :]
+    pid_r, pid_w, c, w, cols, col_mask = _tile_columns(
+        tl.program_id(0), chunks, width, chunk_groups, width_tiles, EVEN_C, EVEN_W, BLOCK_C, BLOCK_W)
     if HAS_G:
-        slot = tl.load(chunk_slot_ptr + c, mask=c_mask, other=-1)
+        slot = tl.load(chunk_slot_ptr + c, mask=col_mask, other=-1)
         active = slot >= 0
         safe_slot = tl.maximum(slot, 0)
         alpha = tl.load(slot_alpha_ptr + safe_slot, mask=active, other=0.0).to(tl.float32)
-        gg_cols = safe_slot.to(tl.int64)[:, None] * stride_gg_slot + w[None, :]
-        gg_col_mask = col_mask & active[:, None]
+        gg_cols = safe_slot.to(tl.int64) * stride_gg_slot + w
+        gg_col_mask = col_mask & active
 
-    acc_energy = tl.zeros([BLOCK_C, BLOCK_W], dtype=tl.float32)
+    acc_energy = tl.zeros([BLOCK_C * BLOCK_W], dtype=tl.float32)
     row_start = pid_r * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, rows)
     for r0 in range(row_start, row_end, BLOCK_R):
@@ -162,16 +169,17 @@ def _blend_bwd_kernel(
         row = r.to(tl.int64)
         if SAMPLED:
             row = row * row_step
-        mask = row_mask[:, None, None] & col_mask[None, :, :]
-        grad = tl.load(grad_ptr + (row * stride_grad_row)[:, None, None] + grad_cols[None, :, :],
-                       mask=mask, other=0.0).to(tl.float32)
+        mask = row_mask[:, None] & col_mask[None, :]
+        grad = tl.load(grad_ptr + (row * stride_grad_row)[:, None] + cols[None, :], mask=mask,
+                       other=0.0).to(tl.float32)
         if HAS_G:
-            tl.store(grad_g_ptr + (row * stride_gg_row)[:, None, None] + gg_cols[None, :, :],
-                     (alpha[None, :, None] * grad).to(grad_g_ptr.dtype.element_ty),
-                     mask=row_mask[:, None, None] & gg_col_mask[None, :, :])
+            tl.store(grad_g_ptr + (row * stride_gg_row)[:, None] + gg_cols[None, :],
+                     (alpha[None, :] * grad).to(grad_g_ptr.dtype.element_ty),
+                     mask=row_mask[:, None] & gg_col_mask[None, :])
         acc_energy += tl.sum(grad * grad, axis=0)
-    partial = partial_ptr + (pid_r * width_tiles + pid_w) * chunks + c
-    tl.store(partial, tl.sum(acc_energy, axis=1), mask=c_mask)
+    chunk = tl.program_id(0) // width_tiles % chunk_groups * BLOCK_C + tl.arange(0, BLOCK_C)
+    tl.store(partial_ptr + (pid_r * width_tiles + pid_w) * chunks + chunk,
+             tl.sum(tl.reshape(acc_energy, [BLOCK_C, BLOCK_W]), axis=1), mask=chunk < chunks)
 
 
 @functools.cache
@@ -232,7 +240,7 @@ def blend_forward(y: torch.Tensor, g: torch.Tensor, slot_alpha: torch.Tensor,
     chunks = chunk_slot.numel()
     width = features // chunks
     out = torch.empty_like(y) if out is None else _checked_buffer(out, y.shape, y)
-    launch = _launch(rows, chunks, width, y.device, tiles or default_tiles(y.dtype))
+    launch = _launch(rows, chunks, width, y.device, tiles or default_tiles("forward", y.dtype))
     partials = _stats_partials(launch, chunks, y.device)
     has_g = g.shape[0] > 0
     if rows:
@@ -259,7 +267,7 @@ def blend_backward(grad_out: torch.Tensor, slot_alpha: torch.Tensor, chunk_slot:
     shape = (num_slots, rows, width)
     grad_g = (torch.empty(shape, device=grad_out.device, dtype=grad_out.dtype) if grad_g is None
               else _checked_buffer(grad_g, shape, grad_out))
-    launch = _launch(rows, chunks, width, grad_out.device, tiles or default_tiles(grad_out.dtype))
+    launch = _launch(rows, chunks, width, grad_out.device, tiles or default_tiles("backward", grad_out.dtype))
     partials = torch.empty(launch.row_programs * launch.width_tiles, chunks,
                            device=grad_out.device, dtype=torch.float32)
     if rows:
@@ -280,7 +288,7 @@ def sampled_stats(y: torch.Tensor, chunks: int, row_step: int, dead_threshold: f
     rows, features = y.shape
     sampled_rows = triton.cdiv(rows, row_step)
     width = features // chunks
-    launch = _launch(sampled_rows, chunks, width, y.device, tiles or default_tiles(y.dtype))
+    launch = _launch(sampled_rows, chunks, width, y.device, tiles or default_tiles("forward", y.dtype))
     partials = _stats_partials(launch, chunks, y.device)
     if sampled_rows:
         wrap_triton(_blend_fwd_kernel)[launch.grid](
@@ -300,7 +308,8 @@ def sampled_energy(grad: torch.Tensor, chunks: int, row_step: int, *,
     rows, features = grad.shape
     sampled_rows = triton.cdiv(rows, row_step)
     width = features // chunks
-    launch = _launch(sampled_rows, chunks, width, grad.device, tiles or default_tiles(grad.dtype))
+    launch = _launch(sampled_rows, chunks, width, grad.device,
+                     tiles or default_tiles("backward", grad.dtype))
     partials = torch.empty(launch.row_programs * launch.width_tiles, chunks, device=grad.device,
                            dtype=torch.float32)
     if sampled_rows:
