@@ -7,11 +7,15 @@ dormant layer. `_blend_bwd_kernel` writes `grad_g = alpha * grad_out` on the ble
 sums per chunk the gradient energy; with `HAS_G=False` and `SAMPLED=True` it is the sampled
 gradient read.
 
-Tiles are chunk-aligned: a program owns a (BLOCK_R rows) x (BLOCK_C chunks) x (BLOCK_W columns
-of each chunk) block, so each chunk's slot and alpha are loaded once per program and the column
-addresses of `y` and `g` are contiguous runs the compiler can vectorize (`g` is indexed by slot,
-`y` by chunk). A chunk wider than the tile spans several width tiles (BLOCK_C = 1); narrow
-chunks are packed BLOCK_C to a tile; widths that are not a power of two are masked. Each
+Tiles are chunk-aligned: a program owns BLOCK_R rows x (BLOCK_C chunks of BLOCK_W columns), a 2D
+tile whose column index splits by constexpr powers of two into chunk and column inside the chunk,
+so each chunk's slot and alpha are fixed per program and the column addresses of `y` and `g` are
+contiguous runs the compiler vectorizes (`g` is indexed by slot, `y` by chunk). A chunk wider
+than the tile spans several width tiles (BLOCK_C = 1); narrow chunks are packed BLOCK_C to a
+tile; widths that are not a power of two are masked. Rows stay inside a thread when the tile is
+wide enough (BLOCK_F >= 32 * num_warps * elements per 16 bytes), so the per-column sums need no
+barrier inside the row loop. (3D tiles compiled to up to 255 registers, spills and in-loop
+barriers under Triton 3.6, the version on the bench machine.) Each
 program writes its per-chunk partial sums to a scratch buffer (no atomics, so the telemetry is
 deterministic), which one small torch sum reduces to (C, 3).
 
