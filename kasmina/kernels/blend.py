@@ -52,20 +52,19 @@ class Tiles:
 
 
 # Default tiles by kernel and element size in bytes (2 covers bfloat16 and float16); the sampled
-# reads use the forward and backward kernels' tiles. Measured through the registered ops at
-# 16384x4096, 64 chunks, on an H200 (torch 2.11, triton 3.6; docs/bench-kasmina.md, run 2). That
-# run's sweep timed the launchers outside the op, which floored every candidate near 230 us of CPU,
-# so the winners below are the fastest of a floored sweep: the bfloat16 backward in particular
-# awaits a sweep with the fixed bench.
+# reads use the forward and backward kernels' tiles. Chosen by the sweep of
+# `scripts/bench_kasmina.py --adopt-best` timed through the registered ops at 16384x4096, 64
+# chunks, on an H200 (torch 2.11, triton 3.6; docs/bench-kasmina.md, run 3); each figure is that
+# run's op-path measurement with these tiles.
 TILES = {
-    # BLOCK_R=2, BLOCK_F=512, num_warps=2: 3681 GB/s = 87.2% of 4220 copy, fp32, H200
-    ("forward", 4): Tiles(block_r=2, block_f=512, num_warps=2),
-    # BLOCK_R=8, BLOCK_F=1024, num_warps=4, 8 programs/SM: 3468 GB/s = 84.1% of 4123 copy, bf16, H200
-    ("forward", 2): Tiles(block_r=8, block_f=1024, num_warps=4, programs_per_sm=8),
-    # BLOCK_R=8, BLOCK_F=512, num_warps=4, 16 programs/SM: 3565 GB/s = 84.5% of 4220 copy, fp32, H200
-    ("backward", 4): Tiles(block_r=8, block_f=512, num_warps=4, programs_per_sm=16),
-    # BLOCK_R=2, BLOCK_F=2048, num_warps=8: 1867 GB/s = 45.3% of 4123 copy, bf16, H200 (not tuned)
-    ("backward", 2): Tiles(block_r=2, block_f=2048, num_warps=8),
+    # BLOCK_R=2, BLOCK_F=1024, num_warps=4, 32 programs/SM: 3884 GB/s = 92.0% of 4223 copy, fp32
+    ("forward", 4): Tiles(block_r=2, block_f=1024, num_warps=4, programs_per_sm=32),
+    # BLOCK_R=8, BLOCK_F=1024, num_warps=4, one tile per program: 3658 GB/s = 88.8% of 4118, bf16
+    ("forward", 2): Tiles(block_r=8, block_f=1024, num_warps=4),
+    # BLOCK_R=8, BLOCK_F=512, num_warps=4, one tile per program: 3658 GB/s = 86.6% of 4223, fp32
+    ("backward", 4): Tiles(block_r=8, block_f=512, num_warps=4),
+    # BLOCK_R=8, BLOCK_F=1024, num_warps=4, one tile per program: 3081 GB/s = 74.8% of 4118, bf16
+    ("backward", 2): Tiles(block_r=8, block_f=1024, num_warps=4),
 }
 
 
