@@ -275,3 +275,24 @@ def _compiled_mismatch(manifest: Manifest, device: str) -> str | None:
     if manifest.builder_digest != builder_digest():
         return "the blueprint builder changed since this kernel was compiled"
     return None
+
+
+class VerifiedKernelSource:
+    """Kasmina's kernel source in a workspace (it satisfies `kasmina.KernelSource`): every load
+    goes through `load_kernel` with `require_validated`, so only a VALIDATED kernel whose forge
+    and bench signatures and file hashes all verify ever reaches a model.
+
+    Kasmina runs loads on worker threads and a catalog connection belongs to one thread, so each
+    load opens its own; uncached loads are rare. Kasmina's seed banks run the eager module
+    (batched with vmap), so the compiled function, if any, is not used here.
+    """
+
+    def __init__(self, workspace) -> None:
+        self.workspace = workspace
+
+    def load(self, kernel_artifact_id: str, device) -> nn.Module:
+        from esper.urza import Urza
+
+        with Urza.open(self.workspace) as urza:
+            return load_kernel(urza, kernel_artifact_id, device=str(device),
+                               require_validated=True).module
