@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from commands import forge, library
+from commands import bench, forge, library
 from esper.errors import EsperError
 from esper.workspace import DEFAULT_WORKSPACE, WORKSPACE_ENV, Workspace
 from esper_cli.context import EsperContext, LogLevel, configure_logging, err_console
@@ -57,6 +57,7 @@ app = typer.Typer(
 )
 app.add_typer(library.app, name="library")
 app.add_typer(forge.app, name="forge")
+app.add_typer(bench.app, name="bench")
 
 
 def _version(value: bool) -> None:

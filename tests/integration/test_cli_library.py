@@ -53,8 +53,9 @@ def test_help_lists_only_working_subcommands():
     result = esper(None, "--help")
     assert result.exit_code == 0
     assert "library" in result.output
-    assert "forge" in result.output
-    for unbuilt in ["train", "bench", "watch", "karn", "simic"]:
+    for built in ["library", "forge", "bench"]:
+        assert built in result.output
+    for unbuilt in ["train", "watch", "karn", "simic"]:
         assert f" {unbuilt} " not in result.output
     result = esper(None, "library", "--help")
     assert result.exit_code == 0

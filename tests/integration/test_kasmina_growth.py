@@ -68,6 +68,9 @@ def test_a_seed_grows_from_dormant_to_fossilized_under_commands():
             layer.wait_for_loads()
         kasmina.dispatch(model, commands)
         boundary = kasmina.on_epoch_end(model, epoch, run_id="run")[0]
+        # Kernels are fetched on a worker thread; under load a fetch can outlast an epoch, so the
+        # test settles it here rather than racing it (readiness would arrive an epoch late).
+        layer.wait_for_loads()
         assert boundary.rollback_requested is None and not boundary.rejected
         if boundary.optimizer_rebuild_required:
             opt = optimizer()

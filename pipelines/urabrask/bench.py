@@ -1,0 +1,400 @@
+"""Urabrask's loop: claim a kernel, run the gauntlet in a sandbox, sign the verdict, announce.
+
+    bench = Bench(workspace, urza, bus, BenchOptions(device="cpu"))
+    summary = bench.run(once=True)
+
+One kernel at a time (DESIGN.md section 9, HLD Appendix E):
+
+1. claim: `claim_next_kernel` takes the oldest PENDING_BENCHMARKING kernel for this bench's
+   hardware target in one statement (a lease, renewed while the gauntlet runs);
+2. stages 1-2 in a fresh sandboxed child (sandbox.py, gauntlet.py) under wall-clock, CPU-time
+   and memory limits. A check that fails, a crash, a hang or a runaway allocation rejects the
+   kernel with the reason; the bench goes on;
+3. stage 3 (tags.py) against the target's VALIDATED population, read from Urza at each job;
+4. stage 4 (risk.py): the latest risk model, retrained first when enough new field reports
+   arrived, or the rule-based prior;
+5. the UrabraskValidationReport is signed with the bench key and applied with
+   `urza.apply_validation_report` (the only road to VALIDATED or REJECTED), then announced on
+   `validation.kernel.characterized`.
+
+When nothing waits it sleeps until `compilation.kernel.ready` wakes it (consumer group
+"urabrask") or the poll interval passes. SIGINT/SIGTERM: the current gauntlet may finish within
+the grace period (a second signal stops it at once), else the claim is released unjudged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from esper.contracts import (
+    LATENCY_MS,
+    CompiledKernelArtifact,
+    KernelCharacterized,
+    KernelStatus,
+    Topic,
+    UrabraskValidationReport,
+)
+from esper.errors import BadInputError, BusUnavailableError, EsperError
+from esper.oona import Consumer, Oona
+from esper.urza import Urza
+from esper.workspace import Workspace
+from pipelines.tezzeret.sandbox import Limits
+from pipelines.urabrask import risk, tags
+from pipelines.urabrask.gauntlet import GauntletJob
+
+log = logging.getLogger("esper.urabrask")
+
+CONSUMER_GROUP = "urabrask"
+SIGNER = "bench"
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+_WAIT_SLICE_S = 0.5
+_BUS_RETRY_S = 30.0
+
+
+def default_worker_id() -> str:
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:64] or "host"
+    return f"bench-{host}-{os.getpid()}"
+
+
+def default_limits() -> Limits:
+    """A gauntlet is a few seconds of measurement after torch's import; 4 GB covers the
+    standard library at its profiling sizes many times over."""
+    return Limits(wall_s=300, cpu_s=600, memory_mb=4096)
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    worker_id: str = field(default_factory=default_worker_id)
+    device: str = "cpu"
+    lease_seconds: float = 120.0
+    limits: Limits = field(default_factory=default_limits)
+    poll_interval_s: float = 5.0
+    max_jobs: int | None = None
+    grace_s: float = 30.0
+    rounds: int = 5
+    round_seconds: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not _DEVICE.match(self.device):
+            raise BadInputError(f"bad device {self.device!r}: use cpu, cuda or cuda:N")
+        if not self.lease_seconds > 0 or not self.poll_interval_s > 0:
+            raise BadInputError("lease_seconds and poll_interval_s must be positive")
+        if self.max_jobs is not None and self.max_jobs < 1:
+            raise BadInputError("--max-jobs must be at least 1")
+        if self.grace_s < 0 or self.rounds < 2 or not self.round_seconds > 0:
+            raise BadInputError("grace must not be negative, rounds at least 2, round_seconds "
+                                "positive")
+
+
+@dataclass(frozen=True)
+class BenchJob:
+    """One judged kernel, as the progress line and the summary tell it."""
+
+    kernel_id: str
+    validated: bool
+    reason: str | None
+    tags: tuple[str, ...]
+    latency_ms: float | None
+    memory_mb: float | None
+    risk_score: float | None
+    seconds: float
+
+    def line(self) -> str:
+        if self.validated:
+            return (f"{self.kernel_id} VALIDATED {self.latency_ms:.4g} ms "
+                    f"{self.memory_mb:.4g} MB risk {self.risk_score:.2f} "
+                    f"[{', '.join(self.tags)}] ({self.seconds:.1f} s)")
+        return f"{self.kernel_id} REJECTED: {self.reason} ({self.seconds:.1f} s)"
+
+    def to_jsonable(self) -> dict[str, Any]:
+        return {"kernel_id": self.kernel_id, "validated": self.validated, "reason": self.reason,
+                "tags": list(self.tags), "latency_ms": self.latency_ms,
+                "memory_mb": self.memory_mb, "risk_score": self.risk_score,
+                "seconds": round(self.seconds, 3)}
+
+
+@dataclass
+class BenchSummary:
+    worker_id: str
+    jobs: list[BenchJob] = field(default_factory=list)
+    released: int = 0
+    risk_model: str = "prior"
+    stopped_by_signal: bool = False
+    seconds: float = 0.0
+
+    @property
+    def validated(self) -> int:
+        return sum(1 for j in self.jobs if j.validated)
+
+    @property
+    def rejected(self) -> int:
+        return sum(1 for j in self.jobs if not j.validated)
+
+    def to_jsonable(self) -> dict[str, Any]:
+        return {"worker_id": self.worker_id, "validated": self.validated,
+                "rejected": self.rejected, "released": self.released,
+                "risk_model": self.risk_model, "jobs": [j.to_jsonable() for j in self.jobs],
+                "stopped_by_signal": self.stopped_by_signal, "seconds": round(self.seconds, 3)}
+
+
+class Bench:
+    """One bench worker on one device. Use it from one thread; `run` may be called once."""
+
+    def __init__(self, workspace: Workspace, urza: Urza, bus: Oona | None, options: BenchOptions,
+                 *, progress: Callable[[str], None] | None = None):
+        from pipelines.tezzeret.toolchain import device_target
+
+        self.workspace = workspace
+        self.urza = urza
+        self.options = options
+        self.target = device_target(options.device)
+        self.summary = BenchSummary(worker_id=options.worker_id)
+        self._progress = progress or log.info
+        self._bus = bus
+        self._consumer: Consumer | None = None
+        self._bus_down_since: float | None = None
+        self._bench_key = workspace.private_key("bench")
+        self._stop_requested_at: float | None = None
+        self._force_stop = False
+        self._scratch: Path | None = None
+
+    # The loop -------------------------------------------------------------------------------
+    def run(self, once: bool) -> BenchSummary:
+        started = time.monotonic()
+        previous = self._install_signal_handlers()
+        self._scratch = Path(tempfile.mkdtemp(prefix=f"esper-bench-{os.getpid()}-"))
+        try:
+            while not self._stopping() and not self._max_jobs_reached():
+                kernel = self.urza.claim_next_kernel(self.options.worker_id,
+                                                     self.options.lease_seconds,
+                                                     targets=[self.target])
+                if kernel is not None:
+                    self._judge(kernel)
+                    continue
+                if once:
+                    break
+                self._wait_for_work()
+        finally:
+            shutil.rmtree(self._scratch, ignore_errors=True)
+            self._restore_signal_handlers(previous)
+            self.summary.stopped_by_signal = self._stop_requested_at is not None
+            self.summary.seconds = time.monotonic() - started
+        return self.summary
+
+    def request_stop(self) -> None:
+        if self._stop_requested_at is None:
+            self._stop_requested_at = time.monotonic()
+            log.info("urabrask: stopping; the current gauntlet has %g s to finish",
+                     self.options.grace_s)
+        else:
+            self._force_stop = True
+
+    # One kernel -----------------------------------------------------------------------------
+    def _judge(self, kernel: CompiledKernelArtifact) -> None:
+        from pipelines.urabrask.sandbox import run_gauntlet_sandboxed
+
+        job = GauntletJob(kernel_id=kernel.id, device=self.options.device,
+                          rounds=self.options.rounds, round_seconds=self.options.round_seconds)
+        outcome = run_gauntlet_sandboxed(
+            self.workspace.root, job, self.options.limits,
+            heartbeat=lambda: self._renew(kernel), heartbeat_s=self.options.lease_seconds / 3,
+            should_stop=self._job_must_stop, scratch_dir=self._scratch)
+        if outcome.stopped:
+            self._release(kernel)
+            return
+        try:
+            report = self._report(kernel, outcome)
+            from esper.signing import sign
+
+            document = sign(report.to_json().encode("utf-8"), self._bench_key, SIGNER)
+            applied = self.urza.apply_validation_report(document, actor=self.options.worker_id)
+        except EsperError as e:
+            log.warning("urabrask: could not record the verdict on %s: %s", kernel.id, e)
+            self._progress(f"{kernel.id} not recorded: {e}")
+            self._release(kernel)
+            return
+        validated = applied.status is KernelStatus.VALIDATED
+        result = report.benchmark_results
+        entry = BenchJob(kernel.id, validated, report.rejection_reason,
+                         tuple(report.generated_tags), result.get(LATENCY_MS),
+                         result.get("memory_mb_peak"), report.risk_score, outcome.seconds)
+        self.summary.jobs.append(entry)
+        self._progress(entry.line())
+        self._publish(Topic.VALIDATION_KERNEL_CHARACTERIZED, KernelCharacterized(
+            blueprint_id=kernel.blueprint_id, kernel_artifact_id=kernel.id,
+            status="VALIDATED" if validated else "REJECTED", tags=list(report.generated_tags),
+            latency_ms=result.get(LATENCY_MS), reason=report.rejection_reason))
+
+    def _report(self, kernel: CompiledKernelArtifact, outcome) -> UrabraskValidationReport:
+        result = outcome.result
+        hardware = {"bench_worker": self.options.worker_id, "target": self.target}
+        base = dict(kernel_artifact_id=kernel.id, blueprint_id=kernel.blueprint_id)
+        if result is None:
+            # A crash, a hang or a runaway allocation: the child's limits say which.
+            return UrabraskValidationReport(
+                **base, passed_validation=False, benchmark_results={},
+                rejection_reason=f"sandbox: {outcome.reason}",
+                hardware_context=hardware | {"sandbox_seconds": f"{outcome.seconds:.2f}",
+                                             "sandbox_peak_rss_mb": f"{outcome.peak_rss_mb:.0f}"})
+        hardware |= {k: str(v) for k, v in result.hardware.items()}
+        if not result.passed:
+            return UrabraskValidationReport(**base, passed_validation=False,
+                                            benchmark_results={},
+                                            rejection_reason=result.reason or result.check,
+                                            hardware_context=hardware)
+        metrics = {k: float(v) for k, v in result.metrics.items()}
+        metrics["sandbox_peak_rss_mb"] = round(outcome.peak_rss_mb, 1)
+        peers = [k for k in self.urza.list_kernels(status=KernelStatus.VALIDATED,
+                                                   target=kernel.target)
+                 if k.validation_report is not None and k.id != kernel.id]
+        population = [k.validation_report.benchmark_results for k in peers]
+        generated = tags.generate_tags(metrics, population, device_kind=self.options.device,
+                                       dtype=kernel.dtype)
+        model = risk.maybe_retrain(self.urza, actor=self.options.worker_id)
+        self.summary.risk_model = model.version if model is not None else "prior"
+        feats = risk.features(metrics, pipeline=kernel.compilation_pipeline.value,
+                              dtype=kernel.dtype)
+        peer_feats = [risk.features(k.validation_report.benchmark_results,
+                                    pipeline=k.compilation_pipeline.value, dtype=k.dtype)
+                      for k in peers]
+        assessed = risk.assess(feats, dtype=kernel.dtype, model=model, population=peer_feats)
+        hardware["risk_model"] = assessed["risk_source"]
+        hardware["tag_policy"] = ("percentile" if len(population) >= tags.MIN_POPULATION
+                                  else "fixed_thresholds")
+        hardware["tag_population"] = str(len(population))
+        return UrabraskValidationReport(
+            **base, passed_validation=True, benchmark_results=metrics, generated_tags=generated,
+            baseline_comparison={k: float(v) for k, v in result.baseline.items()},
+            hardware_context=hardware, risk_score=assessed["risk_score"],
+            conf_level=assessed["conf_level"], urabrask_interest=assessed["urabrask_interest"])
+
+    def _renew(self, kernel: CompiledKernelArtifact) -> bool:
+        try:
+            held = self.urza.renew_kernel_lease(kernel.id, self.options.worker_id,
+                                                self.options.lease_seconds)
+        except EsperError as e:
+            log.warning("urabrask: could not renew the lease on %s: %s", kernel.id, e)
+            return True
+        if not held:
+            log.warning("urabrask: lost the claim on %s; leaving it", kernel.id)
+        return held
+
+    def _release(self, kernel: CompiledKernelArtifact) -> None:
+        try:
+            if self.urza.release_kernel(kernel.id, self.options.worker_id):
+                self.summary.released += 1
+                self._progress(f"{kernel.id} released unjudged")
+        except EsperError as e:
+            log.warning("urabrask: could not release %s: %s", kernel.id, e)
+
+    # Waiting and the bus --------------------------------------------------------------------
+    def _wait_for_work(self) -> None:
+        deadline = time.monotonic() + self.options.poll_interval_s
+        while not self._stopping():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            consumer = self._wake_consumer()
+            if consumer is None:
+                time.sleep(min(_WAIT_SLICE_S, remaining))
+                continue
+            woken: list[str] = []
+            try:
+                consumer.process(lambda envelope: woken.append(envelope.event_id),
+                                 block_ms=max(1, int(min(_WAIT_SLICE_S, remaining) * 1000)))
+            except (BusUnavailableError, redis.ResponseError) as e:
+                self._bus_failed(e)
+                continue
+            if woken:
+                return
+
+    def _wake_consumer(self) -> Consumer | None:
+        if self._bus is None:
+            return None
+        if self._consumer is None:
+            if (self._bus_down_since is not None
+                    and time.monotonic() - self._bus_down_since < _BUS_RETRY_S):
+                return None
+            try:
+                self._consumer = self._bus.consumer(
+                    CONSUMER_GROUP, [Topic.COMPILATION_KERNEL_READY], self.options.worker_id)
+            except BusUnavailableError as e:
+                self._bus_failed(e)
+                return None
+            self._bus_down_since = None
+        return self._consumer
+
+    def _publish(self, topic: Topic, message) -> None:
+        if self._bus is None:
+            return
+        try:
+            self._bus.publish(topic, message)
+        except BusUnavailableError as e:
+            self._bus_failed(e)
+            return
+        self._bus_down_since = None
+
+    def _bus_failed(self, error: Exception) -> None:
+        self._consumer = None
+        if self._bus_down_since is None:
+            log.warning("urabrask: %s; polling Urza every %g s", error,
+                        self.options.poll_interval_s)
+        self._bus_down_since = time.monotonic()
+
+    # Stopping -------------------------------------------------------------------------------
+    def _stopping(self) -> bool:
+        return self._stop_requested_at is not None
+
+    def _job_must_stop(self) -> bool:
+        if self._stop_requested_at is None:
+            return False
+        return (self._force_stop
+                or time.monotonic() - self._stop_requested_at > self.options.grace_s)
+
+    def _max_jobs_reached(self) -> bool:
+        return self.options.max_jobs is not None and len(self.summary.jobs) >= self.options.max_jobs
+
+    def _install_signal_handlers(self) -> dict[int, Any] | None:
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        previous = {}
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            previous[signum] = signal.signal(signum, lambda *_: self.request_stop())
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous: dict[int, Any] | None) -> None:
+        for signum, handler in (previous or {}).items():
+            signal.signal(signum, handler)
+
+
+def run_bench(workspace: Workspace, redis_url: str | None, options: BenchOptions, *, once: bool,
+              progress: Callable[[str], None] | None = None) -> BenchSummary:
+    """What `esper bench` does: open the catalog and the bus, run a bench, close them."""
+    with Urza.open(workspace) as urza:
+        try:
+            bus = (Oona.connect_if_running(workspace, redis_url, sender_id=options.worker_id)
+                   if once else Oona.connect(workspace, redis_url, sender_id=options.worker_id))
+        except BusUnavailableError as e:
+            log.warning("urabrask: %s; polling Urza every %g s instead", e,
+                        options.poll_interval_s)
+            bus = None
+        try:
+            return Bench(workspace, urza, bus, options, progress=progress).run(once=once)
+        finally:
+            if bus is not None:
+                bus.close()

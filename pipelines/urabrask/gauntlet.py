@@ -1,0 +1,440 @@
+"""Stages 1 and 2 of the gauntlet (DESIGN.md section 9, HLD E.2): they run in the sandboxed
+child (worker.py), never in the daemon.
+
+    result = run_gauntlet(urza, GauntletJob(kernel_id=..., device="cpu"))
+
+Stage 1, the gatekeeper, in this order (the first failure is the rejection reason):
+
+1. load: `load_kernel` verifies the forge signature and every hash before it deserializes;
+2. forward on a fresh random input of the interface's form: output shape per the interface,
+   finite output, exactly zero output at init (function preservation);
+3. backward against a random upstream gradient: finite gradients;
+4. gradient flow: the op feeding the output starts at zero, so at step 0 only it gets gradient.
+   One SGD step on a random target moves it; then every parameter must get a nonzero, finite
+   gradient (the builder's own invariant, tests/unit/test_blueprints_library.py);
+5. determinism: two forward+backward runs from the same RNG seed give bitwise-equal outputs and
+   gradients. Randomness by design (dropout) is reproducible from the seed and passes;
+   randomness the seed does not govern (racy accumulation, uninitialised memory) does not.
+
+Stage 2, the profiler, measures the kernel at the weights after that one step (at init the
+output is exactly zero, which would hide precision drift):
+
+- latency of the forward pass (train mode, grad on: how Kasmina runs a graft): warm-up
+  excluded, then `rounds` rounds of timed calls; CUDA events on GPU, `perf_counter` around a
+  synchronised call on CPU. mean/p50/p99 over every call; the variance figure is the
+  coefficient of variation (CV%) of the round means;
+- forward+backward latency, throughput (calls/s and positions/s);
+- peak memory of one forward+backward: `torch.cuda.max_memory_allocated` above the baseline on
+  GPU; on CPU, tensor-bytes accounting (parameters + gradients + input + output + every tensor
+  autograd saves for backward, storages counted once). RSS deltas on CPU are dominated by the
+  allocator's caching and vary run to run; the accounting is exact and repeatable;
+- parameter count, FLOPs (the validator's flops per input position x positions);
+- precision drift: max |y - y64| / max |y64| against the same module in float64;
+- baseline comparison: a compiled kernel against its own eager module (the same blueprint and
+  weights as its `fast` kernel), latency ratio and change in percent.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from esper.contracts import LATENCY_MS, MEMORY_MB
+from pipelines.urabrask.tags import DRIFT_LIMITS
+
+if TYPE_CHECKING:
+    import torch
+
+    from esper.urza import Urza
+
+# Input sizes. Gatekeeper inputs are small and not powers of two; profiler inputs are larger.
+GATE_ROWS, GATE_SEQ, GATE_MAP = 6, (3, 5), (3, 9)  # rows; (batch, T); (batch, H=W)
+PROFILE_ROWS, PROFILE_SEQ, PROFILE_MAP = 256, (16, 32), (16, 32)
+
+
+@dataclass(frozen=True)
+class GauntletJob:
+    """What the child runs. JSON in, no pickle."""
+
+    kernel_id: str
+    device: str = "cpu"
+    rounds: int = 5
+    round_seconds: float = 0.1  # timed work per round (calls are added up to this)
+    min_calls: int = 5
+    max_calls: int = 200
+    warmup_calls: int = 3
+    seed: int = 1234
+
+    @classmethod
+    def from_jsonable(cls, data: dict[str, Any]) -> GauntletJob:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+    def to_jsonable(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class GauntletResult:
+    """What the child reports. `check` names the failed stage-1 check (None when passed)."""
+
+    kernel_id: str
+    passed: bool
+    check: str | None = None
+    reason: str | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    baseline: dict[str, float] = field(default_factory=dict)
+    hardware: dict[str, str] = field(default_factory=dict)
+
+    def to_jsonable(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_jsonable(cls, data: dict[str, Any]) -> GauntletResult:
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+
+class GateFailure(Exception):
+    """A stage-1 check failed: `check` is its name, the message the one-line reason."""
+
+    def __init__(self, check: str, reason: str) -> None:
+        super().__init__(reason)
+        self.check = check
+
+
+def run_gauntlet(urza: Urza, job: GauntletJob) -> GauntletResult:
+    """Load, gatekeep and profile one kernel. A failed check is a result, never a raise."""
+    import torch
+
+    from esper.blueprints import load_ir, validate
+    from esper.errors import EsperError
+    from pipelines.tezzeret.compile import input_form
+    from pipelines.tezzeret.loader import load_kernel
+
+    hardware = hardware_context(job.device)
+    try:
+        kernel = load_kernel(urza, job.kernel_id, device=job.device, require_validated=False)
+    except EsperError as e:
+        return GauntletResult(job.kernel_id, False, "load", f"load: {e}", hardware=hardware)
+    interface = kernel.manifest.interface
+    ir = load_ir(urza.store.get(kernel.manifest.blueprint_id),
+                 source=f"blueprint {kernel.manifest.blueprint_id[:12]}")
+    form = input_form(ir, interface)
+    dtype = getattr(torch, kernel.manifest.dtype)
+    try:
+        gatekeep(kernel, kernel.module, interface, form, dtype, job.device, seed=job.seed)
+        metrics, baseline = profile(kernel, kernel.module, interface, form, dtype, job)
+    except GateFailure as e:
+        return GauntletResult(job.kernel_id, False, e.check, f"{e.check}: {e}", hardware=hardware)
+    metrics["flops_per_position"] = float(validate(ir, interface).checks[0].flops_per_position)
+    metrics["gflops_per_call"] = metrics["flops_per_position"] * metrics["positions"] / 1e9
+    metrics["numerically_stable_limit"] = DRIFT_LIMITS[kernel.manifest.dtype]
+    if kernel.fallback_reason:
+        hardware["compiled_fallback"] = kernel.fallback_reason[:200]
+    return GauntletResult(job.kernel_id, True, metrics=metrics, baseline=baseline,
+                          hardware=hardware)
+
+
+# Inputs -----------------------------------------------------------------------------------------
+
+def input_shape(form: str, in_features: int, *, profile: bool) -> tuple[int, ...]:
+    if form == "maps":
+        batch, side = PROFILE_MAP if profile else GATE_MAP
+        return (batch, in_features, side, side)
+    if form == "sequence":
+        batch, steps = PROFILE_SEQ if profile else GATE_SEQ
+        return (batch, steps, in_features)
+    return (PROFILE_ROWS if profile else GATE_ROWS, in_features)
+
+
+def output_shape(interface, x_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """What the interface promises for an input of `x_shape`."""
+    from esper.contracts import LayerKind
+
+    if interface.kind is LayerKind.CONV2D:
+        s = interface.stride
+        return (x_shape[0], interface.out_features, -(-x_shape[2] // s), -(-x_shape[3] // s))
+    return (*x_shape[:-1], interface.out_features)
+
+
+# Stage 1 ----------------------------------------------------------------------------------------
+
+def gatekeep(kernel, module, interface, form: str, dtype, device: str, *, seed: int) -> None:
+    """Stage 1 on `kernel` (a callable; `module` holds its parameters). Raises GateFailure.
+    Leaves `module` one SGD step past its initial weights (what the profiler measures)."""
+    import torch
+
+    module.train()
+    params = dict(module.named_parameters())
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x_shape = input_shape(form, interface.in_features, profile=False)
+    x = torch.randn(x_shape, generator=g).to(device=device, dtype=dtype)
+    expected = output_shape(interface, x_shape)
+
+    # Forward: shape, finiteness, function preservation.
+    torch.manual_seed(seed)
+    y = kernel(x)
+    if tuple(y.shape) != expected:
+        raise GateFailure("shape", f"output shape {tuple(y.shape)} for input {x_shape}; the "
+                                   f"interface {interface} needs {expected}")
+    if not torch.isfinite(y).all():
+        raise GateFailure("finite_output", f"{_count_bad(y)} non-finite values in the output")
+    if not torch.equal(y, torch.zeros_like(y)):
+        raise GateFailure("function_preservation",
+                          f"output at init is not zero (max |y| {y.abs().max().item():.3g})")
+
+    # Backward: finite gradients.
+    upstream = torch.randn(expected, generator=g).to(device=device, dtype=dtype)
+    y.backward(upstream)
+    _check_grads(params, step=0)
+
+    # Gradient flow: one step moves the zero-initialised op; then every parameter learns.
+    target = torch.randn(expected, generator=g).to(device=device, dtype=dtype)
+    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+    optimizer.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    torch.nn.functional.mse_loss(kernel(x).float(), target.float()).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    y1 = kernel(x)
+    if not torch.isfinite(y1).all():
+        raise GateFailure("finite_output", f"{_count_bad(y1)} non-finite values in the output "
+                                           "after one training step")
+    torch.nn.functional.mse_loss(y1.float(), target.float()).backward()
+    _check_grads(params, step=1)
+    for name, p in params.items():
+        if p.grad is None or not bool((p.grad != 0).any()):
+            raise GateFailure("gradient_flow", f"parameter {name} receives no gradient after "
+                                               "one training step")
+
+    # Determinism: the same seed twice gives the same output and gradients, bit for bit.
+    runs = []
+    for _ in range(2):
+        module.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)
+        out = kernel(x)
+        out.backward(upstream)
+        runs.append((out.detach().clone(),
+                     {n: p.grad.detach().clone() for n, p in params.items()}))
+    (out_a, grads_a), (out_b, grads_b) = runs
+    if not torch.equal(out_a, out_b):
+        raise GateFailure("determinism", "the output differs between two runs with the same seed "
+                                         f"(max |diff| {_max_diff(out_a, out_b):.3g})")
+    for name in params:
+        if not torch.equal(grads_a[name], grads_b[name]):
+            raise GateFailure("determinism", f"the gradient of {name} differs between two runs "
+                                             "with the same seed (max |diff| "
+                                             f"{_max_diff(grads_a[name], grads_b[name]):.3g})")
+    module.zero_grad(set_to_none=True)
+
+
+def _check_grads(params: dict, *, step: int) -> None:
+    import torch
+
+    for name, p in params.items():
+        if p.grad is not None and not torch.isfinite(p.grad).all():
+            raise GateFailure("finite_gradient", f"{_count_bad(p.grad)} non-finite values in the "
+                                                 f"gradient of {name} at step {step}")
+
+
+def _count_bad(t) -> int:
+    import torch
+
+    return int((~torch.isfinite(t)).sum().item())
+
+
+def _max_diff(a, b) -> float:
+    return float((a.double() - b.double()).abs().max().item())
+
+
+# Stage 2 ----------------------------------------------------------------------------------------
+
+def profile(kernel, module, interface, form: str, dtype, job: GauntletJob
+            ) -> tuple[dict[str, float], dict[str, float]]:
+    """Stage 2 on `kernel`: the metrics of the report, and the comparison with the eager module."""
+    import copy
+
+    import torch
+
+    device = job.device
+    g = torch.Generator(device="cpu").manual_seed(job.seed + 1)
+    x_shape = input_shape(form, interface.in_features, profile=True)
+    x = torch.randn(x_shape, generator=g).to(device=device, dtype=dtype)
+    upstream = torch.randn(output_shape(interface, x_shape), generator=g).to(device=device,
+                                                                             dtype=dtype)
+    module.train()
+    positions = math.prod(x_shape[:-1]) if form != "maps" else x_shape[0] * x_shape[2] * x_shape[3]
+
+    def forward():
+        return kernel(x)
+
+    def train_step():
+        kernel(x).backward(upstream)
+
+    fwd = _time(forward, job)
+    step = _time(train_step, job)
+    module.zero_grad(set_to_none=True)
+    memory_mb, memory_method = _peak_memory_mb(kernel, module, x, upstream, device)
+
+    # Precision drift against float64, on CPU (float64 is slow or absent on some GPUs).
+    reference = copy.deepcopy(module).to(device="cpu", dtype=torch.float64)
+    torch.manual_seed(job.seed)
+    with torch.no_grad():
+        y = kernel(x).detach().to("cpu", torch.float64)
+    torch.manual_seed(job.seed)
+    with torch.no_grad():
+        y64 = reference(x.to("cpu", torch.float64))
+    scale = float(y64.abs().max().item())
+    drift = float((y - y64).abs().max().item()) / scale if scale > 0 else 0.0
+    if not math.isfinite(drift):
+        raise GateFailure("finite_output", "non-finite output at profiling size")
+
+    params = sum(p.numel() for p in module.parameters())
+    metrics = {
+        LATENCY_MS: fwd["mean"], "latency_ms_p50": fwd["p50"], "latency_ms_p99": fwd["p99"],
+        "latency_cv_pct": fwd["cv_pct"],
+        "train_step_ms_mean": step["mean"], "train_step_ms_p99": step["p99"],
+        "train_step_cv_pct": step["cv_pct"],
+        "throughput_calls_per_s": 1000.0 / fwd["mean"] if fwd["mean"] > 0 else 0.0,
+        "throughput_positions_per_s": positions * 1000.0 / fwd["mean"] if fwd["mean"] > 0 else 0.0,
+        MEMORY_MB: memory_mb, "memory_accounting_tensor_bytes": float(memory_method == "tensors"),
+        "param_count": float(params), "positions": float(positions),
+        "precision_drift_vs_fp64": drift, "timed_calls": float(fwd["calls"]),
+    }
+    baseline: dict[str, float] = {}
+    if getattr(kernel, "compiled", None) is not None:
+        eager = _time(lambda: module(x), job)
+        baseline = {"eager_latency_ms_mean": eager["mean"],
+                    "speedup_vs_eager": eager["mean"] / fwd["mean"] if fwd["mean"] > 0 else 0.0,
+                    "latency_change_pct_vs_eager":
+                        100.0 * (fwd["mean"] - eager["mean"]) / eager["mean"]}
+        if kernel.compiled.compiled_calls == 0:
+            baseline["compiled_path_used"] = 0.0
+    else:
+        baseline = {"speedup_vs_eager": 1.0, "latency_change_pct_vs_eager": 0.0}
+    return metrics, baseline
+
+
+def _time(fn, job: GauntletJob) -> dict[str, float]:
+    """Time `fn`: warm-up excluded, `rounds` rounds of calls. Milliseconds."""
+    import torch
+
+    cuda = job.device.startswith("cuda")
+    for _ in range(job.warmup_calls):
+        fn()
+    _sync(cuda)
+    start = time.perf_counter()
+    fn()
+    _sync(cuda)
+    estimate = max(time.perf_counter() - start, 1e-7)
+    calls = int(min(job.max_calls, max(job.min_calls, job.round_seconds / estimate)))
+    samples: list[float] = []
+    round_means: list[float] = []
+    for _ in range(job.rounds):
+        this_round = []
+        for _ in range(calls):
+            if cuda:
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
+                    enable_timing=True)
+                begin.record()
+                fn()
+                end.record()
+                end.synchronize()  # sync: one event pair per call
+                this_round.append(begin.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                this_round.append((time.perf_counter() - t0) * 1000.0)
+        samples += this_round
+        round_means.append(statistics.fmean(this_round))
+    samples.sort()
+    mean = statistics.fmean(samples)
+    spread = statistics.pstdev(round_means) if len(round_means) > 1 else 0.0
+    return {"mean": mean, "p50": _percentile(samples, 50), "p99": _percentile(samples, 99),
+            "cv_pct": 100.0 * spread / statistics.fmean(round_means) if mean > 0 else 0.0,
+            "calls": len(samples)}
+
+
+def _percentile(ordered: list[float], q: float) -> float:
+    if not ordered:
+        return 0.0
+    k = (len(ordered) - 1) * q / 100.0
+    lo, hi = math.floor(k), math.ceil(k)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def _sync(cuda: bool) -> None:
+    if cuda:
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _peak_memory_mb(kernel, module, x, upstream, device: str) -> tuple[float, str]:
+    """Peak memory of one forward+backward in MB, and how it was measured."""
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        kernel(x).backward(upstream)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated(device) - before
+        module.zero_grad(set_to_none=True)
+        # The parameters were allocated before the baseline: add them back.
+        weights = sum(p.numel() * p.element_size() for p in module.parameters())
+        return (peak + weights) / 2**20, "cuda_max_memory_allocated"
+    seen: dict[int, int] = {}
+
+    def count(t: torch.Tensor) -> None:
+        storage = t.untyped_storage()
+        seen[storage.data_ptr()] = max(seen.get(storage.data_ptr(), 0), storage.nbytes())
+
+    def pack(t):
+        count(t)
+        return t
+
+    for p in module.parameters():
+        count(p)
+    count(x)
+    count(upstream)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = kernel(x)
+    count(y)
+    y.backward(upstream)
+    for p in module.parameters():
+        if p.grad is not None:
+            count(p.grad)
+    module.zero_grad(set_to_none=True)
+    return sum(seen.values()) / 2**20, "tensors"
+
+
+def hardware_context(device: str) -> dict[str, str]:
+    import os
+
+    import torch
+
+    context = {"device": device, "torch": torch.__version__, "python": platform.python_version(),
+               "cpu": _cpu_model(), "cpu_threads": str(torch.get_num_threads()),
+               "cpu_count": str(os.cpu_count() or 0)}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        index = torch.device(device).index or 0
+        context.update(gpu=torch.cuda.get_device_name(index).replace(" ", "_"),
+                       cuda=str(torch.version.cuda))
+    return context
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()[:100]
+    except OSError:
+        pass
+    return platform.processor() or "unknown"

@@ -1,0 +1,62 @@
+"""The gauntlet child: the process `sandbox.py` starts for each kernel.
+
+    python -m pipelines.urabrask.worker WORKSPACE JOB.json OUT_DIR [--cpu-limit-s S]
+                                        [--parent-pid PID]
+
+Reads the GauntletJob JSON, opens the workspace's catalog (only to read the kernel's row and
+blobs), runs stages 1 and 2 (`run_gauntlet`: the loader verifies the forge signature and every
+hash first), writes OUT_DIR/result.json atomically and exits 0, whether the kernel passed or
+failed a check. A crash, a hang or a runaway allocation is the parent's to see: it kills the
+process group and rejects the kernel. The child never holds the bench key: the parent signs.
+
+Before anything heavy is imported it caps its CPU time, disables core files and asks to die with
+the daemon (the forge worker's helpers, reused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+from pathlib import Path
+
+RESULT_FILE = "result.json"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.urabrask.worker",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("workspace", type=Path)
+    parser.add_argument("job", type=Path, help="the GauntletJob JSON file")
+    parser.add_argument("out_dir", type=Path, help="where result.json goes")
+    parser.add_argument("--cpu-limit-s", type=float, default=None)
+    parser.add_argument("--parent-pid", type=int, default=None)
+    args = parser.parse_args(argv)
+
+    from pipelines.tezzeret.worker import _cap_cpu, _describe, _die_with_parent
+
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if args.parent_pid is not None:
+        _die_with_parent(args.parent_pid)
+    if args.cpu_limit_s is not None:
+        _cap_cpu(args.cpu_limit_s, hard=True)
+    try:
+        from esper._fs import atomic_write_text
+        from esper.urza import Urza
+        from esper.workspace import Workspace
+        from pipelines.urabrask.gauntlet import GauntletJob, run_gauntlet
+
+        job = GauntletJob.from_jsonable(json.loads(args.job.read_text(encoding="utf-8")))
+        with Urza.open(Workspace(args.workspace).require()) as urza:
+            result = run_gauntlet(urza, job)
+        args.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out_dir / RESULT_FILE, json.dumps(result.to_jsonable()))
+    except Exception as e:  # noqa: BLE001 - the parent wants one line, whatever failed
+        print(_describe(e), file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
