@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from esper_cli.context import err_console, get_context, out_console
+from esper_cli.context import get_context, out_console, progress_printer
 
 app = typer.Typer(no_args_is_help=False, subcommand_metavar="")
 
@@ -141,24 +140,8 @@ def forge(
                                   memory_mb=memory_limit_mb)
 
     summary = run_forge(ectx.workspace.require(), ectx.redis_url, options, once=once,
-                        progress=_progress_printer())
+                        progress=progress_printer())
     ectx.emit(summary.to_jsonable(), lambda: _render(summary))
-
-
-def _progress_printer():
-    """Plain lines off a terminal (a log file, CI); dimmed time stamps on one."""
-    if not err_console.is_terminal:
-        def plain(line: str) -> None:
-            sys.stderr.write(line + "\n")
-            sys.stderr.flush()
-        return plain
-
-    def styled(line: str) -> None:
-        from datetime import datetime
-
-        err_console.print(f"[dim]{datetime.now():%H:%M:%S}[/] {line}", markup=True,
-                          highlight=False, soft_wrap=True)
-    return styled
 
 
 def _render(summary) -> None:

@@ -51,6 +51,23 @@ def get_context(ctx: typer.Context) -> EsperContext:
     return ctx.find_root().obj
 
 
+def progress_printer():
+    """One line per event of a daemon (forge, bench): time-stamped and dimmed on a terminal,
+    plain and flushed elsewhere (a log file, CI, a tmux pane piped to a file)."""
+    if not err_console.is_terminal:
+        def plain(line: str) -> None:
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+        return plain
+
+    def styled(line: str) -> None:
+        from datetime import datetime
+
+        err_console.print(f"[dim]{datetime.now():%H:%M:%S}[/] {line}", markup=True,
+                          highlight=False, soft_wrap=True)
+    return styled
+
+
 def configure_logging(level: LogLevel) -> None:
     from rich.logging import RichHandler
 

@@ -30,7 +30,6 @@ against the target's population (0 with fewer than 5 peers).
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
