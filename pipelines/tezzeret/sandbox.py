@@ -148,34 +148,63 @@ class _Watch:
 
 # One fresh process per job -----------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class ChildRun:
+    """How a sandboxed child ended: `failure` is None when it exited 0 within its limits (a
+    memory peak between two samples, which the kernel's own count caught, is a failure too)."""
+
+    failure: str | None
+    seconds: float
+    peak_rss_mb: float
+    stopped: bool = False  # by the caller (a signal, a lost claim), not by a limit
+
+
+def run_child(module_args: list[str], limits: Limits, scratch: Path, *,
+              heartbeat: Heartbeat | None = None, heartbeat_s: float = 10.0,
+              should_stop: ShouldStop | None = None) -> ChildRun:
+    """Run `python -m <module_args...>` as a fresh child under `limits`: its own process group
+    (killed whole when it ends or must stop), a CPU limit the child sets on itself from
+    `--cpu-limit-s`, resident memory and the wall clock watched from here. Its output goes to
+    `scratch/stderr.log`; the forge's compiles and the bench's gauntlets both run this way."""
+    watch = _Watch(limits, heartbeat, heartbeat_s, should_stop)
+    stderr_path = Path(scratch) / "stderr.log"
+    with open(stderr_path, "wb") as stderr:
+        watch.start()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", *module_args, "--cpu-limit-s", f"{limits.cpu_s:g}",
+             "--parent-pid", str(os.getpid())],
+            stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
+            start_new_session=True, env=_child_env())
+        stop_reason, returncode, child_peak = _supervise(proc, watch)
+    seconds, peak = watch.elapsed(), max(watch.peak_mb, child_peak)
+    if stop_reason is not None:
+        return ChildRun(stop_reason, seconds, peak, stopped=watch.stopped)
+    if returncode != 0:
+        return ChildRun(_exit_reason(returncode, limits, _last_line(stderr_path)), seconds, peak)
+    if peak > limits.memory_mb:  # a peak between two samples: the kernel's own count caught it
+        return ChildRun(_peak_over_limit(limits, peak), seconds, peak)
+    return ChildRun(None, seconds, peak)
+
+
+def _peak_over_limit(limits: Limits, peak: float) -> str:
+    return f"memory limit of {limits.memory_mb:g} MB exceeded (peak resident set {peak:.0f} MB)"
+
+
 def run_sandboxed(job: CompileJob, out_dir: Path, limits: Limits, *,
                   heartbeat: Heartbeat | None = None, heartbeat_s: float = 10.0,
                   should_stop: ShouldStop | None = None) -> SandboxOutcome:
     """Compile `job` in a fresh child process under `limits`; its files land in `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    watch = _Watch(limits, heartbeat, heartbeat_s, should_stop)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".sandbox-") as scratch:
         job_path = Path(scratch) / "job.json"
         job_path.write_text(job.to_json(), encoding="utf-8")
-        stderr_path = Path(scratch) / "stderr.log"
-        with open(stderr_path, "wb") as stderr:
-            watch.start()
-            proc = subprocess.Popen(
-                [sys.executable, "-m", WORKER_MODULE, str(job_path), str(out_dir),
-                 "--cpu-limit-s", f"{limits.cpu_s:g}", "--parent-pid", str(os.getpid())],
-                stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
-                start_new_session=True, env=_child_env())
-            stop_reason, returncode, child_peak = _supervise(proc, watch)
-        seconds = watch.elapsed()
-        peak = max(watch.peak_mb, child_peak)
-        if stop_reason is not None:
-            return SandboxOutcome(False, stop_reason, None, seconds, peak, stopped=watch.stopped)
-        if returncode != 0:
-            return SandboxOutcome(False, _exit_reason(returncode, limits,
-                                                      _last_line(stderr_path)),
-                                  None, seconds, peak)
-    return _read_result(out_dir, seconds, peak, limits)
+        run = run_child([WORKER_MODULE, str(job_path), str(out_dir)], limits, Path(scratch),
+                        heartbeat=heartbeat, heartbeat_s=heartbeat_s, should_stop=should_stop)
+    if run.failure is not None:
+        return SandboxOutcome(False, run.failure, None, run.seconds, run.peak_rss_mb,
+                              stopped=run.stopped)
+    return _read_result(out_dir, run.seconds, run.peak_rss_mb)
 
 
 def _supervise(proc: subprocess.Popen, watch: _Watch) -> tuple[str | None, int, float]:
@@ -291,9 +320,11 @@ class WarmWorker:
         if self._jobs >= self._max_jobs or grown > allowed:
             self.close()
         if not reply.get("ok"):
-            return SandboxOutcome(False, _one_line(str(reply.get("error") or "compile failed")),
+            return SandboxOutcome(False, one_line(str(reply.get("error") or "compile failed")),
                                   None, seconds, peak)
-        return _read_result(out_dir, seconds, peak, limits)
+        if peak > limits.memory_mb:  # a peak between two samples: the child's own count caught it
+            return SandboxOutcome(False, _peak_over_limit(limits, peak), None, seconds, peak)
+        return _read_result(out_dir, seconds, peak)
 
     def close(self) -> None:
         """End the process: EOF on its stdin asks it to exit; a short wait, then SIGKILL."""
@@ -414,12 +445,8 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _read_result(out_dir: Path, seconds: float, peak: float, limits: Limits) -> SandboxOutcome:
+def _read_result(out_dir: Path, seconds: float, peak: float) -> SandboxOutcome:
     from pipelines.tezzeret.compile import CompileResult
-
-    if peak > limits.memory_mb:  # a peak shorter than a sample: the kernel's count caught it
-        return SandboxOutcome(False, f"memory limit of {limits.memory_mb:g} MB exceeded (peak "
-                                     f"resident set {peak:.0f} MB)", None, seconds, peak)
 
     result_path = out_dir / "result.json"
     try:
@@ -428,7 +455,7 @@ def _read_result(out_dir: Path, seconds: float, peak: float, limits: Limits) -> 
         return SandboxOutcome(False, "the worker exited 0 but wrote no result.json", None,
                               seconds, peak)
     except Exception as e:  # noqa: BLE001 - any unreadable result fails this job only
-        return SandboxOutcome(False, _one_line(f"unreadable result.json: {e}"), None, seconds,
+        return SandboxOutcome(False, one_line(f"unreadable result.json: {e}"), None, seconds,
                               peak)
     return SandboxOutcome(True, None, result, seconds, peak)
 
@@ -445,9 +472,9 @@ def _exit_reason(returncode: int | None, limits: Limits | None, stderr_tail: str
             return f"CPU-time limit of {limits.cpu_s:g} s exceeded"
         if signum == signal.SIGKILL:
             return "killed by SIGKILL from outside the forge (the system's out-of-memory killer?)"
-        return _one_line(f"crashed with {name}" + (f": {stderr_tail}" if stderr_tail else ""))
+        return one_line(f"crashed with {name}" + (f": {stderr_tail}" if stderr_tail else ""))
     if stderr_tail:
-        return _one_line(stderr_tail)
+        return one_line(stderr_tail)
     return f"the worker exited with status {returncode}"
 
 
@@ -467,6 +494,7 @@ def _last_nonempty(data: bytes) -> str:
     return ""
 
 
-def _one_line(text: str, limit: int = 500) -> str:
+def one_line(text: str, limit: int = 500) -> str:
+    """`text` as one line of at most `limit` characters (for failure reasons)."""
     line = " ".join(text.split())
     return line if len(line) <= limit else line[: limit - 3] + "..."

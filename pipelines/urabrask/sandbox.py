@@ -10,24 +10,11 @@ torch's import (~2 s on 2 CPU cores) per kernel.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.tezzeret.sandbox import (
-    Heartbeat,
-    Limits,
-    ShouldStop,
-    _child_env,
-    _exit_reason,
-    _last_line,
-    _one_line,
-    _supervise,
-    _Watch,
-)
+from pipelines.tezzeret.sandbox import Heartbeat, Limits, ShouldStop, one_line, run_child
 from pipelines.urabrask.gauntlet import GauntletJob, GauntletResult
 from pipelines.urabrask.worker import RESULT_FILE
 
@@ -50,32 +37,17 @@ def run_gauntlet_sandboxed(workspace_root: Path, job: GauntletJob, limits: Limit
                            heartbeat: Heartbeat | None = None, heartbeat_s: float = 10.0,
                            should_stop: ShouldStop | None = None,
                            scratch_dir: Path | None = None) -> GauntletOutcome:
-    watch = _Watch(limits, heartbeat, heartbeat_s, should_stop)
     with tempfile.TemporaryDirectory(dir=scratch_dir, prefix="gauntlet-") as scratch:
         scratch = Path(scratch)
         job_path = scratch / "job.json"
         job_path.write_text(json.dumps(job.to_jsonable()), encoding="utf-8")
         out_dir = scratch / "out"
-        stderr_path = scratch / "stderr.log"
-        with open(stderr_path, "wb") as stderr:
-            watch.start()
-            proc = subprocess.Popen(
-                [sys.executable, "-m", WORKER_MODULE, str(workspace_root), str(job_path),
-                 str(out_dir), "--cpu-limit-s", f"{limits.cpu_s:g}",
-                 "--parent-pid", str(os.getpid())],
-                stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
-                start_new_session=True, env=_child_env())
-            stop_reason, returncode, child_peak = _supervise(proc, watch)
-        seconds = watch.elapsed()
-        peak = max(watch.peak_mb, child_peak)
-        if stop_reason is not None:
-            return GauntletOutcome(None, stop_reason, seconds, peak, stopped=watch.stopped)
-        if returncode != 0:
-            return GauntletOutcome(None, _exit_reason(returncode, limits, _last_line(stderr_path)),
-                                   seconds, peak)
-        if peak > limits.memory_mb:  # a spike shorter than a sample: the kernel's count caught it
-            return GauntletOutcome(None, f"memory limit of {limits.memory_mb:g} MB exceeded "
-                                         f"(peak resident set {peak:.0f} MB)", seconds, peak)
+        run = run_child([WORKER_MODULE, str(workspace_root), str(job_path), str(out_dir)],
+                        limits, scratch, heartbeat=heartbeat, heartbeat_s=heartbeat_s,
+                        should_stop=should_stop)
+        seconds, peak = run.seconds, run.peak_rss_mb
+        if run.failure is not None:
+            return GauntletOutcome(None, run.failure, seconds, peak, stopped=run.stopped)
         try:
             data = json.loads((out_dir / RESULT_FILE).read_text(encoding="utf-8"))
             result = GauntletResult.from_jsonable(data)
@@ -83,6 +55,6 @@ def run_gauntlet_sandboxed(workspace_root: Path, job: GauntletJob, limits: Limit
             return GauntletOutcome(None, "the gauntlet child exited 0 but wrote no result",
                                    seconds, peak)
         except (ValueError, TypeError) as e:
-            return GauntletOutcome(None, _one_line(f"unreadable gauntlet result: {e}"), seconds,
+            return GauntletOutcome(None, one_line(f"unreadable gauntlet result: {e}"), seconds,
                                    peak)
     return GauntletOutcome(result, None, seconds, peak)
