@@ -43,7 +43,6 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import redis
 
 from esper.blueprints import BlueprintIR, BlueprintValidationError, load_ir, validate
 from esper.contracts import (
@@ -54,11 +53,11 @@ from esper.contracts import (
     KernelInterface,
     KernelReady,
     Topic,
-    VersionedContract,
 )
 from esper.errors import BadInputError, BusUnavailableError, EsperError, IntegrityError
-from esper.oona import Consumer, Oona
+from esper.oona import Oona
 from esper.urza import Urza
+from pipelines.daemon_bus import DaemonBus
 from esper.workspace import Workspace
 from pipelines.tezzeret import ledger
 from pipelines.tezzeret.plan import DevicePlan, PlannedJob, Why, missing_jobs, wanted_jobs
@@ -69,10 +68,6 @@ log = logging.getLogger("esper.tezzeret")
 CONSUMER_GROUP = "tezzeret"
 DTYPES = ("float32", "bfloat16", "float16")
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
-# How long a wait on the bus blocks at once: a signal is noticed within this.
-_WAIT_SLICE_S = 0.5
-# After the bus failed, try it again this often (a connect to a dead host costs seconds).
-_BUS_RETRY_S = 30.0
 # Job files live in <tmp>/esper-forge-<pid>-XXXX/ while the forge runs.
 _SCRATCH_PREFIX = "esper-forge-"
 
@@ -260,9 +255,9 @@ class Forge:
         self.options = options
         self.summary = ForgeSummary(worker_id=options.worker_id)
         self._progress = progress or log.info
-        self._bus = bus
-        self._consumer: Consumer | None = None
-        self._bus_down_since: float | None = None
+        self._bus = DaemonBus(
+            bus, group=CONSUMER_GROUP, wake_topic=Topic.COMPILATION_BLUEPRINT_SUBMITTED,
+            worker_id=options.worker_id, log=log, poll_interval_s=options.poll_interval_s)
         self._devices = [DevicePlan(device=d, target=device_target(d),
                                     toolchain=current_toolchain(d),
                                     pipelines=options.pipelines_for(d))
@@ -296,7 +291,7 @@ class Forge:
                     continue
                 if once:
                     break
-                self._wait_for_work()
+                self._bus.wait(self._stopping)
         finally:
             if self._warm is not None:
                 self._warm.close()
@@ -383,7 +378,7 @@ class Forge:
         except EsperError as e:
             log.warning("tezzeret: %s: could not mark INVALID: %s", blueprint.id[:12], e)
         self._progress(f"{blueprint.id[:12]} {blueprint.name}: INVALID: {failure.reason}")
-        self._publish(Topic.COMPILATION_FAILED, failure)
+        self._bus.publish(Topic.COMPILATION_FAILED, failure)
         return None
 
     def _fits(self, blueprint: Blueprint, ir: BlueprintIR, interface: KernelInterface,
@@ -403,7 +398,7 @@ class Forge:
             ledger.record_failure(self.urza, self.options.worker_id, job.kernel_id,
                                   _failure_details(job, "validation", str(error)))
         for target in dict.fromkeys(j.target for j in failed):
-            self._publish(Topic.COMPILATION_FAILED, CompilationFailed(
+            self._bus.publish(Topic.COMPILATION_FAILED, CompilationFailed(
                 blueprint_id=blueprint.id, stage="validation", reason=str(error),
                 rule=error.rule, node=error.node, interface=str(interface), target=target))
         return False
@@ -432,7 +427,7 @@ class Forge:
                                     artifact.id)
                     _, created = self.urza.add_kernel(artifact, actor=self.options.worker_id)
                     if created:
-                        self._publish(Topic.COMPILATION_KERNEL_READY, KernelReady(
+                        self._bus.publish(Topic.COMPILATION_KERNEL_READY, KernelReady(
                             kernel_artifact_id=artifact.id, blueprint_id=blueprint.id,
                             pipeline=job.pipeline.value, target=job.target))
                 except (EsperError, OSError) as e:
@@ -442,7 +437,7 @@ class Forge:
             if not report.ok:
                 ledger.record_failure(self.urza, self.options.worker_id, job.kernel_id,
                                       _failure_details(job, "compile", reason))
-                self._publish(Topic.COMPILATION_FAILED, CompilationFailed(
+                self._bus.publish(Topic.COMPILATION_FAILED, CompilationFailed(
                     blueprint_id=blueprint.id, stage="compile", reason=reason,
                     pipeline=job.pipeline.value, interface=str(job.interface),
                     target=job.target))
@@ -553,67 +548,6 @@ class Forge:
         return max(0, self.options.daily_compile_budget - ledger.compiles_today(self.urza))
 
     # Waiting and the bus --------------------------------------------------------------------
-    def _wait_for_work(self) -> None:
-        """Sleep until woken by `compilation.blueprint.submitted`, a signal, or the poll
-        interval. Urza is the record: the notice only shortens the wait."""
-        deadline = time.monotonic() + self.options.poll_interval_s
-        while not self._stopping():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            consumer = self._wake_consumer()
-            if consumer is None:
-                time.sleep(min(_WAIT_SLICE_S, remaining))
-                continue
-            woken: list[str] = []
-            try:
-                consumer.process(lambda envelope: woken.append(envelope.event_id),
-                                 block_ms=max(1, int(min(_WAIT_SLICE_S, remaining) * 1000)))
-            except (BusUnavailableError, redis.ResponseError) as e:  # gone, or flushed (NOGROUP)
-                self._bus_failed(e)
-                continue
-            if woken:
-                return
-
-    def _wake_consumer(self) -> Consumer | None:
-        if self._bus is None:
-            return None
-        if self._consumer is None:
-            if (self._bus_down_since is not None
-                    and time.monotonic() - self._bus_down_since < _BUS_RETRY_S):
-                return None
-            try:
-                self._consumer = self._bus.consumer(
-                    CONSUMER_GROUP, [Topic.COMPILATION_BLUEPRINT_SUBMITTED],
-                    self.options.worker_id)
-            except BusUnavailableError as e:
-                self._bus_failed(e)
-                return None
-            self._bus_back()
-        return self._consumer
-
-    def _publish(self, topic: Topic, message: VersionedContract) -> None:
-        if self._bus is None:
-            return
-        try:
-            self._bus.publish(topic, message)
-        except BusUnavailableError as e:
-            self._bus_failed(e)
-            return
-        self._bus_back()
-
-    def _bus_failed(self, error: Exception) -> None:
-        self._consumer = None
-        if self._bus_down_since is None:
-            log.warning("tezzeret: %s; polling Urza every %g s (nothing is lost: the catalog is "
-                        "the record)", error, self.options.poll_interval_s)
-        self._bus_down_since = time.monotonic()
-
-    def _bus_back(self) -> None:
-        if self._bus_down_since is not None:
-            log.info("tezzeret: the bus answers again")
-            self._bus_down_since = None
-
     # Stopping -------------------------------------------------------------------------------
     def _stopping(self) -> bool:
         return self._stop_requested_at is not None

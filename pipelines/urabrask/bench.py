@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import redis
 
 from esper.contracts import (
     LATENCY_MS,
@@ -49,8 +48,9 @@ from esper.contracts import (
     UrabraskValidationReport,
 )
 from esper.errors import BadInputError, BusUnavailableError, EsperError
-from esper.oona import Consumer, Oona
+from esper.oona import Oona
 from esper.urza import Urza
+from pipelines.daemon_bus import DaemonBus
 from esper.workspace import Workspace
 from pipelines.tezzeret.sandbox import Limits
 from pipelines.urabrask import risk, tags
@@ -61,8 +61,6 @@ log = logging.getLogger("esper.urabrask")
 CONSUMER_GROUP = "urabrask"
 SIGNER = "bench"
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
-_WAIT_SLICE_S = 0.5
-_BUS_RETRY_S = 30.0
 
 
 def default_worker_id() -> str:
@@ -164,9 +162,9 @@ class Bench:
         self.target = device_target(options.device)
         self.summary = BenchSummary(worker_id=options.worker_id)
         self._progress = progress or log.info
-        self._bus = bus
-        self._consumer: Consumer | None = None
-        self._bus_down_since: float | None = None
+        self._bus = DaemonBus(
+            bus, group=CONSUMER_GROUP, wake_topic=Topic.COMPILATION_KERNEL_READY,
+            worker_id=options.worker_id, log=log, poll_interval_s=options.poll_interval_s)
         self._bench_key = workspace.private_key("bench")
         self._stop_requested_at: float | None = None
         self._force_stop = False
@@ -187,7 +185,7 @@ class Bench:
                     continue
                 if once:
                     break
-                self._wait_for_work()
+                self._bus.wait(self._stopping)
         finally:
             shutil.rmtree(self._scratch, ignore_errors=True)
             self._restore_signal_handlers(previous)
@@ -234,7 +232,7 @@ class Bench:
                          result.get("memory_mb_peak"), report.risk_score, outcome.seconds)
         self.summary.jobs.append(entry)
         self._progress(entry.line())
-        self._publish(Topic.VALIDATION_KERNEL_CHARACTERIZED, KernelCharacterized(
+        self._bus.publish(Topic.VALIDATION_KERNEL_CHARACTERIZED, KernelCharacterized(
             blueprint_id=kernel.blueprint_id, kernel_artifact_id=kernel.id,
             status="VALIDATED" if validated else "REJECTED", tags=list(report.generated_tags),
             latency_ms=result.get(LATENCY_MS), reason=report.rejection_reason))
@@ -302,59 +300,6 @@ class Bench:
             log.warning("urabrask: could not release %s: %s", kernel.id, e)
 
     # Waiting and the bus --------------------------------------------------------------------
-    def _wait_for_work(self) -> None:
-        deadline = time.monotonic() + self.options.poll_interval_s
-        while not self._stopping():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            consumer = self._wake_consumer()
-            if consumer is None:
-                time.sleep(min(_WAIT_SLICE_S, remaining))
-                continue
-            woken: list[str] = []
-            try:
-                consumer.process(lambda envelope: woken.append(envelope.event_id),
-                                 block_ms=max(1, int(min(_WAIT_SLICE_S, remaining) * 1000)))
-            except (BusUnavailableError, redis.ResponseError) as e:
-                self._bus_failed(e)
-                continue
-            if woken:
-                return
-
-    def _wake_consumer(self) -> Consumer | None:
-        if self._bus is None:
-            return None
-        if self._consumer is None:
-            if (self._bus_down_since is not None
-                    and time.monotonic() - self._bus_down_since < _BUS_RETRY_S):
-                return None
-            try:
-                self._consumer = self._bus.consumer(
-                    CONSUMER_GROUP, [Topic.COMPILATION_KERNEL_READY], self.options.worker_id)
-            except BusUnavailableError as e:
-                self._bus_failed(e)
-                return None
-            self._bus_down_since = None
-        return self._consumer
-
-    def _publish(self, topic: Topic, message) -> None:
-        if self._bus is None:
-            return
-        try:
-            self._bus.publish(topic, message)
-        except BusUnavailableError as e:
-            self._bus_failed(e)
-            return
-        self._bus_down_since = None
-
-    def _bus_failed(self, error: Exception) -> None:
-        self._consumer = None
-        if self._bus_down_since is None:
-            log.warning("urabrask: %s; polling Urza every %g s", error,
-                        self.options.poll_interval_s)
-        self._bus_down_since = time.monotonic()
-
     # Stopping -------------------------------------------------------------------------------
     def _stopping(self) -> bool:
         return self._stop_requested_at is not None

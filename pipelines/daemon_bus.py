@@ -1,0 +1,93 @@
+"""A background daemon's link to the bus (the forge's and the bench's): woken early by one topic,
+publishing its results, riding out a bus that goes away.
+
+The catalog is the record and the daemons poll it, so the bus is best effort: when it fails the
+daemon warns once, keeps polling Urza, and tries the bus again every `RETRY_S`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import redis
+
+from esper.contracts import Topic, VersionedContract
+from esper.errors import BusUnavailableError
+from esper.oona import Consumer, Oona
+
+# How long a wait on the bus blocks at once: a signal is noticed within this.
+WAIT_SLICE_S = 0.5
+# After the bus failed, try it again this often (a connect to a dead host costs seconds).
+RETRY_S = 30.0
+
+
+class DaemonBus:
+    def __init__(self, bus: Oona | None, *, group: str, wake_topic: Topic, worker_id: str,
+                 log: logging.Logger, poll_interval_s: float):
+        self.bus = bus
+        self.group = group
+        self.wake_topic = wake_topic
+        self.worker_id = worker_id
+        self.log = log
+        self.poll_interval_s = poll_interval_s
+        self._consumer: Consumer | None = None
+        self._down_since: float | None = None
+
+    def wait(self, stopping: Callable[[], bool]) -> None:
+        """Return when a `wake_topic` notice arrives, the poll interval is over, or `stopping()`."""
+        deadline = time.monotonic() + self.poll_interval_s
+        while not stopping():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            consumer = self._wake_consumer()
+            if consumer is None:
+                time.sleep(min(WAIT_SLICE_S, remaining))
+                continue
+            woken: list[str] = []
+            try:
+                consumer.process(lambda envelope: woken.append(envelope.event_id),
+                                 block_ms=max(1, int(min(WAIT_SLICE_S, remaining) * 1000)))
+            except (BusUnavailableError, redis.ResponseError) as e:  # gone, or flushed (NOGROUP)
+                self._failed(e)
+                continue
+            if woken:
+                return
+
+    def publish(self, topic: Topic, message: VersionedContract) -> None:
+        if self.bus is None:
+            return
+        try:
+            self.bus.publish(topic, message)
+        except BusUnavailableError as e:
+            self._failed(e)
+            return
+        self._back()
+
+    def _wake_consumer(self) -> Consumer | None:
+        if self.bus is None:
+            return None
+        if self._consumer is None:
+            if self._down_since is not None and time.monotonic() - self._down_since < RETRY_S:
+                return None
+            try:
+                self._consumer = self.bus.consumer(self.group, [self.wake_topic], self.worker_id)
+            except BusUnavailableError as e:
+                self._failed(e)
+                return None
+            self._back()
+        return self._consumer
+
+    def _failed(self, error: Exception) -> None:
+        self._consumer = None
+        if self._down_since is None:
+            self.log.warning("%s: %s; polling Urza every %g s (nothing is lost: the catalog is "
+                             "the record)", self.group, error, self.poll_interval_s)
+        self._down_since = time.monotonic()
+
+    def _back(self) -> None:
+        if self._down_since is not None:
+            self.log.info("%s: the bus answers again", self.group)
+            self._down_since = None
