@@ -17,9 +17,11 @@ LAYERS: dict[str, int] = {
     "esper.workspace": 2,
     "esper.blueprints": 3, "esper.urza": 3, "esper.oona": 3,
     "kasmina": 4, "pipelines": 4, "esper.library": 4,
-    "esper.tamiyo": 5, "esper.tolaria": 5, "esper.karn": 5, "esper.simic": 5, "esper.nissa": 5,
+    "esper.tamiyo": 5, "esper.karn": 5, "esper.nissa": 5,
+    # The trainer drives the controller; Simic trains its policies; the config composes all.
+    "esper.tolaria": 6, "esper.simic": 6, "esper.config": 6,
     # The CLI: shared context and rendering, then the commands, then the root app.
-    "esper_cli": 6, "commands": 7, "esper_cli.main": 8,
+    "esper_cli": 7, "commands": 8, "esper_cli.main": 9,
 }
 
 

@@ -1,0 +1,93 @@
+"""Tamiyo's configuration: when to grow, where, with which kernel, and when to stop a graft.
+
+Strict pydantic like every config section: an unknown key or a wrong type is an error that names
+the field (`TamiyoConfig.from_mapping(data, source="run.yaml")`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from esper.contracts import GraftingStrategy, describe_validation_error
+from esper.errors import BadInputError
+
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegInt = Annotated[int, Field(ge=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class PlateauConfig(_Strict):
+    """A plateau: `patience` epochs in a row without the monitored metric improving on its best
+    by more than `min_delta`. Nothing germinates before `warmup_epochs` epochs have run."""
+
+    metric: Literal["validation_loss", "validation_accuracy", "train_loss"] = "validation_loss"
+    patience: PositiveInt = 3
+    min_delta: NonNegFloat = 1e-3
+    warmup_epochs: NonNegInt = 2
+
+
+class LocationConfig(_Strict):
+    """Where to grow: the dormant, non-embargoed seed with the strongest bottleneck score, a
+    weighted sum of its chunk's health statistics, each ranked across candidate seeds first."""
+
+    gradient_energy_weight: NonNegFloat = 1.0
+    variance_weight: NonNegFloat = 0.5
+    dead_ratio_weight: NonNegFloat = 0.5
+
+
+class KernelChoiceConfig(_Strict):
+    """Which kernel: the best VALIDATED `KernelQuery` result for the seed's interface and device,
+    preferring `prefer_tags`, never above `max_risk`."""
+
+    prefer_tags: list[str] = Field(default_factory=list)
+    require_tags: list[str] = Field(default_factory=list)
+    max_risk: Fraction = 0.7
+    # strict=False: a YAML string names the enum member.
+    grafting_strategy: Annotated[GraftingStrategy, Field(strict=False)] = GraftingStrategy.FIXED_RAMP
+
+
+class GateConfig(_Strict):
+    """Lifecycle gates. After EVALUATING a graft is kept (FINE_TUNING, then FOSSILIZED) when the
+    monitored metric improved on its value at germination by at least `keep_min_improvement`;
+    it is CULLED when it worsened by more than `cull_max_degradation`, or when it sits in
+    TRAINING longer than `max_training_epochs` without signalling readiness."""
+
+    keep_min_improvement: float = 0.0
+    cull_max_degradation: NonNegFloat = 0.0
+    max_training_epochs: PositiveInt = 10
+
+
+class DivergenceConfig(_Strict):
+    """Emergency rollback: a non-finite loss, or the validation loss above `loss_ratio` times
+    the best seen so far."""
+
+    loss_ratio: Annotated[float, Field(gt=1)] = 3.0
+
+
+class TamiyoConfig(_Strict):
+    """The controller (DESIGN.md section 11)."""
+
+    policy: Literal["heuristic", "gnn"] = "heuristic"
+    max_concurrent: PositiveInt = 1
+    max_germinations: NonNegInt | None = None
+    cooldown_epochs: NonNegInt = 0
+    plateau: PlateauConfig = Field(default_factory=PlateauConfig)
+    location: LocationConfig = Field(default_factory=LocationConfig)
+    kernel: KernelChoiceConfig = Field(default_factory=KernelChoiceConfig)
+    gates: GateConfig = Field(default_factory=GateConfig)
+    divergence: DivergenceConfig = Field(default_factory=DivergenceConfig)
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any] | None, source: str = "") -> TamiyoConfig:
+        """Validate a plain mapping (a YAML section); BadInputError names the first bad field."""
+        try:
+            return cls.model_validate(data or {})
+        except ValidationError as e:
+            raise BadInputError(describe_validation_error(e, "tamiyo config", source)) from None
