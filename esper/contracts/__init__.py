@@ -11,6 +11,7 @@ from esper.contracts.assets import (
     KernelInterface,
     KernelQuery,
     KernelQueryResult,
+    UrabraskTagRefresh,
     UrabraskValidationReport,
 )
 from esper.contracts.base import (

@@ -105,6 +105,18 @@ class UrabraskValidationReport(VersionedContract):
         return self
 
 
+class UrabraskTagRefresh(VersionedContract):
+    """Urabrask's signed re-tagging of VALIDATED kernels as their target's population grows
+    (HLD E.3.2: tags are percentiles of the population, so they move with it). `tags` holds the
+    complete new tag set of each kernel listed; kernels not listed keep theirs."""
+
+    target: DeviceTarget
+    tags: dict[KernelArtifactId, list[Tag]] = Field(min_length=1)
+    population: Annotated[int, Field(ge=0)]
+    policy: Literal["percentile", "fixed_thresholds"]
+    report_timestamp: Timestamp = Field(default_factory=utcnow)
+
+
 class CompiledKernelArtifact(VersionedContract):
     """One compiled variant of a blueprint, for one interface, target, dtype and pipeline."""
 

@@ -11,11 +11,12 @@ thread). Any number of processes may open the same workspace at once.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from esper.contracts import UrabraskValidationReport
+from esper.contracts import UrabraskTagRefresh, UrabraskValidationReport
 from esper.errors import BadInputError, EsperError, IntegrityError, NotFoundError
 from esper.signing import Ed25519PublicKey, open_signed
 from esper.urza.audit import AuditCheck, verify_chain
@@ -111,6 +112,7 @@ class Urza(BlueprintCatalog, KernelCatalog, RecordCatalog):
             reports = self._rows("SELECT id, kernel_id, signed_blob, body FROM validation_reports"
                                  " ORDER BY id")
             problems += self._check_reports(reports)
+            problems += self._check_tag_refreshes()
         return VerifyReport(audit=audit, blobs_checked=blobs, reports_checked=len(reports),
                             problems=problems)
 
@@ -171,6 +173,24 @@ class Urza(BlueprintCatalog, KernelCatalog, RecordCatalog):
                 " ON r.id = k.validation_report_id"
                 " WHERE k.status = 'VALIDATED' AND (r.id IS NULL OR r.passed != 1) ORDER BY k.id"):
             problems.append(f"kernel {row['id']}: VALIDATED without a passing bench-signed report")
+        return problems
+
+    def _check_tag_refreshes(self) -> list[str]:
+        """Every applied tag refresh is a bench-signed document in the store."""
+        rows = self._rows("SELECT seq, details FROM audit_log WHERE action = 'kernel.retagged'"
+                          " ORDER BY seq")
+        problems: list[str] = []
+        bench_key = self._trusted_key("bench", problems) if rows else None
+        if bench_key is None:
+            return problems
+        for row in rows:
+            what = f"tag refresh (audit row {row['seq']})"
+            try:
+                body = open_signed(self.store.get(json.loads(row["details"])["refresh_blob"]),
+                                   bench_key, what=what)
+                UrabraskTagRefresh.from_json(body, source=what)
+            except (NotFoundError, IntegrityError, BadInputError, KeyError) as e:
+                problems.append(f"{what}: {e}")
         return problems
 
     def _check_reports(self, reports: list[dict[str, Any]]) -> list[str]:

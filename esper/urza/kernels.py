@@ -18,6 +18,7 @@ from esper.contracts import (
     KernelQuery,
     KernelQueryResult,
     KernelStatus,
+    UrabraskTagRefresh,
     UrabraskValidationReport,
 )
 from esper.errors import BadInputError, IllegalTransitionError, IntegrityError, NotFoundError
@@ -217,6 +218,44 @@ class KernelCatalog(CatalogBase):
                         "tags": sorted(set(report.generated_tags)),
                         "previous_tags": previous_tags, LATENCY_MS: latency, MEMORY_MB: memory})
             return kernel_from_row(self._kernel_row(row["id"]))
+
+    def apply_tag_refresh(self, signed_refresh: bytes, *, actor: str) -> dict[str, list[str]]:
+        """Re-tag VALIDATED kernels as their target's population grows (UrabraskTagRefresh).
+
+        Like a validation report, the document must verify against the bench public key and is
+        kept in the store; every kernel it names must be VALIDATED on its target, or nothing is
+        applied. Returns kernel id -> previous tags for the kernels whose tags changed.
+        """
+        require_text(actor, "actor")
+        if not isinstance(signed_refresh, bytes):
+            raise BadInputError("a signed tag refresh must be bytes")
+        body = open_signed(signed_refresh, self.workspace.public_key("bench"),
+                           what="tag refresh")
+        refresh = UrabraskTagRefresh.from_json(body, source="tag refresh")
+        blob = self.store.put(signed_refresh)
+        changed: dict[str, list[str]] = {}
+        with self.transaction():
+            for kernel_id, tags in sorted(refresh.tags.items()):
+                row = self._kernel_row(kernel_id)
+                if row is None:
+                    raise NotFoundError(f"tag refresh names kernel {kernel_id}, which is not in "
+                                        "the catalog")
+                if row["status"] != KernelStatus.VALIDATED.value or row["target"] != refresh.target:
+                    raise IntegrityError(f"tag refresh for target {refresh.target} names kernel "
+                                         f"{kernel_id} ({row['status']} on {row['target']}); "
+                                         "only VALIDATED kernels of that target are re-tagged")
+                previous = self._tags(kernel_id)
+                if previous != sorted(set(tags)):
+                    self._replace_tags(kernel_id, tags)
+                    changed[kernel_id] = previous
+            if changed:
+                self.audit(actor, "kernel.retagged", refresh.target,
+                           {"refresh_blob": blob, "policy": refresh.policy,
+                            "population": refresh.population,
+                            "kernels": {k: {"from": changed[k],
+                                            "to": sorted(set(refresh.tags[k]))}
+                                        for k in sorted(changed)}})
+        return changed
 
     # The bench's queue ------------------------------------------------------------------------
     def claim_next_kernel(self, worker: str, lease_seconds: float, *,

@@ -21,8 +21,8 @@ class Migration:
 
 
 # Nothing is hard-deleted (HLD 8.2): triggers refuse DELETE on every record table, and UPDATE
-# on the append-only ones. Not records: `kernel_tags` is derived from the latest validation
-# report (kept, signed, in the store) and is replaced with it; `processed_events` is
+# on the append-only ones. Not records: `kernel_tags` is derived from the latest bench-signed
+# validation report or tag refresh (kept, signed, in the store) and is replaced with it; `processed_events` is
 # de-duplication bookkeeping that a later migration may prune.
 def _no_delete(table: str) -> str:
     return (f"CREATE TRIGGER {table}_never_deleted BEFORE DELETE ON {table} "

@@ -11,6 +11,8 @@ One kernel at a time (DESIGN.md section 9, HLD Appendix E):
    and memory limits. A check that fails, a crash, a hang or a runaway allocation rejects the
    kernel with the reason; the bench goes on;
 3. stage 3 (tags.py) against the target's VALIDATED population, read from Urza at each job;
+   after each validation the older kernels whose tags the grown population changes are
+   re-tagged with one bench-signed UrabraskTagRefresh (`urza.apply_tag_refresh`);
 4. stage 4 (risk.py): the latest risk model, retrained first when enough new field reports
    arrived, or the rule-based prior;
 5. the UrabraskValidationReport is signed with the bench key and applied with
@@ -45,6 +47,7 @@ from esper.contracts import (
     KernelCharacterized,
     KernelStatus,
     Topic,
+    UrabraskTagRefresh,
     UrabraskValidationReport,
 )
 from esper.errors import BadInputError, BusUnavailableError, EsperError
@@ -130,6 +133,7 @@ class BenchSummary:
     worker_id: str
     jobs: list[BenchJob] = field(default_factory=list)
     released: int = 0
+    retagged: int = 0
     risk_model: str = "prior"
     stopped_by_signal: bool = False
     seconds: float = 0.0
@@ -144,7 +148,7 @@ class BenchSummary:
 
     def to_jsonable(self) -> dict[str, Any]:
         return {"worker_id": self.worker_id, "validated": self.validated,
-                "rejected": self.rejected, "released": self.released,
+                "rejected": self.rejected, "released": self.released, "retagged": self.retagged,
                 "risk_model": self.risk_model, "jobs": [j.to_jsonable() for j in self.jobs],
                 "stopped_by_signal": self.stopped_by_signal, "seconds": round(self.seconds, 3)}
 
@@ -236,6 +240,32 @@ class Bench:
             blueprint_id=kernel.blueprint_id, kernel_artifact_id=kernel.id,
             status="VALIDATED" if validated else "REJECTED", tags=list(report.generated_tags),
             latency_ms=result.get(LATENCY_MS), reason=report.rejection_reason))
+        if validated:
+            self._refresh_tags()
+
+    def _refresh_tags(self) -> None:
+        """Re-tag the target's VALIDATED kernels against the population as it now stands."""
+        from esper.signing import sign
+
+        validated = self.urza.list_kernels(status=KernelStatus.VALIDATED, target=self.target)
+        changes = tags.retag_plan(validated, device_kind=self.options.device)
+        if not changes:
+            return
+        peers = len(validated) - 1
+        refresh = UrabraskTagRefresh(
+            target=self.target, tags={k: new for k, (_, new) in changes.items()},
+            population=peers,
+            policy="percentile" if peers >= tags.MIN_POPULATION else "fixed_thresholds")
+        try:
+            changed = self.urza.apply_tag_refresh(
+                sign(refresh.to_json().encode("utf-8"), self._bench_key, SIGNER),
+                actor=self.options.worker_id)
+        except EsperError as e:  # another bench re-tagged or moved one of them meanwhile
+            log.warning("urabrask: tag refresh not applied: %s", e)
+            return
+        self.summary.retagged += len(changed)
+        self._progress(f"re-tagged {len(changed)} kernel(s) against a population of "
+                       f"{len(validated)} ({refresh.policy})")
 
     def _report(self, kernel: CompiledKernelArtifact, outcome) -> UrabraskValidationReport:
         result = outcome.result
@@ -274,11 +304,32 @@ class Bench:
         hardware["tag_policy"] = ("percentile" if len(population) >= tags.MIN_POPULATION
                                   else "fixed_thresholds")
         hardware["tag_population"] = str(len(population))
+        baseline = {k: float(v) for k, v in result.baseline.items()}
+        fast = self._fast_twin(kernel)
+        if fast is not None:
+            fast_latency = fast.validation_report.benchmark_results[LATENCY_MS]
+            hardware["fast_kernel_id"] = fast.id
+            baseline["fast_kernel_latency_ms"] = fast_latency
+            if metrics.get(LATENCY_MS, 0.0) > 0:
+                baseline["speedup_vs_fast_kernel"] = fast_latency / metrics[LATENCY_MS]
         return UrabraskValidationReport(
             **base, passed_validation=True, benchmark_results=metrics, generated_tags=generated,
-            baseline_comparison={k: float(v) for k, v in result.baseline.items()},
+            baseline_comparison=baseline,
             hardware_context=hardware, risk_score=assessed["risk_score"],
             conf_level=assessed["conf_level"], urabrask_interest=assessed["urabrask_interest"])
+
+    def _fast_twin(self, kernel: CompiledKernelArtifact) -> CompiledKernelArtifact | None:
+        """The VALIDATED `fast` kernel of the same blueprint, interface, target and dtype, as
+        measured by its own gauntlet (the in-run eager comparison is in result.baseline)."""
+        if kernel.compilation_pipeline.value == "fast":
+            return None
+        for other in self.urza.list_kernels(status=KernelStatus.VALIDATED,
+                                            blueprint_id=kernel.blueprint_id, target=kernel.target):
+            if (other.compilation_pipeline.value == "fast" and other.interface == kernel.interface
+                    and other.dtype == kernel.dtype and other.validation_report is not None
+                    and LATENCY_MS in other.validation_report.benchmark_results):
+                return other
+        return None
 
     def _renew(self, kernel: CompiledKernelArtifact) -> bool:
         try:

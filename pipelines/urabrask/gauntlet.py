@@ -30,8 +30,10 @@ output is exactly zero, which would hide precision drift):
   allocator's caching and vary run to run; the accounting is exact and repeatable;
 - parameter count, FLOPs (the validator's flops per input position x positions);
 - precision drift: max |y - y64| / max |y64| against the same module in float64;
-- baseline comparison: a compiled kernel against its own eager module (the same blueprint and
-  weights as its `fast` kernel), latency ratio and change in percent.
+- baseline comparison with the eager `fast` kernel of the same blueprint: a `fast` artifact is
+  the builder's eager module, so a compiled kernel is timed against its own eager module (same
+  blueprint, same weights) in the same child, as a latency ratio and a change in percent. The
+  bench adds the fast kernel's own measured latency from the catalog when it is VALIDATED.
 """
 
 from __future__ import annotations

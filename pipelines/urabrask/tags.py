@@ -15,13 +15,11 @@ of peers would swing with every newcomer, so fixed thresholds per device kind de
 
 A kernel's percentile is the share of its peers strictly below it, plus half of those tied.
 
-Tag refresh: tags are part of the signed report and so are fixed when the kernel is
-characterized, against the population of that moment; every new kernel is tagged against the
-population as it then stands (recomputed from Urza at each job, never cached). Urza accepts a
-report only for a PENDING_BENCHMARKING kernel (VALIDATED -> VALIDATED is not a transition), so
-re-tagging older kernels as the population grows is `retag_plan`: it computes, for every
-VALIDATED kernel of a target, the tags the current population gives it; applying them needs a
-bench-signed tag-refresh record in Urza (not yet there; see the bench report).
+Tag refresh: a kernel's report carries the tags of the population it was characterized
+against; as the population grows, `retag_plan` computes for every VALIDATED kernel of a target
+the tags the current population gives it (itself excluded, as when first tagged), and the bench
+applies the differences with one bench-signed UrabraskTagRefresh (`Urza.apply_tag_refresh`)
+after each validation. Queries read the current tags.
 """
 
 from __future__ import annotations

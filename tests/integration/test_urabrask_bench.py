@@ -21,78 +21,18 @@ real modules that have those faults.
 
 from __future__ import annotations
 
-import json
-from dataclasses import replace
-
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from catalog_helpers import library_ir, mlp_ir, plant, wide_conv_ir
 from typer.testing import CliRunner
 
-from esper.blueprints import canonical_json, load_ir, standard_library
-from esper.contracts import (
-    CompilationPipeline,
-    KernelInterface,
-    KernelStatus,
-    UrabraskValidationReport,
-)
+from esper.contracts import KernelStatus, UrabraskValidationReport
 from esper.errors import IntegrityError
 from esper.signing import sign
 from esper.urza import Urza
 from esper_cli.main import app
-from pipelines.tezzeret.artifact import seal
-from pipelines.tezzeret.compile import WEIGHTS_FILE, CompileJob, compile_job
 from pipelines.tezzeret.sandbox import Limits
 from pipelines.urabrask.bench import Bench, BenchOptions
-
-
-def mlp_ir(name: str, hidden: int, act: str = "relu") -> dict:
-    return {"format": "esper.blueprint/1", "name": name, "interface_kind": "linear",
-            "nodes": [{"id": "x", "op": "input"},
-                      {"id": "hidden", "op": "linear", "inputs": ["x"], "attrs": {"out": hidden}},
-                      {"id": "act", "op": act, "inputs": ["hidden"]},
-                      {"id": "proj", "op": "linear", "inputs": ["act"], "attrs": {"out": "out"}},
-                      {"id": "y", "op": "output", "inputs": ["proj"]}]}
-
-
-def wide_conv_ir() -> dict:
-    """Two 3x3 convolutions 256 channels wide: ~40 GFLOP per profiling forward pass."""
-    return {"format": "esper.blueprint/1", "name": "wide_conv3x3_c256", "interface_kind": "conv2d",
-            "nodes": [{"id": "x", "op": "input"},
-                      {"id": "c1", "op": "conv3x3", "inputs": ["x"], "attrs": {"out": 256}},
-                      {"id": "act", "op": "relu", "inputs": ["c1"]},
-                      {"id": "c2", "op": "conv3x3", "inputs": ["act"], "attrs": {"out": "out"}},
-                      {"id": "y", "op": "output", "inputs": ["c2"]}]}
-
-
-def plant(urza: Urza, tmp_path, ir, interface: str, edit=None) -> str:
-    """Build a kernel through the forge's path; `edit(state)` rewrites its weights first."""
-    if isinstance(ir, dict):
-        ir = load_ir(json.dumps(ir))
-    ir_bytes = canonical_json(ir)
-    blueprint, _ = urza.add_blueprint(ir_bytes, name=ir.name, interface_kind=ir.interface_kind,
-                                      actor="test")
-    job = CompileJob(blueprint_id=blueprint.id, ir_json=ir_bytes,
-                     interface=KernelInterface.parse(interface), device="cpu", dtype="float32",
-                     pipeline=CompilationPipeline.FAST)
-    out = tmp_path / f"{ir.name}-{interface.replace(':', '_')}"
-    result = compile_job(job, out)
-    if edit is not None:
-        path = out / WEIGHTS_FILE
-        state = load_file(path)
-        edit(state)
-        save_file(state, path)
-        import hashlib
-
-        result = replace(result, files={**result.files,
-                                        WEIGHTS_FILE: hashlib.sha256(path.read_bytes()).hexdigest()})
-    artifact = seal(job, result, out, urza, urza.workspace.private_key("forge"))
-    urza.add_kernel(artifact, actor="test")
-    return artifact.id
-
-
-def library_ir(name: str):
-    return next(ir for ir in standard_library() if ir.name == name)
 
 
 def test_planted_bad_kernels_are_rejected_and_the_bench_goes_on(workspace, tmp_path):

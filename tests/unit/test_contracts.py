@@ -36,6 +36,8 @@ SAMPLES: list[c.Contract] = [
     ARTIFACT,
     ARTIFACT.compilation,
     REPORT,
+    c.UrabraskTagRefresh(target="cpu", tags={KID: ["high_speed", "low_memory"]},
+                         population=24, policy="percentile"),
     HW,
     IFACE,
     c.SystemStatePacket(run_id="run", current_epoch=3, validation_accuracy=0.5,

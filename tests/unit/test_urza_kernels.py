@@ -3,24 +3,24 @@ queue, and Tamiyo's KernelQuery on a synthetic population."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import time
 
 import pytest
+from catalog_helpers import blueprint, kernel
 
 from esper.contracts import (
     KERNEL_TRANSITIONS,
     LATENCY_MS,
     MEMORY_MB,
-    Blueprint,
     CompilationPipeline,
     CompiledKernelArtifact,
     KernelInterface,
     KernelQuery,
     KernelStatus,
     LayerKind,
+    UrabraskTagRefresh,
     UrabraskValidationReport,
 )
 from esper.errors import BadInputError, IllegalTransitionError, IntegrityError, NotFoundError
@@ -33,29 +33,6 @@ from esper.workspace import Workspace
 def urza(workspace):
     with Urza.open(workspace) as u:
         yield u
-
-
-def blueprint(urza: Urza, name: str, kind: LayerKind = LayerKind.LINEAR) -> Blueprint:
-    ir = json.dumps({"name": name, "kind": kind.value}, sort_keys=True).encode()
-    return urza.add_blueprint(ir, name=name, interface_kind=kind, actor="test")[0]
-
-
-def kernel(urza: Urza, bp: Blueprint, *, interface: str = "linear:64:32", target: str = "cpu",
-           dtype: str = "float32", pipeline: CompilationPipeline = CompilationPipeline.FAST,
-           tags: tuple[str, ...] = (), variant: str = "") -> CompiledKernelArtifact:
-    """Register a compiled artifact the way the forge does: manifest blob first, then the row."""
-    config = hashlib.sha256(f"{interface}/{dtype}/{variant}".encode()).hexdigest()[:6]
-    artifact = CompiledKernelArtifact(
-        id=f"{bp.id[:12]}-{target}-{pipeline.value}-{config}", blueprint_id=bp.id,
-        compilation_pipeline=pipeline, interface=KernelInterface.parse(interface), target=target,
-        dtype=dtype, toolchain_hash="0badc0de",
-        kernel_binary_ref=urza.store.put(sign(
-            f"manifest of {bp.id} {interface} {target} {dtype} {pipeline.value} {variant}".encode(),
-            urza.workspace.private_key("forge"), signer="forge")),
-        tags=list(tags))
-    added, created = urza.add_kernel(artifact, actor="forge")
-    assert created
-    return added
 
 
 def signed_report(workspace: Workspace, k: CompiledKernelArtifact, *, passed: bool = True,
@@ -248,6 +225,72 @@ def test_verify_finds_a_stored_report_the_bench_did_not_sign(urza, workspace):
     conn.close()
     problems = urza.verify().problems
     assert len(problems) == 1 and "not the trusted key" in problems[0]
+
+
+def signed_refresh(workspace: Workspace, tags: dict[str, list[str]], *, key: str = "bench",
+                   target: str = "cpu") -> bytes:
+    refresh = UrabraskTagRefresh(target=target, tags=tags, population=len(tags),
+                                 policy="percentile")
+    return sign(refresh.to_json().encode(), workspace.private_key(key), signer=key)
+
+
+def test_a_bench_signed_tag_refresh_retags_validated_kernels(urza, workspace):
+    bp = blueprint(urza, "mlp")
+    a, b = (urza.apply_validation_report(signed_report(workspace, kernel(urza, bp, variant=v),
+                                                       tags=("medium_speed",)), actor="bench")
+            for v in "ab")
+    changed = urza.apply_tag_refresh(
+        signed_refresh(workspace, {a.id: ["high_speed", "low_memory"], b.id: ["medium_speed"]}),
+        actor="bench-1")
+    assert changed == {a.id: ["medium_speed"]}  # b's tags did not change
+    assert urza.get_kernel(a.id).tags == ["high_speed", "low_memory"]
+    assert [k.id for k in urza.list_kernels(tag="low_memory")] == [a.id]
+    assert [k.id for k in urza.query_kernels(KernelQuery(required_tags=["low_memory"]))
+            .matching_kernels] == [a.id]
+    last = next(urza.db.query("SELECT * FROM audit_log ORDER BY seq DESC LIMIT 1"))
+    assert (last["action"], last["actor"]) == ("kernel.retagged", "bench-1")
+    assert json.loads(last["details"])["kernels"] == {
+        a.id: {"from": ["medium_speed"], "to": ["high_speed", "low_memory"]}}
+    assert urza.verify().ok
+
+
+def test_a_tag_refresh_needs_the_bench_key_and_validated_kernels_of_its_target(urza, workspace):
+    bp = blueprint(urza, "mlp")
+    good = urza.apply_validation_report(signed_report(workspace, kernel(urza, bp, variant="a")),
+                                        actor="bench")
+    pending = kernel(urza, bp, variant="b")
+    before = audit_actions(urza)
+    with pytest.raises(IntegrityError, match="not the trusted key"):
+        urza.apply_tag_refresh(signed_refresh(workspace, {good.id: ["x"]}, key="forge"),
+                               actor="bench")
+    # All or nothing: one kernel that is not VALIDATED refuses the whole refresh.
+    with pytest.raises(IntegrityError, match="only VALIDATED kernels"):
+        urza.apply_tag_refresh(signed_refresh(workspace, {good.id: ["x"], pending.id: ["y"]}),
+                               actor="bench")
+    with pytest.raises(IntegrityError, match="only VALIDATED kernels of that target"):
+        urza.apply_tag_refresh(signed_refresh(workspace, {good.id: ["x"]}, target="h100"),
+                               actor="bench")
+    ghost = f"{bp.id[:12]}-cpu-fast-000000"
+    with pytest.raises(NotFoundError, match=ghost):
+        urza.apply_tag_refresh(signed_refresh(workspace, {ghost: ["x"]}), actor="bench")
+    assert urza.get_kernel(good.id).tags == [] and audit_actions(urza) == before
+
+
+def test_verify_finds_a_tag_refresh_the_bench_did_not_sign(urza, workspace):
+    k = urza.apply_validation_report(signed_report(workspace, kernel(urza, blueprint(urza, "m"))),
+                                     actor="bench")
+    urza.apply_tag_refresh(signed_refresh(workspace, {k.id: ["high_speed"]}), actor="bench")
+    assert urza.verify().ok
+    forged = urza.store.put(signed_refresh(workspace, {k.id: ["high_speed"]}, key="forge"))
+    conn = sqlite3.connect(workspace.db_path)
+    row = conn.execute("SELECT seq, details FROM audit_log WHERE action = 'kernel.retagged'").fetchone()
+    details = json.loads(row[1]) | {"refresh_blob": forged}
+    conn.execute("DROP TRIGGER audit_log_append_only")
+    conn.execute("UPDATE audit_log SET details = ? WHERE seq = ?", (json.dumps(details), row[0]))
+    conn.commit()
+    conn.close()
+    problems = urza.verify().problems
+    assert any("tag refresh" in p and "not the trusted key" in p for p in problems)
 
 
 def _kernel_in(urza: Urza, workspace: Workspace, status: KernelStatus) -> CompiledKernelArtifact:
