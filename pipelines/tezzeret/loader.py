@@ -14,20 +14,30 @@ module runs and `fallback_reason` says why (logged once).
 With `require_validated` (Kasmina's use) the kernel must be VALIDATED by a report that verifies
 against the workspace's bench key.
 
+What is not redone per load (each only ever keyed by bytes that were just verified): parsing a
+public key (cached by the key file's exact bytes, which are re-read every load, so a replaced key
+takes effect at once), parsing and checking the blueprint IR (cached by its blueprint id, the
+hash its bytes were just checked against, and the interface), and drawing initial weights that
+the signed weights then overwrite (the module is built on the meta device and takes the loaded
+tensors). Every blob is still read and hashed on every load.
+
 torch, the catalog and the signing library are imported when a kernel is loaded: the CLI and the
 GPU check script import this module.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from esper.blueprints import load_ir
 from esper.contracts import (
     CompiledKernelArtifact,
+    KernelInterface,
     KernelStatus,
     UrabraskValidationReport,
 )
@@ -131,9 +141,12 @@ class LoadedKernel:
 
 
 def load_kernel(urza: Urza, kernel_id: str, *, device: str = "cpu",
-                require_validated: bool = True) -> LoadedKernel:
+                require_validated: bool = True, attach: bool = True) -> LoadedKernel:
     """Verify and rebuild one kernel artifact on `device`. IntegrityError (exit 3) names what did
-    not verify; KernelNotValidatedError (exit 1) if `require_validated` and it is not VALIDATED."""
+    not verify; KernelNotValidatedError (exit 1) if `require_validated` and it is not VALIDATED.
+
+    With `attach=False` a compiled function is verified (its file's hash) but not deserialized:
+    `compiled` is None and the eager module runs (for callers that only use `module`)."""
     from esper.signing import open_signed
 
     artifact = urza.get_kernel(kernel_id)
@@ -142,7 +155,7 @@ def load_kernel(urza: Urza, kernel_id: str, *, device: str = "cpu",
 
     what = f"kernel {artifact.id}"
     document = _blob(urza, artifact.kernel_binary_ref, f"{what}: manifest")
-    body = open_signed(document, urza.workspace.public_key("forge"), what=f"{what}: manifest")
+    body = open_signed(document, _trusted_key(urza, "forge"), what=f"{what}: manifest")
     try:
         manifest = Manifest.from_json(body, source=f"{what}: signed manifest")
     except BadInputError as e:
@@ -152,11 +165,11 @@ def load_kernel(urza: Urza, kernel_id: str, *, device: str = "cpu",
     files = {name: _blob(urza, digest, f"{what}: {name}")
              for name, digest in manifest.files.items()}
     ir_bytes = _blob(urza, manifest.blueprint_id, f"{what}: blueprint IR")
-    ir = load_ir(ir_bytes, source=f"blueprint {manifest.blueprint_id[:12]}")
-    module = _rebuild(ir, manifest, files[WEIGHTS_FILE], device, what)
+    ir, skeleton = _checked_blueprint(manifest.blueprint_id, str(manifest.interface), ir_bytes)
+    module = _rebuild(skeleton, manifest, files[WEIGHTS_FILE], device, what)
 
     compiled, reason = None, None
-    if manifest.compiled:
+    if manifest.compiled and attach:
         reason = _compiled_mismatch(manifest, device)
         if reason is None:
             try:
@@ -231,7 +244,7 @@ def _require_validated(urza: Urza, artifact: CompiledKernelArtifact) -> None:
     if row is None:
         raise IntegrityError(f"kernel {artifact.id} is VALIDATED without a validation report")
     what = f"kernel {artifact.id}: validation report"
-    body = open_signed(_blob(urza, row[0], what), urza.workspace.public_key("bench"), what=what)
+    body = open_signed(_blob(urza, row[0], what), _trusted_key(urza, "bench"), what=what)
     try:
         report = UrabraskValidationReport.from_json(body, source=what)
     except BadInputError as e:
@@ -242,24 +255,88 @@ def _require_validated(urza: Urza, artifact: CompiledKernelArtifact) -> None:
         raise IntegrityError(f"{what}: the signed report did not pass the kernel")
 
 
-def _rebuild(ir, manifest: Manifest, weights: bytes, device: str, what: str) -> nn.Module:
+def _trusted_key(urza: Urza, role: str):
+    """The workspace's public key for `role` (as `Workspace.public_key`): its file is read on
+    every call and parsed once per distinct content."""
+    path = urza.workspace.public_key_path(role)
+    key = _parse_public_key(path.read_bytes())
+    if key is None:
+        raise IntegrityError(f"{path}: not an Ed25519 public key")
+    return key
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_public_key(pem: bytes):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    key = serialization.load_pem_public_key(pem)
+    return key if isinstance(key, Ed25519PublicKey) else None
+
+
+@functools.lru_cache(maxsize=256)
+def _checked_blueprint(blueprint_id: str, interface: str, ir_bytes: bytes):
+    """(IR, module skeleton): the parsed IR and the blueprint's module at `interface` on the
+    meta device (no weights drawn), the module `esper.blueprints.build` makes before its
+    initialisation. `ir_bytes` hashed to `blueprint_id` when read from the store; an IR that does
+    not pass the static check raises (and is not cached)."""
+    import torch
+
+    from esper.blueprints import BlueprintModule, validate
+
+    ir = load_ir(ir_bytes, source=f"blueprint {blueprint_id[:12]}")
+    face = KernelInterface.parse(interface)
+    result = validate(ir, face)
+    with torch.device("meta"):
+        return ir, BlueprintModule(ir, face, result.checks[0].nodes, result.blueprint_id,
+                                   result.zero_init_node)
+
+
+def _fresh(skeleton: nn.Module) -> nn.Module:
+    """A new module shaped like `skeleton`, sharing no container with it: each module a new
+    instance with the skeleton's attributes, each of its dicts and sets (parameters, buffers,
+    submodules, hooks) copied, so that assigning tensors or registering hooks on the copy leaves
+    the cached skeleton as it is. (Building anew on the meta device runs every initialiser
+    through the device mode; `copy.deepcopy` costs as much.)"""
+    cls = type(skeleton)
+    module = cls.__new__(cls)
+    state = {name: value.copy() if isinstance(value, (dict, set)) else value
+             for name, value in skeleton.__dict__.items()}
+    children = state["_modules"]
+    for name, child in children.items():
+        if child is not None:
+            children[name] = _fresh(child)
+    module.__dict__.update(state)
+    return module
+
+
+def clear_caches() -> None:
+    """Forget parsed keys and checked blueprints (benchmarks time a first load with this)."""
+    _parse_public_key.cache_clear()
+    _checked_blueprint.cache_clear()
+
+
+def _rebuild(skeleton: nn.Module, manifest: Manifest, weights: bytes, device: str,
+             what: str) -> nn.Module:
+    """A fresh copy of the meta `skeleton` given the signed weights, on `device` in the
+    manifest's dtype (no initial weights are drawn only to be overwritten)."""
     import torch
     from safetensors import SafetensorError
     from safetensors.torch import load
-
-    from esper.blueprints import build
 
     try:
         state = load(weights)
     except SafetensorError as e:
         raise IntegrityError(f"{what}: {WEIGHTS_FILE} is not a safetensors file ({e})") from None
-    module = build(ir, manifest.interface, dtype=getattr(torch, manifest.dtype), seed=0)
+    module = _fresh(skeleton)
     try:
-        module.load_state_dict(state, strict=True)
+        module.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
         raise IntegrityError(f"{what}: {WEIGHTS_FILE} does not fit the blueprint: "
                              f"{str(e).splitlines()[0]}") from None
-    return module.to(device)
+    if any(t.is_meta for t in (*module.parameters(), *module.buffers())):
+        raise IntegrityError(f"{what}: {WEIGHTS_FILE} does not fill every tensor of the blueprint")
+    return module.to(device=device, dtype=getattr(torch, manifest.dtype))
 
 
 def _compiled_mismatch(manifest: Manifest, device: str) -> str | None:
@@ -283,16 +360,30 @@ class VerifiedKernelSource:
     and bench signatures and file hashes all verify ever reaches a model.
 
     Kasmina runs loads on worker threads and a catalog connection belongs to one thread, so each
-    load opens its own; uncached loads are rare. Kasmina's seed banks run the eager module
-    (batched with vmap), so the compiled function, if any, is not used here.
+    thread that loads keeps its own connection, opened on its first load (opening and closing
+    one per load cost about half of a load). `close()` closes the calling thread's connection; a
+    worker thread's goes with the thread. Kasmina's seed banks run the eager module (batched with
+    vmap), so a compiled function, if any, is verified but not deserialized.
     """
 
     def __init__(self, workspace) -> None:
         self.workspace = workspace
+        self._local = threading.local()
 
     def load(self, kernel_artifact_id: str, device) -> nn.Module:
-        from esper.urza import Urza
+        return load_kernel(self._urza(), kernel_artifact_id, device=str(device),
+                           require_validated=True, attach=False).module
 
-        with Urza.open(self.workspace) as urza:
-            return load_kernel(urza, kernel_artifact_id, device=str(device),
-                               require_validated=True).module
+    def close(self) -> None:
+        urza = getattr(self._local, "urza", None)
+        if urza is not None:
+            self._local.urza = None
+            urza.close()
+
+    def _urza(self) -> Urza:
+        urza = getattr(self._local, "urza", None)
+        if urza is None:
+            from esper.urza import Urza
+
+            urza = self._local.urza = Urza.open(self.workspace)
+        return urza

@@ -119,3 +119,65 @@ def test_a_tampered_kernel_is_refused_even_when_validated(forged):
     layer, report = _germinate(model, 0, kernel_id)
     assert [(t.from_stage, t.to_stage) for t in report.transitions] == [(S.LOADING, S.CULLED)]
     assert "hash" in report.incidents[0].error or "sha256" in report.incidents[0].error
+
+
+def test_each_load_is_a_fresh_module_with_exactly_the_signed_weights(forged):
+    """The loader builds a cached meta skeleton per blueprint and copies it per load: two loads
+    share no tensor, container or hook, and hold the signed weights bit for bit, as the builder's
+    module given those weights does."""
+    from safetensors.torch import load
+
+    from esper.blueprints import build, load_ir
+    from pipelines.tezzeret.artifact import Manifest
+
+    kernel_id = _kernel(forged, "layer_norm_mlp_gelu_w16")
+    _validate(forged, kernel_id)
+    source = VerifiedKernelSource(forged)
+    try:
+        first, second = source.load(kernel_id, "cpu"), source.load(kernel_id, "cpu")
+    finally:
+        source.close()
+    with Urza.open(forged) as urza:
+        artifact = urza.get_kernel(kernel_id)
+        manifest = Manifest.from_json(json.loads(urza.store.get(artifact.kernel_binary_ref))["body"])
+        signed = load(urza.store.get(manifest.files["weights.safetensors"]))
+        reference = build(load_ir(urza.store.get(manifest.blueprint_id)), manifest.interface, seed=0)
+    reference.load_state_dict(signed)
+    for module in (first, second):
+        state = module.state_dict()
+        assert state.keys() == signed.keys()
+        assert all(torch.equal(state[name], signed[name]) for name in signed)
+        assert all(p.requires_grad and not p.is_meta for p in module.parameters())
+    assert not {p.data_ptr() for p in first.parameters()} & {p.data_ptr() for p in second.parameters()}
+    calls = []
+    first.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        next(first.parameters()).add_(1.0)
+    x = torch.randn(3, 6)
+    assert torch.equal(second(x), reference(x)) and not calls  # untouched by the first's changes
+    first(x)
+    assert calls == [1]
+
+
+def test_a_replaced_public_key_takes_effect_on_the_next_load(forged, tmp_path):
+    """Parsed keys are cached by the key file's bytes, which are read on every load."""
+    from esper.errors import IntegrityError
+    from esper.signing import generate_keypair
+
+    kernel_id = _kernel(forged, "mlp_relu_w16")
+    _validate(forged, kernel_id)
+    source = VerifiedKernelSource(forged)
+    path = forged.public_key_path("forge")
+    original = path.read_bytes()
+    generate_keypair(tmp_path / "other.key", tmp_path / "other.pub")
+    try:
+        source.load(kernel_id, "cpu")
+        path.chmod(0o644)
+        path.write_bytes((tmp_path / "other.pub").read_bytes())
+        with pytest.raises(IntegrityError, match="not the trusted key"):
+            source.load(kernel_id, "cpu")
+        path.write_bytes(original)
+        assert source.load(kernel_id, "cpu") is not None
+    finally:
+        path.write_bytes(original)
+        source.close()
