@@ -8,7 +8,8 @@
    an operator would run them (claims keep them apart);
 3. `esper bench --once --device cuda` judges every kernel, each in its sandboxed child;
 4. variance: the gauntlet again, `--repeats` more times per VALIDATED kernel, in this process
-   (the same `run_gauntlet` the child runs). For each key metric, the coefficient of variation
+   (the same `run_gauntlet` the child runs). With `--no-bench`, step 3 is skipped and every
+   kernel is run `--repeats` times in this process (the variance figure alone, faster). For each key metric, the coefficient of variation
    (CV%) across the identical runs; the figure is its median and 90th percentile over kernels
    (HLD E.5 stage 1: < 5%).
 
@@ -61,6 +62,7 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=480.0)
     parser.add_argument("--device", default="cuda", help="cpu only to try the script out")
     parser.add_argument("--pipelines", default="fast,standard")
+    parser.add_argument("--bench", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
     interfaces = args.interface or ["linear:512:128", "conv2d:64:32:1"]
     started = time.monotonic()
@@ -85,10 +87,13 @@ def main() -> None:
           f"{forge_s:.1f} s")
 
     bench_started = time.monotonic()
-    summary = run_bench(ws, None, BenchOptions(device=args.device, worker_id="bench-gpu"), once=True,
-                        progress=print)
+    summary = None
+    if args.bench:
+        summary = run_bench(ws, None, BenchOptions(device=args.device, worker_id="bench-gpu"),
+                            once=True, progress=print)
+        print(f"bench: {summary.validated} validated, {summary.rejected} rejected in "
+              f"{time.monotonic() - bench_started:.1f} s")
     bench_s = time.monotonic() - bench_started
-    print(f"bench: {summary.validated} validated, {summary.rejected} rejected in {bench_s:.1f} s")
 
     rows = []
     with Urza.open(ws) as urza:
@@ -105,20 +110,28 @@ def main() -> None:
             rows.append(row)
         hardware = next((k.validation_report.hardware_context for k in kernels
                          if k.validation_report is not None), {})
+        if not args.bench and args.device != "cpu":
+            from pipelines.urabrask.gauntlet import hardware_context
+
+            hardware = hardware_context(args.device)
         for row in rows:
-            if row["status"] != KernelStatus.VALIDATED.value:
+            if row["status"] != KernelStatus.VALIDATED.value and args.bench:
                 continue
             for _ in range(args.repeats):
                 if time.monotonic() - started > args.budget_s:
                     break
                 result = run_gauntlet(urza, GauntletJob(kernel_id=row["kernel"], device=args.device))
                 row["repeats"].append(result.metrics if result.passed else {"failed": result.reason})
-            runs = [row["bench"]] + [r for r in row["repeats"] if "failed" not in r]
+            runs = ([row["bench"]] if args.bench else []) + [r for r in row["repeats"]
+                                                             if "failed" not in r]
+            failed = [r["failed"] for r in row["repeats"] if "failed" in r]
+            if failed:
+                print(f"{row['kernel']:38} {row['blueprint']:22} FAILED: {failed[0]}")
             if len(runs) >= 2:
                 row["cv_pct_across_runs"] = {m: cv_pct([r[m] for r in runs]) for m in KEY_METRICS
                                              if all(m in r for r in runs)}
             print(f"{row['kernel']:38} {row['blueprint']:22} {row['pipeline']:8} "
-                  f"{row['bench'].get('latency_ms_mean', float('nan')):8.4f} ms  "
+                  f"{(runs[0] if runs else {}).get('latency_ms_mean', float('nan')):8.4f} ms  "
                   f"cv across runs {row.get('cv_pct_across_runs', {}).get('latency_ms_mean', float('nan')):5.2f}%  "
                   f"{' '.join(row['tags'])}")
         verify = urza.verify()
@@ -131,13 +144,15 @@ def main() -> None:
             figure[metric] = {"kernels": len(values), "median_cv_pct": statistics.median(values),
                               "p90_cv_pct": percentile(values, 0.9), "max_cv_pct": max(values),
                               "under_5pct": sum(v < 5.0 for v in values)}
-    within = [r["bench"]["latency_cv_pct"] for r in rows if "latency_cv_pct" in r["bench"]]
+    within = [r["latency_cv_pct"] for row in rows
+              for r in [row["bench"], *row["repeats"]] if "latency_cv_pct" in r]
     result = {
         "device": torch.cuda.get_device_name() if args.device != "cpu" else "cpu",
         "torch": torch.__version__,
         "cuda": torch.version.cuda, "hardware_context": hardware, "interfaces": interfaces,
         "forges": args.forges, "forge_seconds": forge_s, "kernels_built": built,
-        "forge_failures": failed, "bench_seconds": bench_s, "bench_summary": summary.to_jsonable(),
+        "forge_failures": failed, "bench_seconds": bench_s,
+        "bench_summary": summary.to_jsonable() if summary is not None else None,
         "repeats": args.repeats, "variance_across_runs": figure,
         "within_run_latency_cv_pct": {"median": statistics.median(within) if within else None,
                                       "max": max(within) if within else None},

@@ -15,6 +15,11 @@ Stage 1, the gatekeeper, in this order (the first failure is the rejection reaso
 5. determinism: two forward+backward runs from the same RNG seed give bitwise-equal outputs and
    gradients. Randomness by design (dropout) is reproducible from the seed and passes;
    randomness the seed does not govern (racy accumulation, uninitialised memory) does not.
+   Some library algorithms are nondeterministic by default on a GPU (cuDNN's weight gradients
+   of some convolutions accumulate with atomics): when the default mode differs, the check is
+   repeated under `torch.use_deterministic_algorithms(True)`; a kernel that is deterministic
+   there passes with `deterministic_default_mode = 0` in its metrics, one that is not (or uses
+   an op with no deterministic implementation) is rejected.
 
 Stage 2, the profiler, measures the kernel at the weights after that one step (at init the
 output is exactly zero, which would hide precision drift):
@@ -39,9 +44,11 @@ output is exactly zero, which would hide precision drift):
 from __future__ import annotations
 
 import math
+import os
 import platform
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -116,6 +123,9 @@ def run_gauntlet(urza: Urza, job: GauntletJob) -> GauntletResult:
     from pipelines.tezzeret.compile import input_form
     from pipelines.tezzeret.loader import load_kernel
 
+    # cuBLAS is deterministic only with a fixed workspace, set before it initialises (the
+    # determinism check may need it); it changes no result.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     hardware = hardware_context(job.device)
     try:
         kernel = load_kernel(urza, job.kernel_id, device=job.device, require_validated=False)
@@ -127,8 +137,9 @@ def run_gauntlet(urza: Urza, job: GauntletJob) -> GauntletResult:
     form = input_form(ir, interface)
     dtype = getattr(torch, kernel.manifest.dtype)
     try:
-        gatekeep(kernel, kernel.module, interface, form, dtype, job.device, seed=job.seed)
+        gate = gatekeep(kernel, kernel.module, interface, form, dtype, job.device, seed=job.seed)
         metrics, baseline = profile(kernel, kernel.module, interface, form, dtype, job)
+        metrics.update(gate)
     except GateFailure as e:
         return GauntletResult(job.kernel_id, False, e.check, f"{e.check}: {e}", hardware=hardware)
     metrics["flops_per_position"] = float(validate(ir, interface).checks[0].flops_per_position)
@@ -164,9 +175,11 @@ def output_shape(interface, x_shape: tuple[int, ...]) -> tuple[int, ...]:
 
 # Stage 1 ----------------------------------------------------------------------------------------
 
-def gatekeep(kernel, module, interface, form: str, dtype, device: str, *, seed: int) -> None:
+def gatekeep(kernel, module, interface, form: str, dtype, device: str, *,
+             seed: int) -> dict[str, float]:
     """Stage 1 on `kernel` (a callable; `module` holds its parameters). Raises GateFailure.
-    Leaves `module` one SGD step past its initial weights (what the profiler measures)."""
+    Leaves `module` one SGD step past its initial weights (what the profiler measures).
+    Returns what it measured on the way (`deterministic_default_mode`)."""
     import torch
 
     module.train()
@@ -214,6 +227,24 @@ def gatekeep(kernel, module, interface, form: str, dtype, device: str, *, seed: 
                                                "one training step")
 
     # Determinism: the same seed twice gives the same output and gradients, bit for bit.
+    difference = _twice_differs(kernel, module, params, x, upstream, seed)
+    deterministic_default = difference is None
+    if difference is not None:
+        with _deterministic_algorithms():
+            try:
+                strict = _twice_differs(kernel, module, params, x, upstream, seed)
+            except RuntimeError as e:  # an op with no deterministic implementation
+                strict = f"{difference}; no deterministic mode: {str(e).splitlines()[0][:200]}"
+        if strict is not None:
+            raise GateFailure("determinism", strict)
+    module.zero_grad(set_to_none=True)
+    return {"deterministic_default_mode": float(deterministic_default)}
+
+
+def _twice_differs(kernel, module, params: dict, x, upstream, seed: int) -> str | None:
+    """Why two forward+backward runs from one seed differ, or None when they are identical."""
+    import torch
+
     runs = []
     for _ in range(2):
         module.zero_grad(set_to_none=True)
@@ -224,14 +255,30 @@ def gatekeep(kernel, module, interface, form: str, dtype, device: str, *, seed: 
                      {n: p.grad.detach().clone() for n, p in params.items()}))
     (out_a, grads_a), (out_b, grads_b) = runs
     if not torch.equal(out_a, out_b):
-        raise GateFailure("determinism", "the output differs between two runs with the same seed "
-                                         f"(max |diff| {_max_diff(out_a, out_b):.3g})")
+        return ("the output differs between two runs with the same seed "
+                f"(max |diff| {_max_diff(out_a, out_b):.3g})")
     for name in params:
         if not torch.equal(grads_a[name], grads_b[name]):
-            raise GateFailure("determinism", f"the gradient of {name} differs between two runs "
-                                             "with the same seed (max |diff| "
-                                             f"{_max_diff(grads_a[name], grads_b[name]):.3g})")
-    module.zero_grad(set_to_none=True)
+            return (f"the gradient of {name} differs between two runs with the same seed "
+                    f"(max |diff| {_max_diff(grads_a[name], grads_b[name]):.3g})")
+    return None
+
+
+@contextmanager
+def _deterministic_algorithms():
+    """torch's deterministic mode (and cuDNN's), restored afterwards."""
+    import torch
+
+    saved = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[2:]
 
 
 def _check_grads(params: dict, *, step: int) -> None:
@@ -417,8 +464,6 @@ def _peak_memory_mb(kernel, module, x, upstream, device: str) -> tuple[float, st
 
 
 def hardware_context(device: str) -> dict[str, str]:
-    import os
-
     import torch
 
     context = {"device": device, "torch": torch.__version__, "python": platform.python_version(),
