@@ -14,6 +14,7 @@ from typing import Any
 # SDK name -> "module:attribute". Only what is built is listed.
 _EXPORTS: dict[str, str] = {
     "wrap": "kasmina.wrap:wrap",
+    "TamiyoController": "esper.tamiyo:TamiyoController",
     "load_config": "esper.config:load_config",
 }
 

@@ -57,11 +57,20 @@ class GateConfig(_Strict):
     """Lifecycle gates. After EVALUATING a graft is kept (FINE_TUNING, then FOSSILIZED) when the
     monitored metric improved on its value at germination by at least `keep_min_improvement`;
     it is CULLED when it worsened by more than `cull_max_degradation`, or when it sits in
-    TRAINING longer than `max_training_epochs` without signalling readiness."""
+    TRAINING longer than `max_training_epochs` without signalling readiness.
+
+    Between the two thresholds the evaluation is inconclusive: it is repeated, and culled after
+    `max_evaluation_epochs`. After FINE_TUNING a graft is fossilized unless the metric is then
+    worse than at germination by more than `cull_max_degradation`. A kernel not loaded within
+    `max_loading_epochs` is cancelled; a graft whose alpha ramp has not completed after
+    `max_grafting_epochs` (None: no limit; the ramp length is in steps) is culled."""
 
     keep_min_improvement: float = 0.0
     cull_max_degradation: NonNegFloat = 0.0
     max_training_epochs: PositiveInt = 10
+    max_evaluation_epochs: PositiveInt = 3
+    max_loading_epochs: PositiveInt = 5
+    max_grafting_epochs: PositiveInt | None = None
 
 
 class DivergenceConfig(_Strict):
@@ -72,7 +81,11 @@ class DivergenceConfig(_Strict):
 
 
 class TamiyoConfig(_Strict):
-    """The controller (DESIGN.md section 11)."""
+    """The controller (DESIGN.md section 11).
+
+    At most `max_concurrent` adaptations are under way at once and `max_germinations` are
+    started in the whole run (None: no limit); after an adaptation ends, the next germination
+    waits `cooldown_epochs` epochs."""
 
     policy: Literal["heuristic", "gnn"] = "heuristic"
     max_concurrent: PositiveInt = 1

@@ -1,0 +1,222 @@
+"""The heuristic policy's pieces, as pure functions of what Tamiyo observed (DESIGN.md 11):
+plateau detection, bottleneck ranking of locations, and the lifecycle gates. No torch, no IO:
+the controller wires these together and keeps the state.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from esper.contracts import SeedLifecycle
+from esper.tamiyo.config import GateConfig, LocationConfig
+from esper.tamiyo.packets import SeedObservation, seed_key
+
+S = SeedLifecycle
+
+# The metrics a plateau can be watched on, and whether lower is better.
+LOWER_IS_BETTER: dict[str, bool] = {"validation_loss": True, "train_loss": True,
+                                    "validation_accuracy": False}
+
+
+# --- plateau -------------------------------------------------------------------------------
+
+@dataclass
+class Plateau:
+    """Epochs since the watched metric last improved on its best by more than `min_delta`."""
+
+    best: float | None = None
+    stale: int = 0
+
+    def update(self, value: float, *, lower_is_better: bool, min_delta: float) -> bool:
+        """Fold in one epoch's value; True when it improved."""
+        if self.best is None:
+            self.best, self.stale = value, 0
+            return True
+        gain = self.best - value if lower_is_better else value - self.best
+        if gain > min_delta:
+            self.best, self.stale = value, 0
+            return True
+        self.stale += 1
+        return False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"best": self.best, "stale": self.stale}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Plateau:
+        return cls(best=data["best"], stale=int(data["stale"]))
+
+
+def improvement(metric: str, before: float, after: float) -> float:
+    """How much better `after` is than `before` on `metric` (positive: better)."""
+    return before - after if LOWER_IS_BETTER[metric] else after - before
+
+
+# --- where to grow -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Ranking:
+    """Candidate seeds by bottleneck score. Arrays are per candidate, in the order given;
+    `order` lists the candidates strongest first (equal scores in seed-id order)."""
+
+    order: np.ndarray
+    score: np.ndarray
+    gradient_energy_rank: np.ndarray
+    low_variance_rank: np.ndarray
+    dead_ratio_rank: np.ndarray
+
+
+def rank_bottlenecks(gradient_energy: np.ndarray, activation_variance: np.ndarray,
+                     dead_ratio: np.ndarray, layer: np.ndarray, index: np.ndarray,
+                     weights: LocationConfig) -> Ranking:
+    """A chunk is a bottleneck when the loss pushes hard on it (high gradient energy), when it
+    carries little signal (low activation variance), or when its units are dead (high dead
+    ratio). Each statistic is ranked among the candidates and scaled to [0, 1] (1: the
+    strongest sign); the score is the weighted sum. Ranks, not raw values: the statistics of
+    different layers are on different scales."""
+    energy = _ranks(gradient_energy)
+    low_variance = _ranks(-activation_variance)
+    dead = _ranks(dead_ratio)
+    score = (weights.gradient_energy_weight * energy + weights.variance_weight * low_variance
+             + weights.dead_ratio_weight * dead)
+    order = np.lexsort((index, layer, -score))  # last key first: score, then seed id
+    return Ranking(order, score, energy, low_variance, dead)
+
+
+@dataclass(frozen=True)
+class LocationScore:
+    """One candidate's bottleneck score and the ranks it is made of."""
+
+    seed_id: str
+    score: float
+    gradient_energy_rank: float
+    low_variance_rank: float
+    dead_ratio_rank: float
+    observation: SeedObservation
+
+    @classmethod
+    def of(cls, ranking: Ranking, i: int, observation: SeedObservation) -> LocationScore:
+        return cls(observation.seed_id, float(ranking.score[i]),
+                   float(ranking.gradient_energy_rank[i]), float(ranking.low_variance_rank[i]),
+                   float(ranking.dead_ratio_rank[i]), observation)
+
+    def scores(self) -> dict[str, float]:
+        o = self.observation
+        return {"bottleneck_score": self.score,
+                "gradient_energy_rank": self.gradient_energy_rank,
+                "low_variance_rank": self.low_variance_rank,
+                "dead_ratio_rank": self.dead_ratio_rank, "gradient_energy": o.gradient_energy,
+                "activation_variance": o.activation_variance, "dead_ratio": o.dead_ratio}
+
+
+def rank_locations(candidates: Sequence[SeedObservation],
+                   weights: LocationConfig) -> list[LocationScore]:
+    """`rank_bottlenecks` over a list of observations, strongest first."""
+    keys = [seed_key(c.seed_id) for c in candidates]
+    ranking = rank_bottlenecks(
+        np.array([c.gradient_energy for c in candidates], dtype=np.float64),
+        np.array([c.activation_variance for c in candidates], dtype=np.float64),
+        np.array([c.dead_ratio for c in candidates], dtype=np.float64),
+        np.array([k[0] for k in keys], dtype=np.int64),
+        np.array([k[1] for k in keys], dtype=np.int64), weights)
+    return [LocationScore.of(ranking, int(i), candidates[i]) for i in ranking.order]
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """Each value's rank among `values` scaled to [0, 1] (largest: 1); ties share their mean
+    rank; a single value ranks 1."""
+    n = len(values)
+    if n <= 1:
+        return np.ones(n)
+    order = np.argsort(values, kind="stable")
+    ordered = values[order]
+    first = np.r_[True, ordered[1:] != ordered[:-1]]   # (n,) where each run of ties starts
+    starts = np.flatnonzero(first)
+    ends = np.r_[starts[1:], n] - 1
+    ranks = np.empty(n)
+    ranks[order] = ((starts + ends) / 2 / (n - 1))[np.cumsum(first) - 1]
+    return ranks
+
+
+# --- the lifecycle gates -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the gate says for one adaptation this epoch. `action` None: nothing to say."""
+
+    action: str | None                    # "advance", "cull", "cancel", "hold" or None
+    target: SeedLifecycle | None = None   # the stage an "advance" moves to
+    reason: str = ""
+    scores: dict[str, float] = field(default_factory=dict)
+
+
+NOTHING = Verdict(None)
+
+
+def gate(stage: SeedLifecycle, ready: bool, epochs_in_stage: int, *, trained: bool,
+         gain: float | None, metric: str, gates: GateConfig) -> Verdict:
+    """The lifecycle gate of an adaptation in `stage` after `epochs_in_stage` epoch ends there.
+
+    `gain`: the watched metric's improvement since germination (positive: better).
+    """
+    n = epochs_in_stage
+    if stage is S.GERMINATED:
+        if ready:
+            return Verdict("advance", S.LOADING, "the kernel is fetched and verified")
+        if n >= gates.max_loading_epochs:
+            return Verdict("cancel", None, f"the kernel was not ready after {n} epoch(s) "
+                           f"(limit max_loading_epochs={gates.max_loading_epochs})")
+    elif stage is S.LOADING:
+        if n >= gates.max_loading_epochs:
+            return Verdict("cancel", None, f"still LOADING after {n} epoch(s) "
+                           f"(limit max_loading_epochs={gates.max_loading_epochs})")
+    elif stage is S.TRAINING:
+        if ready:
+            return Verdict("advance", S.GRAFTING, "isolated training passed its readiness test")
+        if n >= gates.max_training_epochs:
+            return Verdict("cull", None, f"no readiness after {n} epoch(s) in TRAINING "
+                           f"(limit max_training_epochs={gates.max_training_epochs})")
+    elif stage is S.GRAFTING:
+        if ready:
+            return Verdict("advance", S.STABILIZATION, "the alpha ramp is complete")
+        if gates.max_grafting_epochs is not None and n >= gates.max_grafting_epochs:
+            return Verdict("cull", None, f"the alpha ramp did not complete in {n} epoch(s) "
+                           f"(limit max_grafting_epochs={gates.max_grafting_epochs})")
+    elif stage is S.STABILIZATION:
+        if ready:
+            return Verdict("advance", S.EVALUATING, "stabilization steps are done")
+    elif stage is S.EVALUATING and ready and gain is not None:
+        scores = {"metric_gain": gain, "keep_min_improvement": gates.keep_min_improvement,
+                  "cull_max_degradation": gates.cull_max_degradation}
+        measured = f"{metric} changed by {_signed(gain)} since germination (positive: better)"
+        if gain >= gates.keep_min_improvement:
+            target = S.FINE_TUNING if trained else S.FOSSILIZED
+            why = "" if trained else "; a fixed-function kernel skips FINE_TUNING"
+            return Verdict("advance", target, f"keep: {measured}, at least keep_min_improvement="
+                           f"{gates.keep_min_improvement:g}{why}", scores)
+        if gain < -gates.cull_max_degradation:
+            return Verdict("cull", None, f"{measured}: worse by more than cull_max_degradation="
+                           f"{gates.cull_max_degradation:g}", scores)
+        if n >= gates.max_evaluation_epochs:
+            return Verdict("cull", None, f"inconclusive after {n} epoch(s) in EVALUATING: "
+                           f"{measured}, below keep_min_improvement={gates.keep_min_improvement:g}"
+                           f" (limit max_evaluation_epochs={gates.max_evaluation_epochs})", scores)
+        return Verdict("hold", None, f"inconclusive: {measured}, below keep_min_improvement="
+                       f"{gates.keep_min_improvement:g} but not worse than cull_max_degradation="
+                       f"{gates.cull_max_degradation:g}; evaluating again", scores)
+    elif stage is S.FINE_TUNING and ready and gain is not None:
+        scores = {"metric_gain": gain, "cull_max_degradation": gates.cull_max_degradation}
+        measured = f"{metric} changed by {_signed(gain)} since germination (positive: better)"
+        if gain < -gates.cull_max_degradation:
+            return Verdict("cull", None, f"{measured}: worse by more than cull_max_degradation="
+                           f"{gates.cull_max_degradation:g} after fine-tuning", scores)
+        return Verdict("advance", S.FOSSILIZED, f"fine-tuning done and {measured}", scores)
+    return NOTHING
+
+
+def _signed(x: float) -> str:
+    return f"{x:+.6g}"

@@ -1,0 +1,729 @@
+"""The heuristic Tamiyo: plateau, location, kernel choice, gates, embargo, divergence, pause,
+checkpoints and determinism.
+
+Seeds live in real KasminaLayers: commands go through `kasmina.dispatch` and
+`kasmina.on_epoch_end`, which apply the lifecycle table and the embargo. What a test controls is
+what Tolaria would measure: the validation loss, and each seed's readiness and chunk statistics
+(written over the layer's real HealthSignal), so that every gate can be reached on purpose.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import kasmina
+from esper.blueprints import standard_library
+from esper.contracts import (
+    LATENCY_MS,
+    MEMORY_MB,
+    CompilationPipeline,
+    CompiledKernelArtifact,
+    HealthSignal,
+    KasminaCommandType,
+    KasminaControlCommand,
+    KernelInterface,
+    LayerKind,
+    TamiyoDecision,
+    UrabraskValidationReport,
+)
+from esper.contracts import SeedLifecycle as S
+from esper.errors import BadInputError
+from esper.signing import sign
+from esper.tamiyo import (
+    FixedKernelChooser,
+    KernelCandidate,
+    TamiyoConfig,
+    TamiyoController,
+    build_state_packet,
+)
+from esper.tamiyo.config import GateConfig, LocationConfig
+from esper.tamiyo.heuristic import Plateau, gate, rank_locations
+from esper.tamiyo.packets import SeedObservation
+from esper.urza import Urza
+
+BASE = {"plateau": {"patience": 2, "min_delta": 0.01, "warmup_epochs": 2}}
+
+
+def config(**sections) -> TamiyoConfig:
+    data = copy.deepcopy(BASE)
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            data.setdefault(key, {}).update(value)
+        else:
+            data[key] = value
+    return TamiyoConfig.from_mapping(data)
+
+
+def library_ir(name: str):
+    return next(ir for ir in standard_library() if ir.name == name)
+
+
+class Harness:
+    """A wrapped two-layer model (layer 0: linear:8:4 seeds, layer 1: linear:8:2 seeds, two
+    seeds each), its kernels, and the controller, stepped one epoch end at a time."""
+
+    def __init__(self, tamiyo_config: TamiyoConfig | None = None, *, kernels=("mlp_gelu_w32",),
+                 kasmina_config: dict | None = None, chooser=None, urza=None, observe=True,
+                 model: nn.Module | None = None):
+        torch.manual_seed(0)
+        model = model or nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+        self.source = kasmina.BlueprintKernelSource()
+        kcfg = {"seeds_per_layer": 2, "embargo_epochs": 3, **(kasmina_config or {})}
+        self.model, report = kasmina.wrap(model, kcfg, kernel_source=self.source)
+        self.kernels: dict[str, list[str]] = {}
+        for wrapped in report.layers:
+            for name in kernels:
+                kernel = self.source.add(library_ir(name), wrapped.interface)
+                self.kernels.setdefault(str(wrapped.interface), []).append(kernel)
+        if chooser is None and urza is None:
+            chooser = FixedKernelChooser.from_entries(self.source.entries)
+        self.tamiyo = TamiyoController(self.model, tamiyo_config or config(), urza=urza,
+                                       kernel_chooser=chooser, run_id="run")
+        self.observe = observe
+        self.epoch = 0
+        self.hold: set[str] = set()   # seeds that do not report readiness
+        self.stats: dict[str, dict[str, float]] = {}
+        self.rejected: list[tuple[KasminaControlCommand, str]] = []
+        self.decisions: list[TamiyoDecision] = []
+        self.reports = []
+        self.dispatch = True
+
+    @property
+    def layers(self):
+        return kasmina.layers(self.model)
+
+    def stage(self, sid: str) -> S:
+        layer, index = map(int, sid.split(":"))
+        return self.layers[layer].stage(index)
+
+    def health(self) -> list[HealthSignal]:
+        signals = []
+        for layer in self.layers:
+            signal = layer.health_signal("run", self.epoch)
+            ids = [f"{layer.layer_id}:{i}" for i in range(layer.seeds)]
+            stat = {key: [self.stats.get(sid, {}).get(key, 0.0) for sid in ids]
+                    for key in ("gradient_energy", "activation_variance", "dead_ratio")}
+            signals.append(signal.model_copy(update={
+                **stat, "is_ready_for_transition": [sid not in self.hold for sid in ids]}))
+        return signals
+
+    def packet(self, loss: float, **metrics):
+        return build_state_packet("run", self.epoch, self.health(), validation_loss=loss, **metrics)
+
+    def end_epoch(self, loss: float, **metrics):
+        """One epoch end: Tamiyo decides, Kasmina applies the commands at the boundary."""
+        self.epoch += 1
+        health = self.health()
+        packet = build_state_packet("run", self.epoch, health, validation_loss=loss, **metrics)
+        signal = self.tamiyo.step(packet, health)
+        if not signal.emergency_rollback_required:
+            if self.dispatch:
+                kasmina.dispatch(self.model, signal.commands)
+            boundary = kasmina.on_epoch_end(self.model, self.epoch, "run")
+            for layer in self.layers:
+                layer.wait_for_loads()
+            self.rejected += [r for report in boundary for r in report.rejected]
+            if self.observe:
+                self.tamiyo.observe_boundary(boundary)
+        self.decisions += self.tamiyo.drain_decisions()
+        self.reports += self.tamiyo.drain_field_reports()
+        return signal
+
+    def run(self, losses, **metrics):
+        return [self.end_epoch(loss, **metrics) for loss in losses]
+
+    def actions(self):
+        return [(d.epoch, d.action, d.seed_id) for d in self.decisions]
+
+
+def commands(signal):
+    return [(c.command, f"{c.target_layer_id}:{c.target_seed_id}", c.target_stage)
+            for c in signal.commands]
+
+
+# Plateau ------------------------------------------------------------------------------------
+
+def test_plateau_counts_epochs_without_an_improvement_above_min_delta():
+    p = Plateau()
+    assert p.update(1.0, lower_is_better=True, min_delta=0.1) and p.stale == 0
+    assert not p.update(0.95, lower_is_better=True, min_delta=0.1)
+    assert (p.best, p.stale) == (1.0, 1)  # 0.05 better: not enough, and not the new best
+    assert not p.update(1.2, lower_is_better=True, min_delta=0.1) and p.stale == 2
+    assert p.update(0.85, lower_is_better=True, min_delta=0.1) and (p.best, p.stale) == (0.85, 0)
+    acc = Plateau()
+    acc.update(0.5, lower_is_better=False, min_delta=0.01)
+    assert acc.update(0.6, lower_is_better=False, min_delta=0.01)
+    assert not acc.update(0.4, lower_is_better=False, min_delta=0.01) and acc.stale == 1
+
+
+def test_germination_waits_for_warmup_and_patience():
+    h = Harness(config(plateau={"patience": 2, "warmup_epochs": 5}))
+    signals = h.run([1.0, 0.5, 0.498, 0.497])  # improving, then two stale epochs
+    assert all(not s.commands for s in signals) and h.decisions == []  # warm-up: 4 < 5
+    signal = h.end_epoch(0.496)
+    assert [c.command for c in signal.commands] == [KasminaCommandType.REQUEST_GERMINATION]
+    (decision,) = h.decisions
+    assert decision.action == "germinate" and decision.epoch == 5
+    assert "has not beaten its best 0.5 by more than min_delta=0.01 for 3 epoch(s)" in \
+        decision.explanation
+
+    steady = Harness(config(plateau={"patience": 2, "warmup_epochs": 0}))
+    steady.run([1.0, 0.9, 0.8, 0.7, 0.6, 0.5])  # always improving: never a plateau
+    assert steady.decisions == []
+
+
+def test_accuracy_plateau_and_a_missing_metric():
+    h = Harness(config(plateau={"metric": "validation_accuracy"}))
+    h.run([1.0, 0.8, 0.6], validation_accuracy=0.5)  # the loss improves, the accuracy does not
+    assert h.actions() == [(3, "germinate", "0:0")]
+    rising = Harness(config(plateau={"metric": "validation_accuracy"}))
+    for epoch in range(6):
+        rising.end_epoch(1.0, validation_accuracy=0.1 * epoch)
+    assert rising.decisions == []
+    with pytest.raises(BadInputError, match="validation_accuracy .* carries none"):
+        Harness(config(plateau={"metric": "validation_accuracy"})).end_epoch(1.0)
+
+
+# Location -----------------------------------------------------------------------------------
+
+def test_rank_locations_scores_normalised_ranks_and_breaks_ties_by_seed_id():
+    obs = [SeedObservation("0:0", S.DORMANT, False, gradient_energy=1.0, activation_variance=1.0),
+           SeedObservation("0:1", S.DORMANT, False, gradient_energy=9.0, activation_variance=1.0),
+           SeedObservation("1:0", S.DORMANT, False, gradient_energy=1.0, activation_variance=0.1,
+                           dead_ratio=0.5),
+           SeedObservation("1:1", S.DORMANT, False, gradient_energy=5.0, activation_variance=2.0)]
+    ranked = rank_locations(obs, LocationConfig())
+    by_id = {r.seed_id: r for r in ranked}
+    # energy ranks: 1.0 (x2) share (0+1)/2/3, 5.0 -> 2/3, 9.0 -> 1.
+    assert by_id["0:1"].gradient_energy_rank == 1.0
+    assert by_id["0:0"].gradient_energy_rank == by_id["1:0"].gradient_energy_rank == 1 / 6
+    assert by_id["1:0"].low_variance_rank == 1.0 and by_id["1:1"].low_variance_rank == 0.0
+    assert by_id["1:0"].dead_ratio_rank == 1.0
+    # 0:1: 1 + 0.5 * 0.5 + 0.5 * 1/3; 1:0: 1/6 + 0.5 + 0.5; 1:1: 2/3 + 0 + 0.5 * 1/3.
+    assert [r.seed_id for r in ranked] == ["0:1", "1:0", "1:1", "0:0"]
+    assert math.isclose(by_id["0:1"].score, 1 + 0.25 + 1 / 6)
+    only_dead = rank_locations(obs, LocationConfig(gradient_energy_weight=0.0,
+                                                   variance_weight=0.0))
+    assert only_dead[0].seed_id == "1:0"
+    same = [SeedObservation(sid, S.DORMANT, False) for sid in ("10:0", "2:1", "2:0")]
+    assert [r.seed_id for r in rank_locations(same, LocationConfig())] == ["2:0", "2:1", "10:0"]
+
+
+def test_the_strongest_bottleneck_is_germinated_with_its_layers_kernel():
+    h = Harness()
+    h.stats = {"1:1": {"gradient_energy": 3.0, "dead_ratio": 0.4},
+               "0:0": {"gradient_energy": 1.0}}
+    signal = h.run([1.0, 1.0, 1.0])[-1]
+    (command,) = signal.commands
+    assert (command.target_layer_id, command.target_seed_id) == (1, 1)
+    assert command.kernel_artifact_id == h.kernels["linear:8:2"][0]
+    (decision,) = h.decisions
+    assert decision.seed_id == "1:1" and decision.kernel_artifact_id == command.kernel_artifact_id
+    assert "seed 1:1 (layer 2, interface linear:8:2) has the strongest bottleneck score" in \
+        decision.explanation
+    assert "runner-up 0:0" in decision.explanation
+    assert decision.scores["gradient_energy"] == 3.0 and decision.scores["dead_ratio_rank"] == 1.0
+    assert h.stage("1:1") is S.GERMINATED
+
+
+def test_equal_seeds_are_chosen_in_seed_id_order():
+    h = Harness()
+    h.run([1.0, 1.0, 1.0])
+    assert h.decisions[0].seed_id == "0:0"
+
+
+# Concurrency --------------------------------------------------------------------------------
+
+def test_at_most_max_concurrent_adaptations():
+    h = Harness(config(gates={"max_training_epochs": 50}))
+    h.hold = {"0:0", "0:1", "1:0", "1:1"}
+    h.stats = {"0:0": {"gradient_energy": 2.0}}
+    h.run([1.0] * 3)              # 0:0 germinates at 3
+    h.hold -= {"0:0"}
+    h.run([1.0] * 2)              # to LOADING at 4, TRAINING from the boundary of 5...
+    h.hold |= {"0:0"}
+    h.run([1.0] * 8)              # ...where it stays: the plateau goes on, nothing else grows
+    assert [a for _, a, _ in h.actions()] == ["germinate", "advance"]
+    assert h.tamiyo.active_seeds == ["0:0"] and h.stage("0:0") is S.TRAINING
+
+    two = Harness(config(max_concurrent=2, gates={"max_loading_epochs": 50}))
+    two.hold = {"0:0", "0:1", "1:0", "1:1"}
+    two.run([1.0] * 8)
+    germinated = [(e, sid) for e, a, sid in two.actions() if a == "germinate"]
+    # A new plateau (patience epochs) is needed after each germination.
+    assert germinated == [(3, "0:0"), (5, "0:1")]
+    assert two.tamiyo.active_seeds == ["0:0", "0:1"]
+
+
+def test_max_germinations_and_cooldown():
+    h = Harness(config(max_germinations=1))
+    h.run([1.0] * 3)
+    h.run([0.9, 0.8, 0.7, 0.6, 0.5, 0.5, 0.5])  # through the lifecycle: kept
+    assert h.tamiyo.active_seeds == [] and h.reports[0].outcome is S.FOSSILIZED
+    h.run([0.5] * 6)
+    assert [a for _, a, _ in h.actions()].count("germinate") == 1
+    assert "All 1 germination(s) of max_germinations are spent" in h.decisions[-1].explanation
+
+    cool = Harness(config(cooldown_epochs=4))
+    cool.run([1.0] * 3)
+    cool.run([0.9, 0.8, 0.7, 0.6, 0.5, 0.5, 0.5])
+    end = cool.reports[0].epoch
+    cool.run([0.5] * 6)
+    second = [e for e, a, _ in cool.actions() if a == "germinate"][1]
+    assert second == end + 4
+
+
+# Gates --------------------------------------------------------------------------------------
+
+def test_a_graft_that_helps_is_kept_and_fossilized():
+    h = Harness()
+    signals = h.run([1.0, 1.0, 1.0, 0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.45])
+    flow = [commands(s) for s in signals]
+    seed = "0:0"
+    assert flow[2] == [(KasminaCommandType.REQUEST_GERMINATION, seed, None)]
+    assert flow[3] == [(KasminaCommandType.ADVANCE, seed, S.LOADING)]
+    assert flow[4] == []  # LOADING -> TRAINING is Kasmina's own move
+    assert [f[0][2] for f in flow[5:10]] == [S.GRAFTING, S.STABILIZATION, S.EVALUATING,
+                                             S.FINE_TUNING, S.FOSSILIZED]
+    assert h.stage(seed) is S.FOSSILIZED and h.rejected == []
+    # Parameters are created or moved at the boundaries of LOADING, TRAINING->GRAFTING, ...
+    assert [s.optimizer_rebuild_required for s in signals] == [
+        False, False, False, False, True, True, True, True, True, True]
+    keep = next(d for d in h.decisions if d.epoch == 9)
+    assert keep.action == "advance" and "keep: validation_loss changed by +0.5" in keep.explanation
+    assert keep.scores["metric_gain"] == 0.5
+    (report,) = h.reports
+    assert report.outcome is S.FOSSILIZED and report.seed_id == seed
+    assert (report.pre_metric, report.post_metric, report.epoch) == (1.0, 0.45, 10)
+    assert report.kernel_artifact_id == h.kernels["linear:8:4"][0]
+    assert report.blueprint_id[:12] == report.kernel_artifact_id[:12]
+    assert report.eval_metrics["metric_gain"] == pytest.approx(0.55)
+    assert report.eval_metrics["epochs"] == 7
+    assert h.tamiyo.active_seeds == []
+
+
+def test_a_graft_that_hurts_is_culled_at_evaluation():
+    h = Harness(config(gates={"cull_max_degradation": 0.05}))
+    h.stats = {"0:0": {"gradient_energy": 1.0}}
+    h.run([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    signal = h.end_epoch(1.2)  # at EVALUATING, ready: 0.2 worse than at germination
+    assert commands(signal) == [(KasminaCommandType.CULL, "0:0", None)]
+    cull = h.decisions[-1]
+    assert cull.action == "cull" and "worse by more than cull_max_degradation=0.05" in \
+        cull.explanation
+    (report,) = h.reports
+    assert report.outcome is S.CULLED and (report.pre_metric, report.post_metric) == (1.0, 1.2)
+    assert report.reason.startswith("validation_loss changed by -0.2 since germination")
+    assert report.reason in cull.explanation  # Tamiyo's reason, not Kasmina's
+    assert h.stage("0:0") is S.CULLED
+
+
+def test_an_inconclusive_evaluation_is_repeated_then_culled():
+    h = Harness(config(gates={"keep_min_improvement": 0.5, "cull_max_degradation": 0.5,
+                              "max_evaluation_epochs": 2}))
+    h.run([1.0] * 8)
+    first = h.end_epoch(0.9)  # EVALUATING, 1st epoch end there: +0.1, between the thresholds
+    assert first.commands == [] and h.decisions[-1].action == "wait"
+    assert "inconclusive" in h.decisions[-1].explanation
+    second = h.end_epoch(0.9)
+    assert commands(second) == [(KasminaCommandType.CULL, "0:0", None)]
+    assert "inconclusive after 2 epoch(s) in EVALUATING" in h.decisions[-1].explanation
+
+
+def test_gate_table_for_fixed_function_kernels_and_fine_tuning():
+    gates = GateConfig(cull_max_degradation=0.1)
+    kept = gate(S.EVALUATING, True, 1, trained=False, gain=0.0, metric="validation_loss",
+                gates=gates)
+    assert (kept.action, kept.target) == ("advance", S.FOSSILIZED)
+    assert "fixed-function kernel skips FINE_TUNING" in kept.reason
+    assert gate(S.EVALUATING, False, 1, trained=True, gain=-5.0, metric="validation_loss",
+                gates=gates).action is None  # not ready: no judgement yet
+    worse = gate(S.FINE_TUNING, True, 1, trained=True, gain=-0.2, metric="validation_loss",
+                 gates=gates)
+    assert worse.action == "cull"
+    done = gate(S.FINE_TUNING, True, 1, trained=True, gain=-0.05, metric="validation_loss",
+                gates=gates)
+    assert (done.action, done.target) == ("advance", S.FOSSILIZED)
+    stuck = gate(S.GERMINATED, False, 5, trained=False, gain=0.0, metric="validation_loss",
+                 gates=GateConfig(max_loading_epochs=5))
+    assert stuck.action == "cancel"
+    assert gate(S.GRAFTING, False, 999, trained=True, gain=0.0, metric="validation_loss",
+                gates=GateConfig()).action is None  # no grafting limit by default
+    assert gate(S.GRAFTING, False, 4, trained=True, gain=0.0, metric="validation_loss",
+                gates=GateConfig(max_grafting_epochs=4)).action == "cull"
+
+
+def test_a_seed_stuck_in_training_is_culled():
+    h = Harness(config(gates={"max_training_epochs": 3}))
+    h.run([1.0] * 4)             # germinate at 3, advance to LOADING at 4
+    h.hold = {"0:0"}             # isolated training never passes its test
+    h.run([1.0] * 4)             # LOADING at 5, TRAINING at 6, 7, 8
+    cull = next(d for d in h.decisions if d.action == "cull")
+    assert cull.epoch == 8 and "no readiness after 3 epoch(s) in TRAINING" in cull.explanation
+    (report,) = h.reports
+    assert report.outcome is S.CULLED and report.epoch == 8
+    assert "max_training_epochs=3" in report.reason
+
+
+def test_a_kernel_that_never_loads_is_cancelled():
+    h = Harness(config(gates={"max_loading_epochs": 2}))
+    h.hold = {"0:0"}  # GERMINATED, never ready
+    h.run([1.0] * 5)
+    cancel = next(d for d in h.decisions if d.action == "cancel")
+    assert cancel.epoch == 5 and "not ready after 2 epoch(s)" in cancel.explanation
+    assert h.reports[0].outcome is S.CANCELLED and h.stage("0:0") is S.CANCELLED
+
+
+def test_a_kernel_kasmina_cannot_load_is_reported_with_kasminas_reason():
+    h = Harness(chooser=FixedKernelChooser([KernelCandidate(
+        "0123456789ab-cpu-fast-abcdef", "0123456789ab" + "0" * 52,
+        KernelInterface.parse("linear:8:4"))]))
+    # Germinate at 3, to LOADING at 4 (the readiness here is the test's); at the boundary of 5
+    # Kasmina finds the load failed and culls the seed by itself.
+    h.run([1.0] * 5)
+    (report,) = h.reports
+    assert report.outcome is S.CULLED and report.epoch == 5
+    assert report.reason.startswith("kernel load failed") and "0123456789ab" in report.reason
+    assert h.stage("0:0") is S.CULLED
+
+
+# Embargo ------------------------------------------------------------------------------------
+
+def test_a_culled_seed_is_not_proposed_until_kasminas_embargo_ends():
+    single = nn.Sequential(nn.Linear(8, 8))
+    h = Harness(config(gates={"max_training_epochs": 1}), model=single,
+                kernels=("mlp_gelu_w32", "mlp_relu_w16"), kasmina_config={"seeds_per_layer": 1})
+    h.run([1.0] * 4)          # germinate at 3, LOADING at 4
+    h.hold = {"0:0"}
+    h.run([1.0] * 2)          # LOADING at 5, TRAINING at 6: culled at once (limit 1)
+    assert h.stage("0:0") is S.CULLED and h.reports[0].outcome is S.CULLED
+    culled_at = h.reports[0].epoch
+    h.hold = set()
+    h.run([1.0] * 5)
+    germinations = [(d.epoch, d.kernel_artifact_id) for d in h.decisions
+                    if d.action == "germinate"]
+    # embargo_epochs=3 from the boundary of the cull: Kasmina accepts at that + 3.
+    assert germinations[1][0] == culled_at + 3
+    # The kernel that failed here is not tried again at this seed.
+    assert [k for _, k in germinations] == sorted(h.kernels["linear:8:8"])
+    assert h.rejected == []
+    waits = [d for d in h.decisions if d.action == "wait"]
+    assert len(waits) == 1 and "(1 under embargo, 0 quarantined)" in waits[0].explanation
+
+
+def test_embargo_is_tracked_from_health_alone():
+    single = nn.Sequential(nn.Linear(8, 8))
+    h = Harness(config(gates={"max_training_epochs": 1}), model=single, observe=False,
+                kernels=("mlp_gelu_w32", "mlp_relu_w16"), kasmina_config={"seeds_per_layer": 1})
+    h.run([1.0] * 4)
+    h.hold = {"0:0"}
+    h.run([1.0] * 2)
+    h.hold = set()
+    h.run([1.0] * 5)
+    assert h.rejected == []
+    (report,) = h.reports  # seen at the next epoch end, with the metrics before the cull
+    assert report.outcome is S.CULLED and report.epoch == 6
+    assert [e for e, a, _ in h.actions() if a == "germinate"] == [3, 9]
+
+
+# Divergence and rollback --------------------------------------------------------------------
+
+def test_divergence_asks_for_a_rollback_and_blames_the_latest_graft():
+    h = Harness()
+    h.run([1.0, 1.0, 1.0, 1.0, 1.0, 1.0])  # 0:0 germinated at 3, GRAFTING from 6
+    assert h.stage("0:0") is S.GRAFTING
+    signal = h.end_epoch(3.5)  # > 3 x best 1.0
+    assert signal.emergency_rollback_required and signal.commands == []
+    assert "validation_loss 3.5 at epoch 7 is above 3 x the best 1" in signal.rollback_reason
+    assert h.tamiyo.rollback_suspect == "0:0"
+    decision = h.decisions[-1]
+    assert decision.action == "rollback" and decision.seed_id == "0:0"
+    nan = Harness().end_epoch(1.0, train_loss=float("nan"))
+    assert nan.emergency_rollback_required and "non-finite train_loss" in nan.rollback_reason
+    accuracy = Harness(config(plateau={"metric": "validation_accuracy"}))
+    assert accuracy.end_epoch(1.0, validation_accuracy=float("nan")).emergency_rollback_required
+    isolated = Harness()
+    isolated.run([1.0] * 5)  # 0:0 in TRAINING: it does not touch the forward pass
+    assert isolated.end_epoch(float("inf")).emergency_rollback_required
+    assert isolated.tamiyo.rollback_suspect is None
+
+
+def rolled_back(order: str, checkpoint_epoch: int) -> Harness:
+    """Diverge with 1:1 grafting, roll back to the checkpoint of `checkpoint_epoch`, blame 1:1;
+    Tolaria may tell Tamiyo before or after restoring (`order`)."""
+    h = Harness()
+    h.stats = {"1:1": {"gradient_energy": 1.0}}
+    h.run([1.0] * checkpoint_epoch)
+    model_state = copy.deepcopy(h.model.state_dict())
+    tamiyo_state = json.loads(json.dumps(h.tamiyo.state_dict()))
+    h.run([1.0] * (6 - checkpoint_epoch))  # 1:1 germinated at 3, GRAFTING from 6
+    assert h.stage("1:1") is S.GRAFTING
+    signal = h.end_epoch(float("nan"))
+    suspect = h.tamiyo.rollback_suspect
+    assert signal.emergency_rollback_required and suspect == "1:1"
+    if order == "restore_first":
+        h.model.load_state_dict(model_state)
+        h.tamiyo.load_state_dict(tamiyo_state)
+        h.tamiyo.on_rollback(suspect, signal.rollback_reason)
+    else:
+        h.tamiyo.on_rollback(suspect, signal.rollback_reason)
+        h.model.load_state_dict(model_state)
+        h.tamiyo.load_state_dict(tamiyo_state)
+    h.epoch = checkpoint_epoch
+    h.reports += h.tamiyo.drain_field_reports()
+    h.decisions += h.tamiyo.drain_decisions()
+    return h
+
+
+@pytest.mark.parametrize("checkpoint_epoch", [2, 4])
+def test_rollback_quarantines_the_seed_and_reports_it_once(checkpoint_epoch):
+    first, second = rolled_back("restore_first", checkpoint_epoch), \
+        rolled_back("report_first", checkpoint_epoch)
+    assert [r.model_dump() for r in first.reports] == [r.model_dump() for r in second.reports]
+    for h in (first, second):
+        (report,) = h.reports
+        assert report.outcome is S.ROLLED_BACK and report.seed_id == "1:1"
+        assert report.kernel_artifact_id == h.kernels["linear:8:2"][0]
+        assert (report.pre_metric, report.epoch) == (1.0, 7)
+        assert "non-finite validation_loss" in report.reason
+        assert h.tamiyo.quarantined_seeds == ["1:1"] and h.tamiyo.active_seeds == []
+        rollback = h.decisions[-1]
+        assert rollback.action == "rollback" and "quarantined" in rollback.explanation
+        # The replayed epochs grow elsewhere: not at the seed, and not with its kernel, which
+        # leaves layer 1 without one. A checkpoint taken mid-lifecycle brings the seed back in
+        # LOADING: Tamiyo has Kasmina mark it ROLLED_BACK.
+        h.run([1.0] * 4)
+        assert h.stage("1:1") is (S.ROLLED_BACK if checkpoint_epoch == 4 else S.DORMANT)
+        assert [d.seed_id for d in h.decisions if d.action == "germinate"][-1] == "0:0"
+        assert len(h.reports) == 1 and h.rejected == []
+        ids = [d.decision_id for d in h.decisions]
+        assert len(ids) == len(set(ids))
+
+
+def test_a_rollback_after_the_adaptation_ended_still_reports_its_kernel():
+    h = Harness()
+    h.run([1.0, 1.0, 1.0])
+    h.tamiyo.on_rollback("0:0", "operator asked")
+    (report,) = h.tamiyo.drain_field_reports()
+    assert report.outcome is S.ROLLED_BACK and report.reason == "operator asked"
+    h.tamiyo.on_rollback(None, "host diverged")
+    assert h.tamiyo.drain_decisions()[-1].explanation.endswith("No seed was blamed.")
+    with pytest.raises(BadInputError, match="not a seed of this model"):
+        h.tamiyo.on_rollback("5:0", "x")
+
+
+# Pause and kernels --------------------------------------------------------------------------
+
+def test_pause_stops_new_germinations_only():
+    h = Harness()
+    h.tamiyo.pause_germination("operator")
+    h.run([1.0] * 6)
+    assert [a for _, a, _ in h.actions()] == ["wait"]
+    assert "Germination is paused (operator)" in h.decisions[0].explanation
+    h.tamiyo.resume_germination()
+    h.end_epoch(1.0)
+    assert h.actions()[-1] == (7, "germinate", "0:0")
+    h.tamiyo.pause_germination()
+    h.run([1.0] * 3)  # the adaptation under way goes on
+    assert [a for e, a, _ in h.actions() if e > 7] == ["advance", "wait", "advance"]
+    assert h.stage("0:0") is S.GRAFTING
+
+
+def test_no_fitting_kernel_is_said_once_and_training_goes_on():
+    chooser = FixedKernelChooser([])
+    h = Harness(chooser=chooser)
+    signals = h.run([1.0] * 8)
+    assert all(not s.commands for s in signals)
+    (wait,) = h.decisions
+    assert wait.action == "wait" and wait.epoch == 3
+    assert "No VALIDATED kernel fits any free seed" in wait.explanation
+    assert "linear:8:2: no VALIDATED kernel for cpu/float32" in wait.explanation
+    chooser.kernels.append(KernelCandidate(h.kernels["linear:8:2"][0], "a" * 64,
+                                           KernelInterface.parse("linear:8:2")))
+    signal = h.end_epoch(1.0)
+    assert commands(signal) == [(KasminaCommandType.REQUEST_GERMINATION, "1:0", None)]
+    decision = h.decisions[-1]
+    assert "passed over stronger seed(s) 0:0, 0:1, with no usable kernel" in decision.explanation
+
+
+def test_kernels_above_max_risk_are_not_used(workspace):
+    with Urza.open(workspace) as urza:
+        risky = validated_kernel(urza, workspace, "risky", risk=0.9, latency=0.1)
+        h = Harness(urza=urza)
+        h.run([1.0] * 3)
+        (wait,) = h.decisions
+        assert "linear:8:2: 1 VALIDATED kernel(s), all above max_risk=0.7" in wait.explanation
+        assert risky not in wait.explanation
+
+
+# Urza ---------------------------------------------------------------------------------------
+
+def validated_kernel(urza: Urza, workspace, name: str, interface: str = "linear:8:2", *,
+                     risk: float, latency: float, tags: tuple[str, ...] = ()) -> str:
+    """A VALIDATED kernel the way the forge and the bench make one: a forge-signed manifest
+    blob, the row, and a bench-signed report (no artifact files: Tamiyo only queries)."""
+    ir = json.dumps({"name": name, "kind": "linear"}, sort_keys=True).encode()
+    bp, _ = urza.add_blueprint(ir, name=name, interface_kind=LayerKind.LINEAR, actor="test")
+    config_hash = hashlib.sha256(interface.encode()).hexdigest()[:6]
+    artifact = CompiledKernelArtifact(
+        id=f"{bp.id[:12]}-cpu-fast-{config_hash}", blueprint_id=bp.id,
+        compilation_pipeline=CompilationPipeline.FAST, interface=KernelInterface.parse(interface),
+        target="cpu", dtype="float32", toolchain_hash="0badc0de",
+        kernel_binary_ref=urza.store.put(sign(f"manifest of {name}".encode(),
+                                              workspace.private_key("forge"), signer="forge")))
+    urza.add_kernel(artifact, actor="forge")
+    report = UrabraskValidationReport(
+        kernel_artifact_id=artifact.id, blueprint_id=bp.id, passed_validation=True,
+        benchmark_results={LATENCY_MS: latency, MEMORY_MB: 1.0}, generated_tags=list(tags),
+        risk_score=risk, conf_level="High")
+    urza.apply_validation_report(sign(report.to_json().encode(), workspace.private_key("bench"),
+                                      signer="bench"), actor="bench")
+    return artifact.id
+
+
+@pytest.mark.parametrize("prefer", [[], ["low_memory"]])
+def test_urza_query_picks_the_best_kernel_within_risk_and_counts_interest(workspace, prefer):
+    with Urza.open(workspace) as urza:
+        validated_kernel(urza, workspace, "risky", risk=0.9, latency=0.1)
+        fast = validated_kernel(urza, workspace, "fast", risk=0.2, latency=0.5)
+        lean = validated_kernel(urza, workspace, "lean", risk=0.1, latency=1.0,
+                                tags=("low_memory",))
+        h = Harness(config(kernel={"prefer_tags": prefer}), urza=urza)
+        h.dispatch = False  # Urza's kernels have no artifact files to load here
+        h.stats = {"1:1": {"gradient_energy": 1.0}}
+        signal = h.run([1.0] * 3)[-1]
+        (command,) = signal.commands
+        chosen = lean if prefer else fast
+        assert command.kernel_artifact_id == chosen
+        assert command.selected_for_tags == prefer
+        decision = h.decisions[-1]
+        assert f"chose {chosen}" in decision.explanation
+        assert "gave 2 candidate(s)" in decision.explanation  # the risky one is filtered out
+        assert decision.scores["risk_score"] == (0.1 if prefer else 0.2)
+        interest = {urza.get_kernel(k).id: urza.get_blueprint(urza.get_kernel(k).blueprint_id)
+                    .tamiyo_interest for k in (fast, lean)}
+        assert interest == {chosen: 1.0, ({fast, lean} - {chosen}).pop(): 0.0}
+        # Tolaria keeps Tamiyo's records in Urza: they are what the catalog accepts.
+        assert urza.record_decision(decision)
+
+
+def test_a_germination_kasmina_did_not_apply_is_noted_and_given_back():
+    h = Harness(config(max_germinations=1), observe=False)
+    h.dispatch = False
+    h.run([1.0] * 4)
+    refused = h.decisions[-1]
+    assert refused.action == "wait" and "did not happen" in refused.explanation
+    assert h.tamiyo.active_seeds == []
+    h.dispatch = True
+    h.run([1.0] * 2)  # the budget of one germination was given back
+    assert [a for _, a, _ in h.actions()].count("germinate") == 2
+
+    seen = Harness()
+    seen.stats = {"0:0": {"gradient_energy": 1.0}}
+    seen.run([1.0] * 2)
+    # Someone else's germination reaches the seed first: Kasmina refuses Tamiyo's.
+    other = KasminaControlCommand(
+        command_id="op-1", run_id="run", target_layer_id=0, target_seed_id=0,
+        kernel_artifact_id=seen.kernels["linear:8:4"][0],
+        command=KasminaCommandType.REQUEST_GERMINATION)
+    kasmina.dispatch(seen.model, [other])
+    seen.end_epoch(1.0)
+    assert len(seen.rejected) == 1
+    assert "Kasmina refused it" in seen.decisions[-1].explanation
+
+
+# Checkpoints and determinism ----------------------------------------------------------------
+
+SCRIPT = [1.0, 1.0, 1.0, 0.98, 0.97, 0.96, 0.95, 0.94, 0.93, 0.92, 0.92, 0.92, 0.92, 0.92]
+
+
+def scripted(harness: Harness, losses=SCRIPT):
+    harness.stats = {"1:0": {"gradient_energy": 2.0, "activation_variance": 0.5},
+                     "0:1": {"gradient_energy": 2.0, "activation_variance": 0.5}}
+    harness.run(losses)
+    return harness
+
+
+def test_same_inputs_same_decisions():
+    a = scripted(Harness(config(max_concurrent=2)))
+    b = scripted(Harness(config(max_concurrent=2)))
+    assert [d.model_dump() for d in a.decisions] == [d.model_dump() for d in b.decisions]
+    assert [r.model_dump() for r in a.reports] == [r.model_dump() for r in b.reports]
+    assert a.tamiyo.state_dict() == b.tamiyo.state_dict()
+    # The tie between 0:1 and 1:0 is broken by seed id.
+    assert [d.seed_id for d in a.decisions if d.action == "germinate"][:2] == ["0:1", "1:0"]
+
+
+def test_state_dict_round_trips_through_json_and_decides_the_same():
+    h = scripted(Harness(config(max_concurrent=2)), SCRIPT[:6])
+    state = h.tamiyo.state_dict()
+    text = json.dumps(state)
+    twin = TamiyoController(h.model, config(max_concurrent=2), run_id="run",
+                            kernel_chooser=FixedKernelChooser.from_entries(h.source.entries))
+    twin.load_state_dict(json.loads(text))
+    assert twin.state_dict() == state and state["active"]
+    for loss in SCRIPT[6:]:
+        h.epoch += 1
+        health = h.health()
+        packet = build_state_packet("run", h.epoch, health, validation_loss=loss)
+        mine, theirs = h.tamiyo.step(packet, health), twin.step(packet, health)
+        assert mine == theirs
+        assert h.tamiyo.drain_decisions() == twin.drain_decisions()
+        kasmina.dispatch(h.model, mine.commands)
+        boundary = kasmina.on_epoch_end(h.model, h.epoch, "run")
+        for layer in h.layers:
+            layer.wait_for_loads()
+        h.tamiyo.observe_boundary(boundary)
+        twin.observe_boundary(boundary)
+        assert h.tamiyo.drain_field_reports() == twin.drain_field_reports()
+    assert h.tamiyo.state_dict() == twin.state_dict()
+    with pytest.raises(BadInputError, match="not a Tamiyo state"):
+        twin.load_state_dict({"format": "other"})
+    with pytest.raises(BadInputError, match="malformed Tamiyo state"):
+        twin.load_state_dict({**state, "plateau": {}})
+
+
+def test_the_packet_alone_is_enough():
+    h = Harness()
+    h.stats = {"1:1": {"gradient_energy": 1.0}}
+    for _ in range(3):
+        h.epoch += 1
+        signal = h.tamiyo.step(h.packet(1.0))
+    assert commands(signal) == [(KasminaCommandType.REQUEST_GERMINATION, "1:1", None)]
+
+
+# Bad input ----------------------------------------------------------------------------------
+
+def test_bad_inputs_are_named():
+    h = Harness()
+    packet = h.packet(1.0)
+    partial = packet.model_copy(update={"seed_states": {"0:0": S.DORMANT, "0:2": S.DORMANT}})
+    with pytest.raises(BadInputError, match="skip seeds of layer 0"):
+        h.tamiyo.step(partial)
+    short = packet.model_copy(update={"seed_states": {"0:0": S.DORMANT}})
+    with pytest.raises(BadInputError, match="layer 0 reports 1 seeds; the model's layer has 2"):
+        h.tamiyo.step(short)
+    with pytest.raises(BadInputError, match="got no seeds"):
+        h.tamiyo.step(h.packet(1.0).model_copy(update={"seed_states": {}}))
+    with pytest.raises(BadInputError, match="'gnn' is not available"):
+        TamiyoController(h.model, {"policy": "gnn"})
+    with pytest.raises(BadInputError, match="not both"):
+        TamiyoController(h.model, urza=object(), kernel_chooser=FixedKernelChooser())
+    with pytest.raises(BadInputError, match="field 'plateau.patience'"):
+        TamiyoController(h.model, {"plateau": {"patience": 0}})
+    stranger = h.health()[0].model_copy(update={"layer_id": 7})
+    with pytest.raises(BadInputError, match="seed 7:0 is not a seed of this model"):
+        h.tamiyo.step(build_state_packet("run", 1, [stranger], validation_loss=1.0), [stranger])
+    with pytest.raises(BadInputError, match="field 'target'"):
+        TamiyoController(h.model, device_target="cuda:0")
+    with pytest.raises(BadInputError, match="field 'preferred_tags.0'"):
+        TamiyoController(h.model, {"kernel": {"prefer_tags": ["Low Memory"]}})
+    with pytest.raises(BadInputError, match="KasminaLayers"):
+        TamiyoController([nn.Linear(2, 2)])
