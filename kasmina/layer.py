@@ -58,6 +58,8 @@ from kasmina.lifecycle import (
 from kasmina.seeds import SeedBank, regroup
 from kasmina.state import COUNT, DEAD, GRAD_COUNT, GRAD_SUMSQ, SUM, SUMSQ, SeedState, checksum
 
+assert (SUMSQ, DEAD, COUNT) == (SUM + 1, SUM + 2, SUM + 3)  # kernels.accumulate_chunk_stats' layout
+
 S = SeedLifecycle
 META_FORMAT = "kasmina.layer/1"
 
@@ -568,10 +570,10 @@ class KasminaLayer(nn.Module):
         y2 = self._rows(y)
         rows = y2.shape[0]
         row_step = max(1, math.ceil(rows / config.max_rows)) if config.max_rows else 1
-        with torch.no_grad():
-            stats = kernels.chunk_stats(y2.detach(), self.seeds, row_step, config.dead_threshold)
-            self.state.health[:, SUM:COUNT] += stats
-            self.state.health[:, COUNT] += math.ceil(rows / row_step) * (y2.shape[1] // self.seeds)
+        with torch.no_grad():  # health[:, SUM:COUNT] += the sampled stats; health[:, COUNT] += count
+            kernels.accumulate_chunk_stats(y2.detach(), self.seeds, row_step, config.dead_threshold,
+                                           self.state.health, SUM,
+                                           math.ceil(rows / row_step) * (y2.shape[1] // self.seeds))
         if y.requires_grad and torch.is_grad_enabled():
             return kernels.GradientProbe.apply(y2, self._probe, self.seeds, row_step).view(y.shape)
         return y

@@ -76,6 +76,18 @@ def chunk_stats(y: torch.Tensor, chunks: int, row_step: int, dead_threshold: flo
     return reference.chunk_stats(y, chunks, row_step, dead_threshold)
 
 
+def accumulate_chunk_stats(y: torch.Tensor, chunks: int, row_step: int, dead_threshold: float,
+                           health: torch.Tensor, column: int, count: float) -> None:
+    """health[:, column:column + 3] += chunk_stats(y, chunks, row_step, dead_threshold) and
+    health[:, column + 3] += count (`health`: contiguous float64, (C, >= column + 4)). On the
+    Triton path one read and one small summing kernel, instead of the read, a sum and two adds."""
+    if uses_triton(y):
+        _ops().accumulate_sampled_stats(y, chunks, row_step, dead_threshold, health, column, float(count))
+        return
+    health[:, column:column + 3] += reference.chunk_stats(y, chunks, row_step, dead_threshold)
+    health[:, column + 3] += count
+
+
 def chunk_energy(grad: torch.Tensor, chunks: int, row_step: int) -> torch.Tensor:
     """(C,) float32 sum of grad**2 over rows 0, row_step, ... of grad."""
     if uses_triton(grad):

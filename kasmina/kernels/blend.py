@@ -52,19 +52,22 @@ class Tiles:
 
 
 # Default tiles by kernel and element size in bytes (2 covers bfloat16 and float16); the sampled
-# reads use the forward and backward kernels' tiles. Chosen by the sweep of
-# `scripts/bench_kasmina.py --adopt-best` timed through the registered ops at 16384x4096, 64
-# chunks, on an H200 (torch 2.11, triton 3.6; docs/bench-kasmina.md, run 3); each figure is that
-# run's op-path measurement with these tiles.
+# reads use the forward and backward kernels' tiles. Chosen from the sweep of
+# `scripts/bench_kasmina.py --adopt-best` at 16384x4096, 64 chunks, every candidate captured in a
+# CUDA graph and the candidates replayed in turn 15 times (medians), on an H100 (torch 2.11,
+# triton 3.6; docs/bench-kasmina.md, run 5); each figure is that sweep's, as a share of the copy
+# bandwidth measured in the same run. A tile keeps its rows inside a thread only if BLOCK_F >=
+# 32 * num_warps * (16 bytes / element size); tiles that break this (e.g. bf16 BLOCK_F=1024 with
+# 8 warps) fell to 56-79% there.
 TILES = {
-    # BLOCK_R=2, BLOCK_F=1024, num_warps=4, 32 programs/SM: 3884 GB/s = 92.0% of 4223 copy, fp32
-    ("forward", 4): Tiles(block_r=2, block_f=1024, num_warps=4, programs_per_sm=32),
-    # BLOCK_R=8, BLOCK_F=1024, num_warps=4, one tile per program: 3658 GB/s = 88.8% of 4118, bf16
-    ("forward", 2): Tiles(block_r=8, block_f=1024, num_warps=4),
-    # BLOCK_R=8, BLOCK_F=512, num_warps=4, one tile per program: 3658 GB/s = 86.6% of 4223, fp32
-    ("backward", 4): Tiles(block_r=8, block_f=512, num_warps=4),
-    # BLOCK_R=8, BLOCK_F=1024, num_warps=4, one tile per program: 3081 GB/s = 74.8% of 4118, bf16
-    ("backward", 2): Tiles(block_r=8, block_f=1024, num_warps=4),
+    # 275.2 us = 96.5% of copy (3031 GB/s), fp32
+    ("forward", 4): Tiles(block_r=16, block_f=512, num_warps=4),
+    # 194.3 us = 91.1% of copy, fp32
+    ("backward", 4): Tiles(block_r=8, block_f=1024, num_warps=8, programs_per_sm=8),
+    # 147.0 us = 91.6% of copy (2993 GB/s), bf16
+    ("forward", 2): Tiles(block_r=16, block_f=1024, num_warps=4),
+    # 103.3 us = 86.9% of copy, bf16
+    ("backward", 2): Tiles(block_r=16, block_f=1024, num_warps=4, programs_per_sm=8),
 }
 
 
@@ -185,6 +188,28 @@ def _blend_bwd_kernel(
              tl.sum(tl.reshape(acc_energy, [BLOCK_C, BLOCK_W]), axis=1), mask=chunk < chunks)
 
 
+@triton.jit
+def _accumulate_kernel(partial_ptr, health_ptr, programs, n, stride_health, column, count,
+                       COLUMNS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """`partial` (programs, n) float32, n = chunks * COLUMNS chunk-major: health[c, column + k] +=
+    the sum over programs of partial[:, c * COLUMNS + k], in float64 and a fixed order (no
+    atomics), and health[c, column + COLUMNS] += count. Rows of `partial` are read whole
+    (coalesced), BLOCK_P at a time."""
+    j = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    j_mask = j < n
+    acc = tl.zeros([BLOCK_N], dtype=tl.float64)
+    for p0 in range(0, programs, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        values = tl.load(partial_ptr + p.to(tl.int64)[:, None] * n + j[None, :],
+                         mask=(p < programs)[:, None] & j_mask[None, :], other=0.0)
+        acc += tl.sum(values.to(tl.float64), axis=0)
+    chunk_row = health_ptr + (j // COLUMNS).to(tl.int64) * stride_health + column
+    k = j % COLUMNS
+    tl.store(chunk_row + k, tl.load(chunk_row + k, mask=j_mask) + acc, mask=j_mask)
+    first = j_mask & (k == 0)  # one element per chunk adds the count
+    tl.store(chunk_row + COLUMNS, tl.load(chunk_row + COLUMNS, mask=first) + count, mask=first)
+
+
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
@@ -200,13 +225,15 @@ class _Launch:
     meta: dict
 
 
+@functools.lru_cache(maxsize=1024)
 def _launch(rows: int, chunks: int, width: int, device: torch.device, tiles: Tiles) -> _Launch:
-    """Split the columns into chunk-aligned tiles and the rows among programs."""
+    """Split the columns into chunk-aligned tiles and the rows among programs (cached: the
+    layer calls with the same few shapes every step)."""
     block_w = min(triton.next_power_of_2(width), tiles.block_f)
     block_c = min(max(1, tiles.block_f // block_w), triton.next_power_of_2(chunks))
     chunk_groups, width_tiles = triton.cdiv(chunks, block_c), triton.cdiv(width, block_w)
     col_tiles = chunk_groups * width_tiles
-    row_tiles = triton.cdiv(rows, tiles.block_r)
+    row_tiles = max(1, triton.cdiv(rows, tiles.block_r))  # rows == 0: an empty grid below
     if tiles.programs_per_sm is None:
         row_programs = row_tiles
     else:
@@ -304,6 +331,39 @@ def sampled_stats(y: torch.Tensor, chunks: int, row_step: int, dead_threshold: f
     return partials.sum(dim=0)
 
 
+def accumulate_sampled_stats(y: torch.Tensor, chunks: int, row_step: int, dead_threshold: float,
+                             health: torch.Tensor, column: int, count: float, *,
+                             tiles: Tiles | None = None) -> None:
+    """health[:, column:column + 3] += sampled_stats(y, ...) and health[:, column + 3] += count,
+    in two launches (the sampled read, then one program per 256 (chunk, statistic) pairs summing
+    the read's partials into `health`, a float64 (C, >= column + 4) buffer with unit column
+    stride), where a torch sum and two adds took three: the dormant layer's telemetry step."""
+    if (health.dtype != torch.float64 or health.device != y.device or health.dim() != 2
+            or health.shape[0] != chunks or health.shape[1] < column + 4 or health.stride(1) != 1):
+        raise ValueError(f"health must be a float64 ({chunks}, >= {column + 4}) tensor on {y.device} "
+                         f"with unit column stride, got {tuple(health.shape)} {health.dtype}")
+    y = y.contiguous()
+    rows, features = y.shape
+    sampled_rows = triton.cdiv(rows, row_step)
+    width = features // chunks
+    launch = _launch(sampled_rows, chunks, width, y.device, tiles or default_tiles("forward", y.dtype))
+    partials = _stats_partials(launch, chunks, y.device)
+    if sampled_rows:
+        wrap_triton(_blend_fwd_kernel)[launch.grid](
+            y, y, y, partials, partials, partials,
+            sampled_rows, chunks, width, row_step, launch.rows_per_program, launch.chunk_groups,
+            launch.width_tiles,
+            y.stride(0), 0, 0, 0, dead_threshold,
+            HAS_G=False, STORE_OUT=False, SAMPLED=row_step != 1, **launch.meta,
+        )
+    n = chunks * 3
+    block_n = min(256, triton.next_power_of_2(n))
+    wrap_triton(_accumulate_kernel)[(triton.cdiv(n, block_n),)](
+        partials, health, partials.shape[0] if sampled_rows else 0, n, health.stride(0), column,
+        float(count), COLUMNS=3, BLOCK_P=64, BLOCK_N=block_n, num_warps=8,
+    )
+
+
 def sampled_energy(grad: torch.Tensor, chunks: int, row_step: int, *,
                    tiles: Tiles | None = None) -> torch.Tensor:
     """(C,) sum of grad**2 over rows 0, row_step, ...: the dormant layer's gradient read."""
@@ -347,6 +407,12 @@ def blend_backward_op(grad_out: torch.Tensor, slot_alpha: torch.Tensor, chunk_sl
 def sampled_stats_op(y: torch.Tensor, chunks: int, row_step: int, dead_threshold: float
                      ) -> torch.Tensor:
     return sampled_stats(y, chunks, row_step, dead_threshold)
+
+
+@triton_op("kasmina::accumulate_sampled_stats", mutates_args={"health"})
+def accumulate_sampled_stats_op(y: torch.Tensor, chunks: int, row_step: int, dead_threshold: float,
+                                health: torch.Tensor, column: int, count: float) -> None:
+    accumulate_sampled_stats(y, chunks, row_step, dead_threshold, health, column, count)
 
 
 @triton_op("kasmina::sampled_energy", mutates_args={})

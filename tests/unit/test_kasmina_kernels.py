@@ -220,3 +220,42 @@ def test_a_layer_on_the_triton_path_equals_the_reference_path():
                        + [torch.tensor(signal.activation_variance), torch.tensor(signal.gradient_energy)])
     for got, want in zip(*results):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("row_step", [1, 3])
+@pytest.mark.parametrize("programs_per_sm", [None, 1])
+@pytest.mark.parametrize("shape", [(37, 3, 11), (9, 100, 1)])  # 300 (chunk, statistic) pairs: two summing programs
+def test_accumulated_sampled_stats_add_into_health(row_step, programs_per_sm, shape):
+    """The dormant telemetry step: stats summed into columns 1..3 of a float64 accumulator and
+    the count into column 4, other columns untouched, on the Triton path and the reference."""
+    rows, chunks, width = shape
+    generator = torch.Generator().manual_seed(10 + row_step)
+    y = torch.randn(rows, chunks * width, generator=generator)
+    y[::4, ::2] = 0.0
+    y = y.to(DEVICE)
+    start = torch.randn(chunks, 6, generator=generator, dtype=torch.float64).to(DEVICE)
+    want = start.clone()
+    want[:, 1:4] += reference.chunk_stats(y, chunks, row_step, 1e-6).double()
+    want[:, 4] += 123.0
+    blend = _triton()
+    got = start.clone()
+    blend.accumulate_sampled_stats(y, chunks, row_step, 1e-6, got, 1, 123, tiles=_tiles(programs_per_sm))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-6)
+    for name in ("triton", "reference"):
+        got = start.clone()
+        with kernels.backend(name):
+            kernels.accumulate_chunk_stats(y, chunks, row_step, 1e-6, got, 1, 123)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-6)
+
+
+def test_an_empty_batch_blends_to_nothing():
+    """Zero rows: empty outputs, zero statistics, no launch (the tile arithmetic must not divide
+    by zero)."""
+    generator = torch.Generator().manual_seed(4)
+    y, g, slot_alpha, chunk_slot, slot_chunk = _problem(0, 3, 11, 2, torch.float32, generator)
+    blend = _triton()
+    out, stats = blend.blend_forward(y, g, slot_alpha, chunk_slot, 1e-6, tiles=_tiles(None))
+    assert out.shape == (0, 33) and torch.equal(stats, torch.zeros(3, 3, device=DEVICE))
+    grad_g, energy = blend.blend_backward(torch.zeros(0, 33, device=DEVICE), slot_alpha, chunk_slot, 2,
+                                          tiles=_tiles(1))
+    assert grad_g.shape == (2, 0, 11) and torch.equal(energy, torch.zeros(3, device=DEVICE))
