@@ -14,8 +14,14 @@ Measures:
   4. kernel load latency: cached (a KernelCache hit) and uncached through the forge's verifying
      loader (a temporary workspace forged with the fast pipeline, kernels bench-signed VALIDATED),
      and, for comparison, an unverified build straight from the blueprint.
-Prints a table and writes every raw number to --out. Needs torch (+ triton on CUDA), pydantic, and the forge's dependencies (sqlite-utils,
-cryptography, safetensors) for the load section.
+Timing: on CUDA every kernel comparison (the sweep included) captures each function's calls as a
+CUDA graph and replays the graphs in turn for several rounds, reporting medians and spreads:
+device time, without the CPU's cost of issuing the ops (about 80-125 us per blend op on the
+bench machines, comparable to the bf16 kernel's 105-150 us GPU time, so a plain Python loop can
+be CPU-bound). The plain-loop figure and the CPU cost per call are recorded beside it.
+
+Prints a table and writes every raw number to --out. Needs torch (+ triton on CUDA), pydantic,
+and the forge's dependencies (sqlite-utils, cryptography, safetensors) for the load section.
 """
 
 from __future__ import annotations

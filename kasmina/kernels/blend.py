@@ -56,9 +56,10 @@ class Tiles:
 # `scripts/bench_kasmina.py --adopt-best` at 16384x4096, 64 chunks, every candidate captured in a
 # CUDA graph and the candidates replayed in turn 15 times (medians), on an H100 (torch 2.11,
 # triton 3.6; docs/bench-kasmina.md, run 5); each figure is that sweep's, as a share of the copy
-# bandwidth measured in the same run. A tile keeps its rows inside a thread only if BLOCK_F >=
-# 32 * num_warps * (16 bytes / element size); tiles that break this (e.g. bf16 BLOCK_F=1024 with
-# 8 warps) fell to 56-79% there.
+# bandwidth measured in the same run (run 6, on another H100 with these defaults: 95.1%, 90.1%,
+# 90.6%, 84.9%). A tile keeps its rows inside a thread only if BLOCK_F >= 32 * num_warps *
+# (16 bytes / element size); bf16 tiles that break this (BLOCK_F=1024 with 8 warps, 512 with 4)
+# fell to 56-79% there, and BLOCK_R=32 x 1024 with 4 warps (256 elements per thread) to 46%.
 TILES = {
     # 275.2 us = 96.5% of copy (3031 GB/s), fp32
     ("forward", 4): Tiles(block_r=16, block_f=512, num_warps=4),
