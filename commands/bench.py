@@ -79,7 +79,8 @@ def _render(summary) -> None:
     from commands._render import print_table
 
     out_console.print(f"bench {summary.worker_id}: {summary.validated} validated, "
-                      f"{summary.rejected} rejected, {summary.released} released in "
+                      f"{summary.rejected} rejected, {summary.released} released, "
+                      f"{summary.retagged} re-tagged in "
                       f"{summary.seconds:.1f} s (risk model: {summary.risk_model})",
                       highlight=False, soft_wrap=True)
     rows = [[j.kernel_id, "VALIDATED" if j.validated else "REJECTED",
