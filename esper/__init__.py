@@ -16,6 +16,9 @@ _EXPORTS: dict[str, str] = {
     "wrap": "kasmina.wrap:wrap",
     "TamiyoController": "esper.tamiyo:TamiyoController",
     "load_config": "esper.config:load_config",
+    "TolariaTrainer": "esper.tolaria.trainer:TolariaTrainer",
+    "save_model": "esper.tolaria.export:save_model",
+    "load_model": "esper.tolaria.export:load_model",
 }
 
 

@@ -183,6 +183,15 @@ class TelemetryConfig(_Strict):
         return value
 
 
+class FaultConfig(_Strict):
+    """Faults injected on purpose, to exercise recovery (rollback, resume); empty in real runs.
+    `nan_loss_epochs`: the first training step of each listed epoch gets a NaN loss, so the
+    weights diverge and Tamiyo asks for an emergency rollback. Each fires once per epoch number:
+    the epoch replayed after the rollback trains normally."""
+
+    nan_loss_epochs: list[PositiveInt] = Field(default_factory=list)
+
+
 class TrainConfig(_Strict):
     """One `esper train` run (DESIGN.md section 12)."""
 
@@ -200,6 +209,7 @@ class TrainConfig(_Strict):
     checkpoints: CheckpointConfig = Field(default_factory=CheckpointConfig)
     rollback: RollbackConfig = Field(default_factory=RollbackConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    faults: FaultConfig = Field(default_factory=FaultConfig)
 
     @field_validator("device")
     @classmethod

@@ -1,0 +1,176 @@
+"""`run_training`: everything `esper train` does, as one call (the command only renders it).
+
+    result = run_training(load_config("configs/quickstart.yaml"), workspace=ws, redis_url=None)
+    result.summary          # a dict for the summary table
+    result.run_dir          # runs/<id>/: model.safetensors, model.json, lineage.json, ...
+
+    run_training(None, workspace=ws, resume="quickstart-20250101-120000-ab12")   # --resume
+
+It builds the data and the host model from the config (the run's seed first, so the same config
+gives the same model), wraps the model with `config.kasmina` (exactly the modules it selects:
+nothing is excluded behind the config's back), and with a workspace: kernels load through the
+verifying loader (VALIDATED, forge- and bench-signed, hashes checked), the run and the seeds'
+interfaces are registered in Urza (the forge compiles for registered interfaces), Tamiyo asks
+Urza for kernels. When no VALIDATED kernel fits any seed yet, training goes on and says so once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+import kasmina
+from esper.contracts import KernelQuery
+from esper.errors import BadInputError, NotFoundError
+from esper.tolaria.config import TrainConfig
+from esper.tolaria.data import build_data
+from esper.tolaria.export import ModelOrigin
+from esper.tolaria.models import build_model
+from esper.tolaria.checkpoint import seed_everything
+from esper.tolaria.trainer import (
+    CONFIG_FILE,
+    Progress,
+    TolariaTrainer,
+    TrainingHistory,
+    new_run_id,
+    resolve_device,
+)
+
+# What may differ between a run's saved config and the one given with --resume.
+RESUMABLE_CHANGES = ("epochs", "device")
+DTYPE = "float32"
+
+
+@dataclass
+class RunResult:
+    """A finished (or stopped) run."""
+
+    run_id: str
+    run_dir: Path
+    model: nn.Module
+    history: TrainingHistory
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return self.history.summary
+
+    @property
+    def status(self) -> str:
+        return self.history.status
+
+
+def runs_root(config: TrainConfig, workspace: Any) -> Path:
+    """Where runs go: `config.out_dir`, relative to the workspace (else the working directory)."""
+    root = Path(config.out_dir).expanduser()
+    if root.is_absolute():
+        return root
+    return (Path(workspace.root) if workspace is not None else Path.cwd()) / root
+
+
+def find_run(run: str | os.PathLike[str], workspace: Any, out_dir: str | None = None) -> Path:
+    """A run directory from `--resume RUN`: a path, or a run id under the runs directory."""
+    path = Path(run).expanduser()
+    if (path / CONFIG_FILE).is_file():
+        return path.absolute()
+    root = Path(out_dir or "runs")
+    if not root.is_absolute():
+        root = (Path(workspace.root) if workspace is not None else Path.cwd()) / root
+    if (root / str(run) / CONFIG_FILE).is_file():
+        return root / str(run)
+    raise NotFoundError(f"no run {str(run)!r} (neither a run directory nor a run id under {root})")
+
+
+def run_training(config: TrainConfig | None, *, workspace: Any = None, redis_url: str | None = None,
+                 resume: str | os.PathLike[str] | None = None, progress: Progress | None = None,
+                 run_id: str | None = None) -> RunResult:
+    """Train one run (or continue `resume`, a run directory or id) and write its outputs.
+
+    Returns the RunResult; raises BadInputError (exit 2) for a bad config or run,
+    TrainingDivergedError (exit 1) when the run diverges past its rollbacks, IntegrityError
+    (exit 3) for a checkpoint that does not verify."""
+    if resume is not None:
+        run_dir = find_run(resume, workspace, config.out_dir if config is not None else None)
+        saved = TrainConfig.from_mapping(json.loads((run_dir / CONFIG_FILE).read_text()),
+                                         source=str(run_dir / CONFIG_FILE))
+        config = _resumable(saved, config)
+        run_id = run_dir.name
+        registered = saved
+    else:
+        if config is None:
+            raise BadInputError("run_training needs a config, or a run to resume")
+        run_id = run_id or new_run_id(config.name)
+        run_dir = runs_root(config, workspace) / run_id
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise BadInputError(f"{run_dir} already exists; choose another run id or --resume it")
+        registered = config
+
+    device = resolve_device(config.device)
+    seed_everything(config.seed)  # the host model's initial weights come from the run's seed
+    data = build_data(config.data, seed=config.data_seed)
+    host = build_model(config.model, data.input_shape, data.out_dim)
+    model, report = kasmina.wrap(host, config.kasmina)
+    model.to(device)
+    notices = []
+    if not report.layers:
+        notices.append("kasmina wrapped no layer (check kasmina.include/exclude/targets): the "
+                       "model trains without seeds")
+
+    urza = None
+    target = "cpu"
+    if workspace is not None:
+        from esper.urza import Urza
+        from pipelines.tezzeret.toolchain import device_target
+
+        target = device_target(str(device))
+        urza = Urza.open(workspace)
+    try:
+        if urza is not None:
+            urza.register_run(run_id, json.dumps(registered.model_dump(mode="json")))
+            for interface in report.interfaces:
+                urza.register_interface(interface, target=target, dtype=DTYPE)
+            missing = [str(i) for i in report.interfaces
+                       if not urza.query_kernels(KernelQuery(interface=i, target=target, dtype=DTYPE,
+                                                             limit=1)).matching_kernels]
+            if missing:
+                notices.append(f"no VALIDATED kernel yet for {', '.join(missing)} on "
+                               f"{target}/{DTYPE}: training goes on, growing only once `esper "
+                               "forge` and `esper bench` have made some")
+        elif report.layers:
+            notices.append("no workspace: Tamiyo has no kernels and the model trains without "
+                           "growing")
+        from esper.tamiyo import TamiyoController
+
+        tamiyo = TamiyoController(model, config.tamiyo, urza=urza, run_id=run_id,
+                                  device_target=target, dtype=DTYPE)
+        origin = ModelOrigin(model=config.model.model_dump(mode="json"),
+                             input_shape=tuple(data.input_shape), out_dim=data.out_dim, task=data.task)
+        trainer = TolariaTrainer(model, tamiyo, config, data=data, workspace=workspace, urza=urza,
+                                 redis_url=redis_url, run_id=run_id, run_dir=run_dir, device=device,
+                                 resume=resume is not None, progress=progress, origin=origin,
+                                 notices=notices)
+        model, history = trainer.train()
+    finally:
+        if urza is not None:
+            urza.close()
+    return RunResult(run_id=run_id, run_dir=run_dir, model=model, history=history)
+
+
+def _resumable(saved: TrainConfig, given: TrainConfig | None) -> TrainConfig:
+    """The saved config, with the changes a resume may make (more epochs, another device)."""
+    if given is None:
+        return saved
+    a, b = saved.model_dump(mode="json"), given.model_dump(mode="json")
+    changed = sorted(k for k in a if a[k] != b[k] and k not in RESUMABLE_CHANGES + ("out_dir",))
+    if changed:
+        raise BadInputError(f"cannot resume with a different config: field(s) {', '.join(changed)} "
+                            f"differ from the run's (only {', '.join(RESUMABLE_CHANGES)} may change)")
+    return saved.model_copy(update={k: getattr(given, k) for k in RESUMABLE_CHANGES})
+
+
+__all__: Sequence[str] = ("RunResult", "find_run", "run_training", "runs_root")
