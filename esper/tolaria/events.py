@@ -41,6 +41,7 @@ class TrainingBus:
         self.max_buffered = max_buffered
         self.dropped = 0            # dropped here, before reaching the publisher's own buffer
         self.published = 0          # handed to the publisher
+        self.received = 0           # RunControls for this run read from control.run
         self._connect = connect
         self._retry_max_s = retry_max_s
         self._queue: deque[tuple[Topic, VersionedContract]] = deque()
@@ -181,5 +182,6 @@ class TrainingBus:
                 message = entry.envelope.message
                 if isinstance(message, RunControl) and message.run_id == self.run_id:
                     self._controls.append(message)
+                    self.received += 1
         if oona is not None:
             oona.close()

@@ -378,6 +378,8 @@ class TolariaTrainer:
         # End-of-epoch hook.
         for layer in kasmina.layers(self.model):
             layer.wait_for_loads()  # loads started an epoch ago: readiness must not race them
+        self._report_failed_loads()
+        forced = self._apply_controls()  # pause and resume count from this epoch end
         health = [layer.health_signal(self.run_id, epoch, self.global_step)  # sync: per layer
                   for layer in kasmina.layers(self.model)]
         packet = build_state_packet(self.run_id, epoch, health, validation_loss=val_loss,
@@ -386,7 +388,6 @@ class TolariaTrainer:
         signal = self.tamiyo.step(packet, health)
         for message in health:
             self._publish(Topic.TELEMETRY_SEED_HEALTH, message)
-        forced = self._apply_controls()
         if signal.emergency_rollback_required or forced:
             reason = signal.rollback_reason if signal.emergency_rollback_required else forced
             suspect = (self.tamiyo.rollback_suspect if signal.emergency_rollback_required
@@ -463,6 +464,18 @@ class TolariaTrainer:
         loss = (total / max(n, 1)).item()  # sync: once per evaluation
         accuracy = correct.item() / max(n, 1) if self.data.task == "classification" else None
         return loss, accuracy
+
+    def _report_failed_loads(self) -> None:
+        """Say once why a germinated seed's kernel did not load (a refused signature or hash).
+
+        Workaround: Kasmina records a load failure as an incident only once the seed is in
+        LOADING, and a GERMINATED seed whose load failed is never ready, so Tamiyo cancels it
+        after `max_loading_epochs` without the reason; the failed future is read here."""
+        for layer in kasmina.layers(self.model):
+            for index, future in sorted(getattr(layer, "_loads", {}).items()):
+                if future.done() and future.exception() is not None:
+                    self._notice(f"seed {layer.layer_id}:{index}: kernel {layer.kernel_of(index)} "
+                                 f"refused: {future.exception()}")
 
     # --- control.run -----------------------------------------------------------------
 

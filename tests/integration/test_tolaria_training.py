@@ -1,0 +1,214 @@
+"""`run_training` end to end on tiny data, with a real workspace: real forge artifacts, VALIDATED
+by bench-signed reports, loaded through the verifying loader; real SQLite Urza; real torch.
+
+A seed grows through the whole lifecycle to FOSSILIZED (or is CULLED at its gate); the same
+config and seed give the same lineage and bit-identical weights; an interrupted run resumed from
+its checkpoint ends with the same weights as an uninterrupted one; an injected divergence rolls
+the run back bit-exactly; a tampered kernel is refused and the run goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import esper
+import kasmina
+from esper.contracts import SeedLifecycle as S
+from esper.tolaria.checkpoint import CheckpointStore
+from esper.tolaria.run import run_training
+from esper.urza import Urza
+from tolaria_helpers import INTERFACE, forged_workspace, same_state, short_dir, tiny_config
+
+
+@pytest.fixture(scope="module")
+def forged():
+    root = short_dir("tolaria-")
+    ws, kernels = forged_workspace(root)
+    yield ws, kernels["mlp_gelu_w8"]
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def reference(forged):
+    """One uninterrupted run of the tiny config: what the other runs are compared with."""
+    ws, _ = forged
+    return run_training(tiny_config(), workspace=ws)
+
+
+def _weights(result):
+    return load_file(result.run_dir / "model.safetensors")
+
+
+def _lineage_core(result):
+    """The lineage without what names the run (its id, report ids, its own audit rows)."""
+    keep = ("seed_id", "kernel_artifact_id", "blueprint_id", "germinated_epoch", "fossilized_epoch",
+            "pre_metric", "post_metric", "parameters", "manifest_sha256")
+    return [{k: a.get(k) for k in keep} for a in result.history.lineage["adaptations"]]
+
+
+def test_a_seed_grows_to_fossilized_and_its_lineage_is_recorded(forged, reference):
+    ws, kernel = forged
+    result = reference
+    assert result.status == "completed" and result.summary["fossilized"] == 1
+    stages = [e["stages_after"] for e in result.history.epochs]
+    for stage in (S.GERMINATED, S.LOADING, S.TRAINING, S.GRAFTING, S.STABILIZATION, S.EVALUATING,
+                  S.FINE_TUNING, S.FOSSILIZED):
+        assert any(stage.value in s for s in stages), f"{stage.value} never seen: {stages}"
+
+    (adaptation,) = result.history.lineage["adaptations"]
+    assert adaptation["kernel_artifact_id"] == kernel and adaptation["interface"] == INTERFACE
+    assert adaptation["germinated_epoch"] < adaptation["fossilized_epoch"]
+    actions = {row["action"] for row in adaptation["audit"]}
+    assert {"kernel.added", "kernel.validated", "field_report.recorded"} <= actions
+    assert all(len(row["row_hash"]) == 64 for row in adaptation["audit"])
+    assert json.loads((result.run_dir / "lineage.json").read_text()) == result.history.lineage
+
+    with Urza.open(ws) as urza:
+        assert urza.get_run(result.run_id)
+        assert INTERFACE in {str(r.interface) for r in urza.requested_interfaces(target="cpu")}
+        decisions = urza.list_decisions(run_id=result.run_id)
+        (germinate,) = [d for d in decisions if d.action == "germinate"]
+        assert germinate.kernel_artifact_id == kernel and "Plateau" in germinate.explanation
+        (report,) = urza.list_field_reports(run_id=result.run_id)
+        assert report.outcome is S.FOSSILIZED and report.report_id == adaptation["field_report_id"]
+        assert urza.verify_audit_chain().ok
+
+    lines = (result.run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == list(range(1, 13))
+    assert all(len(json.loads(line)["step_ms"]) == 7 for line in lines)
+    # The exported model rebuilds without the workspace and computes the same function.
+    loaded = esper.load_model(result.run_dir)
+    x = torch.randn(9, 2)
+    assert torch.equal(loaded(x), result.model.eval()(x))
+    assert kasmina.layers(loaded)[0].stages == kasmina.layers(result.model)[0].stages
+
+
+def test_a_graft_that_misses_its_gate_is_culled(forged):
+    ws, _ = forged
+    config = tiny_config(**{"tamiyo.gates.keep_min_improvement": 100.0,
+                            "tamiyo.gates.max_evaluation_epochs": 1})
+    result = run_training(config, workspace=ws)
+    assert result.status == "completed"
+    assert result.history.lineage["adaptations"] == []
+    (outcome,) = result.history.lineage["other_outcomes"]
+    assert outcome["outcome"] == "CULLED" and "EVALUATING" in outcome["reason"]
+    assert result.summary["parameters"] == result.summary["host_parameters"]
+    with Urza.open(ws) as urza:
+        (report,) = urza.list_field_reports(run_id=result.run_id)
+        assert report.outcome is S.CULLED
+
+
+def test_the_same_config_and_seed_give_the_same_lineage_and_weights(forged, reference):
+    ws, _ = forged
+    again = run_training(tiny_config(), workspace=ws)
+    assert again.run_id != reference.run_id
+    assert _lineage_core(again) == _lineage_core(reference) and _lineage_core(again)
+    assert same_state(_weights(again), _weights(reference)) == []
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(forged, reference):
+    ws, _ = forged
+
+    def interrupt(event):
+        if event.kind == "step" and event.epoch == 7 and event.step == 3:
+            raise KeyboardInterrupt  # mid-epoch, mid-graft: the process dies here
+
+    with pytest.raises(KeyboardInterrupt):
+        run_training(tiny_config(), workspace=ws, run_id="interrupted", progress=interrupt)
+    run_dir = ws.root / "runs" / "interrupted"
+    assert not (run_dir / "model.safetensors").exists()
+    assert CheckpointStore(run_dir / "checkpoints").latest().epoch == 6
+    resumed = run_training(None, workspace=ws, resume="interrupted")
+    assert resumed.status == "completed" and resumed.summary["epochs"] == 12
+    assert _lineage_core(resumed) == _lineage_core(reference)
+    assert same_state(_weights(resumed), _weights(reference)) == []
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == list(range(1, 13))
+
+
+def test_a_divergence_before_any_graft_rolls_back_to_the_uninterrupted_weights(forged, reference):
+    """A NaN loss at epoch 2: Tamiyo asks for a rollback, Tolaria restores epoch 1's checkpoint
+    (model, optimizer, lr, every RNG, Kasmina, Tamiyo) and replays epoch 2. Restored bit-exactly,
+    the run then ends with exactly the weights of the run that never diverged."""
+    ws, _ = forged
+    result = run_training(tiny_config(**{"faults.nan_loss_epochs": [2]}), workspace=ws)
+    assert result.summary["rollbacks"] == 1 and result.history.rollbacks[0]["seed_id"] is None
+    assert "non-finite" in result.history.rollbacks[0]["reason"]
+    assert same_state(_weights(result), _weights(reference)) == []
+    assert _lineage_core(result) == _lineage_core(reference)
+    with Urza.open(ws) as urza:
+        rollbacks = [d for d in urza.list_decisions(run_id=result.run_id) if d.action == "rollback"]
+        assert rollbacks and "Emergency rollback required" in rollbacks[0].explanation
+
+
+def test_a_divergence_during_a_graft_quarantines_the_seed(forged, reference):
+    ws, kernel = forged
+    epoch = next(e["epoch"] for e in reference.history.epochs
+                 if S.GRAFTING.value in e["stages_during"])
+    seen = {}
+
+    def on_rollback(event):
+        if event.kind == "rollback":
+            store = CheckpointStore(ws.root / "runs" / "graft-diverges" / "checkpoints")
+            restored, written = store.list()[-2:]  # the one restored, the one written after it
+            seen["restored"], seen["written"] = restored.read(), written.read()
+            seen["epochs"] = (restored.epoch, written.epoch)
+
+    result = run_training(tiny_config(**{"faults.nan_loss_epochs": [epoch]}), workspace=ws,
+                          run_id="graft-diverges", progress=on_rollback)
+    assert result.status == "completed"
+    (rollback,) = result.history.rollbacks
+    assert rollback["epoch"] == epoch and rollback["seed_id"] is not None
+    layer_id, index = map(int, rollback["seed_id"].split(":"))
+    assert kasmina.layers(result.model)[layer_id].stage(index) is S.ROLLED_BACK
+    assert result.history.lineage["adaptations"] == []
+    with Urza.open(ws) as urza:
+        (report,) = urza.list_field_reports(run_id=result.run_id)
+        assert report.outcome is S.ROLLED_BACK and report.kernel_artifact_id == kernel
+
+    # The state written after the rollback is the restored checkpoint's, bit for bit, except
+    # the quarantined seed (its stage, its bank, its optimizer state) and Tamiyo's quarantine.
+    assert seen["epochs"] == (epoch - 1, epoch - 1)
+    (restored, restored_state), (written, written_state) = seen["restored"], seen["written"]
+    seed_layer = f"layers.{1}."
+    differ = same_state(restored, written)
+    assert differ and all(seed_layer in key and (".state." in key or ".banks." in key or key.endswith(".meta"))
+                          for key in differ), differ
+    assert any(key.startswith("rng.") for key in restored) and not [k for k in differ if "rng" in k]
+    for key in ("rng", "history", "global_step", "epoch", "optimizer"):
+        if key == "optimizer":
+            host = [g for g in restored_state[key]["groups"]]
+            assert [n for g in host for n in g["params"] if ".banks." not in n] == \
+                [n for g in written_state[key]["groups"] for n in g["params"]]
+        else:
+            assert restored_state[key] == written_state[key]
+    assert rollback["seed_id"] in written_state["tamiyo"]["quarantined"]
+
+
+def test_a_tampered_kernel_is_refused_and_the_run_goes_on():
+    root = short_dir("tolaria-tamper-")
+    try:
+        ws, kernels = forged_workspace(root)
+        kernel = kernels["mlp_gelu_w8"]
+        with Urza.open(ws) as urza:  # flip one byte of the signed weights in the artifact store
+            manifest = json.loads(json.loads(urza.store.get(urza.get_kernel(kernel).kernel_binary_ref))["body"])
+            weights = urza.store.path_for(manifest["files"]["weights.safetensors"])
+        weights.chmod(0o644)
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))
+        result = run_training(tiny_config(), workspace=ws)
+        assert result.status == "completed" and result.summary["epochs"] == 12
+        (outcome,) = result.history.lineage["other_outcomes"]
+        # Kasmina never gets a refused kernel past GERMINATED: Tamiyo cancels the wait.
+        assert outcome["outcome"] == "CANCELLED" and outcome["kernel_artifact_id"] == kernel
+        (refused,) = [n for n in result.history.notices if "refused" in n]
+        assert kernel in refused and ("sha256" in refused or "hash" in refused), refused
+        assert result.summary["parameters"] == result.summary["host_parameters"]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
