@@ -215,6 +215,80 @@ def verify(ctx: typer.Context) -> None:
 
 
 @app.command()
+def lineage(
+    ctx: typer.Context,
+    run: Annotated[str, typer.Argument(help="A run id under the workspace's runs/, or a run "
+                                       "directory.", show_default=False)],
+) -> None:
+    """Show a run's lineage: every fossilized adaptation, its kernel and blueprint, the metric
+    before and after, and the audit rows it cites, each checked against the workspace's
+    hash-chained audit log (exit 3 when one does not match).
+
+    Example: esper library lineage quickstart-20260101-120000-ab12
+    """
+    import json
+
+    from esper.errors import BadInputError, IntegrityError
+    from esper.tolaria.run import find_run
+
+    ectx = get_context(ctx)
+    workspace = ectx.workspace if ectx.workspace.exists() else None
+    path = find_run(run, workspace) / "lineage.json"
+    if not path.is_file():
+        raise BadInputError(f"{path.parent}: no lineage.json (the run has not finished an epoch "
+                            "with outputs yet)")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        adaptations = record["adaptations"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise BadInputError(f"{path}: not a lineage file ({e})") from None
+    cited = {int(a["seq"]): a["row_hash"] for entry in adaptations
+             for a in entry.get("audit", [])}
+    problems: list[str] = []
+    if workspace is not None and cited:
+        with _open(ctx) as urza:
+            stored = {r["seq"]: r["row_hash"] for r in urza.audit_rows(seqs=cited)}
+            chain = urza.verify_audit_chain()
+        problems = [f"audit row {seq}: " + ("missing from the workspace" if seq not in stored
+                                            else "hash differs from the workspace's")
+                    for seq, digest in sorted(cited.items()) if stored.get(seq) != digest]
+        if not chain.ok:
+            problems.append(f"audit chain broken at row {chain.first_bad_seq}: {chain.reason}")
+    checked = "not checked (no workspace)" if workspace is None else (
+        f"{len(cited)} audit rows checked" + ("" if problems else ", all match"))
+
+    def render() -> None:
+        from commands._render import print_table
+
+        rows = [[a["seed_id"], a.get("layer", ""), a["kernel_artifact_id"],
+                 f"{a.get('germinated_epoch', '-')}-{a.get('fossilized_epoch', '-')}",
+                 _metric_change(a), str(a.get("parameters", "-")), str(len(a.get("audit", [])))]
+                for a in adaptations]
+        print_table(f"lineage of {record.get('run_id', run)}: {len(adaptations)} fossilized",
+                    ["seed", "layer", "kernel", "epochs", "metric", "params", "audit rows"], rows,
+                    wrap=("metric",))
+        others = record.get("other_outcomes", [])
+        if others:
+            print_table("other outcomes", ["seed", "kernel", "outcome", "epoch", "reason"],
+                        [[o["seed_id"], o["kernel_artifact_id"], o["outcome"], str(o["epoch"]),
+                          o.get("reason", "")] for o in others], wrap=("reason",))
+        out_console.print(f"evidence: {checked}", highlight=False)
+        for problem in problems:
+            out_console.print(f"[red]problem:[/] {problem}", highlight=False)
+
+    ectx.emit({**record, "evidence": {"checked": workspace is not None, "problems": problems}},
+              render)
+    if problems:
+        raise IntegrityError(f"lineage of {record.get('run_id', run)}: {problems[0]}")
+
+
+def _metric_change(entry: dict) -> str:
+    if "pre_metric" not in entry:
+        return "-"
+    return f"{entry.get('metric', 'metric')} {entry['pre_metric']:.4g} -> {entry['post_metric']:.4g}"
+
+
+@app.command()
 def stats(ctx: typer.Context) -> None:
     """Counts of blueprints and kernels by status, blobs, reports.
 

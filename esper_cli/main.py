@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from commands import bench, forge, library
+from commands import bench, forge, library, train
 from esper.errors import EsperError
 from esper.workspace import DEFAULT_WORKSPACE, WORKSPACE_ENV, Workspace
 from esper_cli.context import EsperContext, LogLevel, configure_logging, err_console
@@ -25,6 +25,9 @@ class EsperGroup(TyperGroup):
             return super().invoke(ctx)
         except (typer.Exit, typer.Abort, typer.TyperException, KeyboardInterrupt):
             # usage errors (exit 2), explicit exits and Ctrl-C (130) are typer's to report
+            raise
+        except BrokenPipeError:
+            # The reader went away (`esper ... | head`): click ends quietly (exit 1).
             raise
         except EsperError as e:
             _report(ctx, e)
@@ -53,11 +56,13 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",  # docstring paragraphs reflow to the terminal width
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 app.add_typer(library.app, name="library")
 app.add_typer(forge.app, name="forge")
 app.add_typer(bench.app, name="bench")
+app.command("train")(train.train)
 
 
 def _version(value: bool) -> None:

@@ -12,7 +12,7 @@ thread). Any number of processes may open the same workspace at once.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +90,24 @@ class Urza(BlueprintCatalog, KernelCatalog, RecordCatalog):
             return True
 
     # Integrity ------------------------------------------------------------------------------
+    def audit_rows(self, *, subjects: Iterable[str] = (), seqs: Iterable[int] = ()
+                   ) -> list[dict[str, Any]]:
+        """Audit-log rows about any of `subjects` or with any of `seqs`, in chain order, each
+        with its chain hash (`row_hash`) and its details parsed: the evidence a run's lineage
+        cites and `esper library lineage` checks."""
+        subjects, seqs = list(subjects), [int(s) for s in seqs]
+        where = []
+        if subjects:
+            where.append(f"subject IN ({', '.join('?' for _ in subjects)})")
+        if seqs:
+            where.append(f"seq IN ({', '.join('?' for _ in seqs)})")
+        if not where:
+            return []
+        rows = self._rows("SELECT seq, at, actor, action, subject, details, row_hash FROM"
+                          f" audit_log WHERE {' OR '.join(where)} ORDER BY seq",
+                          (*subjects, *seqs))
+        return [dict(r, details=json.loads(r["details"])) for r in rows]
+
     def verify_audit_chain(self) -> AuditCheck:
         return verify_chain(self.db)
 

@@ -1,0 +1,193 @@
+"""`esper train`: Tolaria + Kasmina + Tamiyo, one run from one YAML file.
+
+A plain command, not a sub-app like the others: a group would stop parsing options at the first
+positional argument, and `esper train CONFIG key=value --resume ...` mixes them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from esper_cli.context import err_console, get_context, out_console
+
+def train(
+    ctx: typer.Context,
+    config: Annotated[Optional[Path], typer.Argument(
+        help="The run's YAML config (see configs/quickstart.yaml). Optional with --resume.",
+        show_default=False)] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(
+        help="key.sub=value overrides of the config (`epochs=30 optimizer.lr=3e-3`).",
+        show_default=False)] = None,
+    resume: Annotated[Optional[str], typer.Option(
+        help="Continue a killed or stopped run from its last checkpoint: a run id under the "
+        "runs directory, or a run directory.", show_default=False)] = None,
+    device: Annotated[Optional[str], typer.Option(
+        help="cpu, cuda, cuda:N or auto (overrides the config's `device`).",
+        show_default=False)] = None,
+    policy: Annotated[Optional[str], typer.Option(
+        help="Tamiyo's policy: heuristic (overrides `tamiyo.policy`).",
+        show_default=False)] = None,
+    out: Annotated[Optional[Path], typer.Option(
+        help="Where runs go (overrides `out_dir`; relative paths are under the workspace).",
+        show_default=False)] = None,
+    epochs: Annotated[Optional[int], typer.Option(
+        min=1, help="Train this many epochs in all (overrides `epochs`; with --resume, "
+        "continue to it).", show_default=False)] = None,
+    run_id: Annotated[Optional[str], typer.Option(
+        help="Name the run instead of NAME-TIME-HEX.", show_default=False)] = None,
+) -> None:
+    """Train a model that grows where it needs to (Tolaria, Kasmina and Tamiyo).
+
+    Wraps the configured layers with dormant seeds, trains, and at every epoch end lets Tamiyo
+    germinate a VALIDATED kernel from the workspace's library where training stalls, taking it
+    through the lifecycle and keeping it only if it helps. Checkpoints every epoch; a divergence
+    rolls back. Outputs go to runs/RUN_ID/ (model.safetensors, lineage.json, metrics.jsonl);
+    the summary to stdout. Events go to the bus when it is up; training never waits for it.
+
+    Example: esper train configs/quickstart.yaml epochs=30 optimizer.lr=3e-3
+    """
+    from esper.errors import BadInputError
+    from esper.tolaria.config import load_config
+    from esper.tolaria.run import run_training
+
+    ectx = get_context(ctx)
+    changes = [f"device={device}"] * (device is not None)
+    changes += [f"tamiyo.policy={policy}"] * (policy is not None)
+    changes += [f"out_dir={out}"] * (out is not None)
+    changes += [f"epochs={epochs}"] * (epochs is not None)
+    if config is None and resume is None:
+        raise BadInputError("give a config file (esper train CONFIG) or --resume RUN")
+    if config is None and overrides:
+        raise BadInputError("overrides need a config file; with --resume alone, only --epochs, "
+                            "--device and --out apply")
+    workspace = ectx.workspace if ectx.workspace.exists() else None
+    if config is not None:
+        train_config = load_config(config, [*(overrides or []), *changes])
+    elif changes:
+        train_config = _saved_config(resume, workspace, changes)
+    else:
+        train_config = None
+    progress = _Progress()
+    try:
+        result = run_training(train_config, workspace=workspace, redis_url=ectx.redis_url,
+                              resume=resume, progress=progress, run_id=run_id)
+    finally:
+        progress.close()
+    ectx.emit(result.summary, lambda: _render(result.summary))
+
+
+def _saved_config(resume: str, workspace, changes: list[str]):
+    """A resumed run's saved config with --epochs/--device/--out applied."""
+    import json
+
+    from esper.tolaria.config import TrainConfig, apply_override
+    from esper.tolaria.run import find_run
+    from esper.tolaria.trainer import CONFIG_FILE
+
+    out_dir = next((c.split("=", 1)[1] for c in changes if c.startswith("out_dir=")), None)
+    path = find_run(resume, workspace, out_dir) / CONFIG_FILE
+    data = json.loads(path.read_text())
+    for change in changes:
+        apply_override(data, change, str(path))
+    return TrainConfig.from_mapping(data, source=str(path))
+
+
+class _Progress:
+    """Bars for epochs and steps on a terminal; one line per epoch (and notice) elsewhere."""
+
+    def __init__(self) -> None:
+        self.bars = None
+        self.epoch_task = self.step_task = None
+
+    def __call__(self, event) -> None:
+        if event.kind == "notice":
+            self._line(f"[yellow]note[/] {event.text}", event.text)
+        elif event.kind == "rollback":
+            self._line(f"[red]rollback[/] to epoch {event.epoch}: {event.text}",
+                       f"rollback to epoch {event.epoch}: {event.text}")
+        elif event.kind == "start":
+            self._start(event)
+        elif event.kind == "step" and self.bars is not None:
+            self.bars.update(self.step_task, completed=event.step, total=event.steps)
+        elif event.kind == "epoch":
+            self._epoch(event)
+
+    def _start(self, event) -> None:
+        if not err_console.is_terminal:
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
+            TimeElapsedColumn
+
+        self.close()
+        self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TimeElapsedColumn(), console=err_console, transient=True)
+        self.bars.start()
+        self.epoch_task = self.bars.add_task(f"run {event.run_id}", total=event.epochs,
+                                             completed=event.epoch)
+        self.step_task = self.bars.add_task("  steps", total=event.steps)
+
+    def _epoch(self, event) -> None:
+        line = _epoch_line(event.record or {}, event.epoch, event.epochs)
+        if self.bars is not None:
+            self.bars.update(self.epoch_task, completed=event.epoch)
+            self.bars.update(self.step_task, completed=0)
+        self._line(line, line)
+
+    def _line(self, styled: str, plain: str) -> None:
+        if self.bars is not None:
+            self.bars.console.print(styled, highlight=False, soft_wrap=True)
+        elif err_console.is_terminal:
+            err_console.print(styled, highlight=False, soft_wrap=True)
+        else:
+            sys.stderr.write(plain + "\n")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.bars is not None:
+            self.bars.stop()
+            self.bars = None
+
+
+def _epoch_line(record: dict[str, Any], epoch: int, epochs: int) -> str:
+    parts = [f"epoch {epoch}/{epochs}"]
+    for key, label in (("train_loss", "loss"), ("validation_loss", "val_loss"),
+                       ("validation_accuracy", "val_acc")):
+        value = record.get(key)
+        if isinstance(value, (int, float)):
+            parts.append(f"{label} {value:.4f}")
+    stages = {k: v for k, v in (record.get("stages_after") or {}).items() if k != "DORMANT"}
+    if stages:
+        parts.append("seeds " + " ".join(f"{k}:{v}" for k, v in sorted(stages.items())))
+    return "  ".join(parts)
+
+
+def _render(summary: dict[str, Any]) -> None:
+    from commands._render import print_table
+
+    def fmt(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        if isinstance(value, dict):
+            return ", ".join(f"{k} {v}" for k, v in value.items()) or "-"
+        return str(value)
+
+    keys = [("run", "run_id"), ("status", "status"), ("epochs", "epochs"),
+            ("device", "device"), ("train loss", "train_loss"),
+            ("validation loss", "validation_loss"), ("validation accuracy", "validation_accuracy"),
+            ("germinations", "germinations"), ("outcomes", "outcomes"),
+            ("fossilized", "fossilized"), ("rollbacks", "rollbacks"),
+            ("parameters (host)", "host_parameters"), ("parameters (all)", "parameters"),
+            ("step ms, median", "step_ms_median"),
+            ("step ms, max while growing", "step_ms_max_growing"),
+            ("wall seconds", "wall_seconds")]
+    print_table("run", ["", "value"], [[label, fmt(summary.get(key))] for label, key in keys],
+                wrap=("value",))
+    outputs = summary.get("outputs") or {}
+    if outputs:
+        out_console.print(f"outputs in {Path(next(iter(outputs.values()))).parent}",
+                          highlight=False, soft_wrap=True)
