@@ -67,6 +67,21 @@ def test_a_run_grows_a_seed_and_its_lineage_checks_out(forged):
     assert forged_lineage.returncode == 3 and "hash differs" in forged_lineage.stderr
 
 
+def test_a_graft_that_misses_its_gate_is_culled_through_the_cli(forged):
+    ws, kernel, root = forged
+    config = write_config(root / "cull.yaml")
+    done = esper(ws, "--json", "train", str(config), "tamiyo.gates.keep_min_improvement=100",
+                 "tamiyo.gates.max_evaluation_epochs=1", "--run-id", "culled")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary["outcomes"] == {"CULLED": 1} and summary["fossilized"] == 0
+    assert summary["parameters"] == summary["host_parameters"]  # nothing of the graft is left
+    shown = json.loads(esper(ws, "--json", "library", "lineage", "culled").stdout)
+    assert shown["adaptations"] == []
+    (outcome,) = shown["other_outcomes"]
+    assert outcome["outcome"] == "CULLED" and outcome["kernel_artifact_id"] == kernel
+
+
 def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(forged):
     ws, _, root = forged
     # 40 steps an epoch, so that a kill lands inside one.
