@@ -49,6 +49,7 @@ class TrainingBus:
         self._wake = threading.Condition()
         self._closed = False
         self._publisher: BufferedPublisher | None = None
+        self._attempted = threading.Event()  # the publisher thread has tried to connect once
         # Only commands issued from now on (entry ids carry the server's clock, in ms).
         self._since = f"{int(time.time() * 1000) - 1}-0"
         self._threads = [threading.Thread(target=self._publish_loop, name="tolaria-bus-publish",
@@ -99,10 +100,11 @@ class TrainingBus:
     def flush(self, timeout: float = 5.0) -> bool:
         """Wait up to `timeout` s for everything queued to reach Redis; True if it did."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        self._attempted.wait(timeout)
+        while time.monotonic() < deadline and self._publisher is not None:
             with self._wake:
                 self._wake.notify_all()
-            if not self._queue and self._publisher is not None and self._publisher.flush():
+            if not self._queue and self._publisher.flush():
                 return True
             time.sleep(0.02)
         return False
@@ -138,10 +140,13 @@ class TrainingBus:
                                                     max_buffered=self.max_buffered,
                                                     retry_min_s=0.5, retry_max_s=self._retry_max_s)
             except EsperError as e:  # a bad URL or refused credentials: say so, keep training
-                log.warning("tolaria: not publishing to the bus: %s", e)
+                if not self._attempted.is_set():
+                    log.warning("tolaria: not publishing to the bus: %s", e)
+                self._attempted.set()
                 with self._wake:
                     self._wake.wait(retry)
                 retry = min(retry * 2, self._retry_max_s)
+        self._attempted.set()
         publisher = self._publisher
         while publisher is not None:
             with self._wake:

@@ -314,7 +314,6 @@ class TolariaTrainer:
             latest = self.checkpoints.latest()
             if latest is None:
                 raise BadInputError(f"{self.run_dir}: no checkpoint to resume from")
-            self.optimizer = build_optimizer(self.model, config.optimizer)
             self._restore(latest, resuming=True)
             self._notice(f"resumed run {self.run_id} from {latest.path.name} (epoch {self.epoch})")
         else:
@@ -327,7 +326,7 @@ class TolariaTrainer:
             self.optimizer = build_optimizer(self.model, config.optimizer)
             self._write_metrics()
             self._checkpoint()  # epoch 0: the first known-good state
-        self._emit("start", epoch=self.epoch)
+        self._emit("start", epoch=self.epoch, steps=self.steps_per_epoch)
 
     # --- one epoch ----------------------------------------------------------------------
 
@@ -615,7 +614,8 @@ class TolariaTrainer:
         for decision in self.tamiyo.drain_decisions():
             self._publish(Topic.CONTROL_TAMIYO_DECISIONS, decision)
             self._store("record_decision", decision)
-            if decision.action == "wait" and "No VALIDATED kernel" in decision.explanation:
+            if (decision.action == "wait" and "No VALIDATED kernel" in decision.explanation
+                    and not any("no VALIDATED kernel" in n for n in self.history.notices)):
                 self._notice("no VALIDATED kernel fits a free seed: training goes on without "
                              "growing (run `esper forge` and `esper bench`)")
         for report in self.tamiyo.drain_field_reports():

@@ -161,3 +161,38 @@ def test_redis_going_away_mid_run_does_not_stop_training(forged):
     finally:
         server.stop()
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def test_a_forced_rollback_quarantines_the_latest_graft(forged):
+    """An operator's force_rollback: Tolaria goes back to the last known-good checkpoint and
+    blames the most recent graft in the forward pass, as Tamiyo's own divergence check would."""
+    ws = forged
+    config = tiny_config(**{"telemetry.bus": True})
+    data = build_data(config.data, seed=config.data_seed)
+    model, _ = esper.wrap(build_model(config.model, data.input_shape, data.out_dim), config.kasmina)
+    tamiyo = esper.TamiyoController(model, config.tamiyo, run_id="forced")
+    bus = TrainingBus.open(ws, None, run_id="forced")
+    operator = Oona.connect(ws, sender_id="operator")
+
+    def operate(event):
+        if event.kind == "epoch" and event.record["stages_after"].get("STABILIZATION"):
+            received = bus.received
+            operator.publish(Topic.CONTROL_RUN, RunControl(
+                run_id="forced", action=RunControlAction.FORCE_ROLLBACK, reason="looks wrong"))
+            deadline = time.monotonic() + 10
+            while bus.received == received:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+
+    try:
+        model, history = esper.TolariaTrainer(model, tamiyo, config, data=data, workspace=ws, bus=bus,
+                                              progress=operate).train()
+    finally:
+        bus.close()
+        operator.close()
+    (rollback,) = history.rollbacks
+    assert rollback["reason"] == "rollback forced by an operator (looks wrong)"
+    layer_id, index = map(int, rollback["seed_id"].split(":"))
+    assert kasmina.layers(model)[layer_id].stage(index) is S.ROLLED_BACK
+    assert [o["outcome"] for o in history.lineage["other_outcomes"]] == ["ROLLED_BACK"]
+    assert history.status == "completed" and history.summary["epochs"] == config.epochs

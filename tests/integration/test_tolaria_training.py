@@ -212,3 +212,24 @@ def test_a_tampered_kernel_is_refused_and_the_run_goes_on():
         assert result.summary["parameters"] == result.summary["host_parameters"]
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_with_no_validated_kernel_training_goes_on_and_says_so_once(tmp_path):
+    from esper.workspace import Workspace
+
+    ws = Workspace(short_dir("tolaria-empty-") / "ws")
+    try:
+        ws.create()
+        notices = []
+        result = run_training(tiny_config(), workspace=ws,
+                              progress=lambda e: notices.append(e.text) if e.kind == "notice" else None)
+        assert result.status == "completed" and result.summary["epochs"] == 12
+        said = [n for n in notices if "no VALIDATED kernel" in n]
+        assert len(said) == 1 and INTERFACE in said[0]
+        assert result.summary["parameters"] == result.summary["host_parameters"]
+        with Urza.open(ws) as urza:  # the forge is asked to compile for the seeds' interface
+            assert [str(r.interface) for r in urza.requested_interfaces()] == [INTERFACE]
+            waits = [d for d in urza.list_decisions(run_id=result.run_id) if d.action == "wait"]
+            assert len(waits) == 1 and "No VALIDATED kernel fits" in waits[0].explanation
+    finally:
+        shutil.rmtree(ws.root.parent, ignore_errors=True)
