@@ -25,10 +25,15 @@ Stage 2, the profiler, measures the kernel at the weights after that one step (a
 output is exactly zero, which would hide precision drift):
 
 - latency of the forward pass (train mode, grad on: how Kasmina runs a graft): warm-up
-  excluded, then `rounds` rounds of timed calls (as many as fit `round_seconds`, at most
-  `max_calls`); on GPU an event pair per call, read once per round (calls queue back to back
-  as in training), `perf_counter` around each call on CPU. mean/p50/p99 over every call; the
-  within-run variance figure is the coefficient of variation (CV%) of the round means;
+  excluded (at least `warmup_calls` and `warmup_seconds`: caches, the allocator and the GPU's
+  clocks settle; the warm-up's mean call time sizes the rounds), then `rounds` rounds of timed
+  calls (as many as fit `round_seconds`, at most `max_calls`), each round after a full garbage
+  collection (the garbage of loading and gatekeeping is not collected inside a timed call; the
+  collector stays on, as in training); on GPU an event pair per call, read once per round
+  (calls queue back to back as in training), `perf_counter` around each call on CPU. mean/p50/p99
+  over every call; the within-run variance figure is the coefficient of variation (CV%) of the
+  round means. The standard library's kernels are launch-bound on a GPU at these sizes: their
+  latency is mostly the host's time to issue the call's operations;
 - forward+backward latency, throughput (calls/s and positions/s);
 - peak memory of one forward+backward: `torch.cuda.max_memory_allocated` above the baseline on
   GPU; on CPU, tensor-bytes accounting (parameters + gradients + input + output + every tensor
@@ -45,8 +50,10 @@ output is exactly zero, which would hide precision drift):
 from __future__ import annotations
 
 import math
+import os
 import platform
 import statistics
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -76,6 +83,7 @@ class GauntletJob:
     min_calls: int = 5
     max_calls: int = 2000
     warmup_calls: int = 3
+    warmup_seconds: float = 0.05
     seed: int = 1234
 
     @classmethod
@@ -97,6 +105,10 @@ class GauntletResult:
     metrics: dict[str, float] = field(default_factory=dict)
     baseline: dict[str, float] = field(default_factory=dict)
     hardware: dict[str, str] = field(default_factory=dict)
+    # Where the child's time went (s): `process_before` (interpreter start, imports, catalog
+    # open: the process's age when the gauntlet began; Linux only), `load`, `gatekeep`,
+    # `profile`. Not part of the report: for the bench's own cost (scripts/gpu_gauntlet.py).
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def to_jsonable(self) -> dict[str, Any]:
         return asdict(self)
@@ -123,6 +135,9 @@ def run_gauntlet(urza: Urza, job: GauntletJob) -> GauntletResult:
     from pipelines.tezzeret.compile import input_form
     from pipelines.tezzeret.loader import load_kernel
 
+    stages = {"process_before": _process_age_s()}
+    clock = time.perf_counter()
+    _no_compile_workers()
     hardware = hardware_context(job.device)
     try:
         kernel = load_kernel(urza, job.kernel_id, device=job.device, require_validated=False)
@@ -133,19 +148,54 @@ def run_gauntlet(urza: Urza, job: GauntletJob) -> GauntletResult:
                  source=f"blueprint {kernel.manifest.blueprint_id[:12]}")
     form = input_form(ir, interface)
     dtype = getattr(torch, kernel.manifest.dtype)
+    clock = _lap(stages, "load", clock)
     try:
         gate = gatekeep(kernel, kernel.module, interface, form, dtype, job.device, seed=job.seed)
+        clock = _lap(stages, "gatekeep", clock)
         metrics, baseline = profile(kernel, kernel.module, interface, form, dtype, job)
+        _lap(stages, "profile", clock)
         metrics.update(gate)
     except GateFailure as e:
-        return GauntletResult(job.kernel_id, False, e.check, f"{e.check}: {e}", hardware=hardware)
+        return GauntletResult(job.kernel_id, False, e.check, f"{e.check}: {e}", hardware=hardware,
+                              stage_seconds=stages)
     metrics["flops_per_position"] = float(validate(ir, interface).checks[0].flops_per_position)
     metrics["gflops_per_call"] = metrics["flops_per_position"] * metrics["positions"] / 1e9
     metrics["numerically_stable_limit"] = DRIFT_LIMITS[kernel.manifest.dtype]
     if kernel.fallback_reason:
         hardware["compiled_fallback"] = kernel.fallback_reason[:200]
     return GauntletResult(job.kernel_id, True, metrics=metrics, baseline=baseline,
-                          hardware=hardware)
+                          hardware=hardware, stage_seconds=stages)
+
+
+def _no_compile_workers() -> None:
+    """The child runs precompiled code: no pool of Inductor compile workers. Where Triton is
+    installed, loading a compiled function warms one worker process per core (16 on the H100
+    host: 4.1-7.2 GB resident with the child, past its 4 GB limit, every `standard` kernel
+    rejected); a recompile, should one happen, runs in this process instead. Environment
+    variables, read when Inductor is first imported or warms its pool; the config too if Inductor
+    is already imported (importing it here would cost a fast kernel ~1 s)."""
+    os.environ["TORCH_WARM_POOL"] = "0"
+    os.environ["TORCHINDUCTOR_COMPILE_THREADS"] = "1"
+    config = sys.modules.get("torch._inductor.config")
+    if config is not None:
+        config.compile_threads = 1
+
+
+def _lap(stages: dict[str, float], name: str, since: float) -> float:
+    now = time.perf_counter()
+    stages[name] = now - since
+    return now
+
+
+def _process_age_s() -> float:
+    """Seconds since this process started (Linux /proc; -1 where it cannot tell)."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            stat = f.read()
+        start_ticks = int(stat[stat.rindex(b")") + 2:].split()[19])  # starttime, clock ticks
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return -1.0
 
 
 # Inputs -----------------------------------------------------------------------------------------
@@ -205,12 +255,15 @@ def gatekeep(kernel, module, interface, form: str, dtype, device: str, *,
 
     # Gradient flow: one step moves the zero-initialised op; then every parameter learns.
     target = torch.randn(expected, generator=g).to(device=device, dtype=dtype)
-    optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
-    optimizer.zero_grad(set_to_none=True)
+    module.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
     torch.nn.functional.mse_loss(kernel(x).float(), target.float()).backward()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    # One plain SGD step (lr 0.1) by hand: torch.optim imports torch._dynamo (~1-2 s per child).
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.grad is not None:
+                p.add_(p.grad, alpha=-0.1)
+    module.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
     y1 = kernel(x)
     if not torch.isfinite(y1).all():
@@ -366,21 +419,36 @@ def profile(kernel, module, interface, form: str, dtype, job: GauntletJob
 
 
 def _time(fn, job: GauntletJob) -> dict[str, float]:
-    """Time `fn`: warm-up excluded, `rounds` rounds of calls. Milliseconds."""
+    """Time `fn`: warm-up excluded, then `rounds` rounds of calls. Milliseconds."""
+    cuda = job.device.startswith("cuda")
+    # Warm-up, timed as one batch: its mean call time (calls queued as in the rounds) sizes them.
+    _sync(cuda)
+    start, warmed = time.perf_counter(), 0
+    while warmed < job.warmup_calls or time.perf_counter() - start < job.warmup_seconds:
+        fn()
+        warmed += 1
+    _sync(cuda)
+    estimate = max((time.perf_counter() - start) / warmed, 1e-7)
+    calls = int(min(job.max_calls, max(job.min_calls, job.round_seconds / estimate)))
+    samples, round_means = _rounds(fn, job.rounds, calls, cuda)
+    samples.sort()
+    mean = statistics.fmean(samples)
+    spread = statistics.pstdev(round_means) if len(round_means) > 1 else 0.0
+    return {"mean": mean, "p50": _percentile(samples, 50), "p99": _percentile(samples, 99),
+            "cv_pct": 100.0 * spread / statistics.fmean(round_means) if mean > 0 else 0.0,
+            "calls": len(samples)}
+
+
+def _rounds(fn, rounds: int, calls: int, cuda: bool) -> tuple[list[float], list[float]]:
+    """`rounds` rounds of `calls` timed calls: every call's time (ms) and each round's mean."""
+    import gc
+
     import torch
 
-    cuda = job.device.startswith("cuda")
-    for _ in range(job.warmup_calls):
-        fn()
-    _sync(cuda)
-    start = time.perf_counter()
-    fn()
-    _sync(cuda)
-    estimate = max(time.perf_counter() - start, 1e-7)
-    calls = int(min(job.max_calls, max(job.min_calls, job.round_seconds / estimate)))
     samples: list[float] = []
     round_means: list[float] = []
-    for _ in range(job.rounds):
+    for _ in range(rounds):
+        gc.collect()  # untimed: what earlier work left is not collected inside a timed call
         this_round = []
         if cuda:
             # One event pair per call, read after the round (one sync): calls queue back to
@@ -400,12 +468,7 @@ def _time(fn, job: GauntletJob) -> dict[str, float]:
                 this_round.append((time.perf_counter() - t0) * 1000.0)
         samples += this_round
         round_means.append(statistics.fmean(this_round))
-    samples.sort()
-    mean = statistics.fmean(samples)
-    spread = statistics.pstdev(round_means) if len(round_means) > 1 else 0.0
-    return {"mean": mean, "p50": _percentile(samples, 50), "p99": _percentile(samples, 99),
-            "cv_pct": 100.0 * spread / statistics.fmean(round_means) if mean > 0 else 0.0,
-            "calls": len(samples)}
+    return samples, round_means
 
 
 def _percentile(ordered: list[float], q: float) -> float:

@@ -3,6 +3,7 @@ non-determinism cannot be planted in a forge artifact on CPU; see test_urabrask_
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -11,7 +12,14 @@ from torch import nn
 
 from esper.blueprints import build, standard_library
 from esper.contracts import KernelInterface
-from pipelines.urabrask.gauntlet import GateFailure, GauntletJob, gatekeep, profile
+from pipelines.urabrask.gauntlet import (
+    GateFailure,
+    GauntletJob,
+    _no_compile_workers,
+    _time,
+    gatekeep,
+    profile,
+)
 
 FACE = KernelInterface.parse("linear:12:5")
 
@@ -57,7 +65,7 @@ def test_a_good_module_with_dropout_passes_and_is_profiled():
     module = good_module()
     gate = gatekeep(module, module, FACE, "rows", torch.float32, "cpu", seed=3)
     assert gate == {"deterministic_default_mode": 1.0}
-    metrics, baseline = profile(module, module, FACE, "rows", torch.float32,
+    metrics, _ = profile(module, module, FACE, "rows", torch.float32,
                                 GauntletJob(kernel_id="x" * 12 + "-cpu-fast-abcdef",
                                             round_seconds=0.01))
     assert metrics["latency_ms_p99"] >= metrics["latency_ms_p50"] > 0
@@ -99,3 +107,20 @@ def test_nondeterminism_by_default_passes_when_deterministic_mode_is_exact():
     gate = gatekeep(module, module, FACE, "rows", torch.float32, "cpu", seed=3)
     assert gate == {"deterministic_default_mode": 0.0}
     assert not torch.are_deterministic_algorithms_enabled()  # restored
+
+
+def test_timing_sizes_rounds_by_the_warm_up_and_leaves_the_collector_on():
+    job = GauntletJob(kernel_id="x" * 12 + "-cpu-fast-abcdef", rounds=3, round_seconds=0.002,
+                      min_calls=2, max_calls=40, warmup_seconds=0.001)
+    timing = _time(lambda: sum(range(2000)), job)
+    assert gc.isenabled()
+    assert 3 * 2 <= timing["calls"] <= 3 * 40
+    assert timing["p99"] >= timing["p50"] > 0 and timing["mean"] > 0 and timing["cv_pct"] >= 0
+
+
+def test_the_child_starts_no_compile_workers(monkeypatch):
+    monkeypatch.delenv("TORCH_WARM_POOL", raising=False)
+    monkeypatch.delenv("TORCHINDUCTOR_COMPILE_THREADS", raising=False)
+    _no_compile_workers()
+    assert os.environ["TORCH_WARM_POOL"] == "0"
+    assert os.environ["TORCHINDUCTOR_COMPILE_THREADS"] == "1"
