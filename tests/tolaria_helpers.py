@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from catalog_helpers import library_ir, plant
+
 from esper import signing
 from esper.contracts import LATENCY_MS, MEMORY_MB, UrabraskValidationReport
 from esper.tolaria.config import TrainConfig

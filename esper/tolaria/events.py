@@ -123,7 +123,7 @@ class TrainingBus:
         if self._publisher is not None:
             try:
                 self._publisher.close()
-            except EsperError as e:  # noqa: PERF203 - one line, then give up
+            except EsperError as e:
                 log.warning("tolaria: closing the bus: %s", e)
         lost = len(self._queue) + (self._publisher.buffered if self._publisher else 0)
         if lost or self.dropped:

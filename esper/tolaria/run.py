@@ -28,11 +28,11 @@ from torch import nn
 import kasmina
 from esper.contracts import KernelQuery
 from esper.errors import BadInputError, NotFoundError
+from esper.tolaria.checkpoint import seed_everything
 from esper.tolaria.config import TrainConfig
 from esper.tolaria.data import build_data
 from esper.tolaria.export import ModelOrigin
 from esper.tolaria.models import build_model
-from esper.tolaria.checkpoint import seed_everything
 from esper.tolaria.trainer import (
     CONFIG_FILE,
     Progress,

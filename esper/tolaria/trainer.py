@@ -751,6 +751,6 @@ def _median(values: list[float]) -> float | None:
 def _finite(value: float) -> float:
     """EpochEvent carries floats JSON can hold: a diverged loss is sent as the largest float."""
     if math.isnan(value):
-        return float(3e38)
+        return 3e38
     return max(min(value, 3e38), -3e38)
 

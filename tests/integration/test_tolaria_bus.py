@@ -11,6 +11,7 @@ import time
 
 import pytest
 import redis
+from tolaria_helpers import forged_workspace, short_dir, tiny_config
 
 import esper
 import kasmina
@@ -22,7 +23,6 @@ from esper.tolaria.data import build_data
 from esper.tolaria.events import TrainingBus
 from esper.tolaria.models import build_model
 from esper.tolaria.run import run_training
-from tolaria_helpers import forged_workspace, short_dir, tiny_config
 
 PASSWORD = "tolaria-pw"
 

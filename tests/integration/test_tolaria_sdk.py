@@ -8,6 +8,7 @@ import json
 
 import torch
 import yaml
+from tolaria_helpers import tiny_config
 
 import esper
 import kasmina
@@ -16,7 +17,6 @@ from esper.contracts import SeedLifecycle as S
 from esper.tamiyo import FixedKernelChooser
 from esper.tolaria.data import build_data
 from esper.tolaria.models import MLP
-from tolaria_helpers import tiny_config
 
 
 def test_the_sdk_example_trains_grows_and_saves(tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from tolaria_helpers import same_state
 from torch import nn
 
 import esper
@@ -28,7 +29,6 @@ from esper.tolaria.config import OptimizerConfig
 from esper.tolaria.export import ModelOrigin, remember_origin
 from esper.tolaria.models import build_model
 from esper.tolaria.optim import build_optimizer
-from tolaria_helpers import same_state
 
 ADAM = OptimizerConfig(name="adam", lr=1e-2)
 
