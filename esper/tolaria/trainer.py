@@ -363,7 +363,7 @@ class TolariaTrainer:
             self.global_step += 1
             self._timer.stop()
             every = config.telemetry.report_every_steps
-            if every is not None and self.global_step % every == 0:
+            if every is not None and self.bus is not None and self.global_step % every == 0:
                 self._publish_health(epoch, reset=False)  # sync: once per report interval
             self._emit("step", epoch=epoch, step=steps, steps=self.steps_per_epoch)
             if self._poll_controls():
