@@ -267,13 +267,8 @@ def _audit(urza: Any, kernel_id: str, blueprint: str | None, report_id: str | No
         artifact = urza.get_kernel(kernel_id)
     except EsperError:
         return {"audit": [], "manifest_sha256": None}
-    marks = ", ".join("?" for _ in subjects)
-    # sqlite-utils' Database on Urza's connection; read-only (Urza has no public audit reader).
-    rows = urza.db.query(f"SELECT seq, at, actor, action, subject, details, row_hash FROM audit_log"
-                         f" WHERE subject IN ({marks}) ORDER BY seq", subjects)
-    audit = [{"seq": r["seq"], "at": r["at"], "actor": r["actor"], "action": r["action"],
-              "subject": r["subject"], "row_hash": r["row_hash"], "details": json.loads(r["details"])}
-             for r in rows]
+    audit = [{k: r[k] for k in ("seq", "at", "actor", "action", "subject", "row_hash", "details")}
+             for r in urza.audit_rows(subjects=subjects)]
     return {"manifest_sha256": artifact.kernel_binary_ref, "audit": audit}
 
 
