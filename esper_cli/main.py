@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperGroup
 
-from commands import bench, forge, library, train
+from commands import bench, forge, library, train, watch
 from esper.errors import EsperError
 from esper.workspace import DEFAULT_WORKSPACE, WORKSPACE_ENV, Workspace
 from esper_cli.context import EsperContext, LogLevel, configure_logging, err_console
@@ -63,6 +63,7 @@ app.add_typer(library.app, name="library")
 app.add_typer(forge.app, name="forge")
 app.add_typer(bench.app, name="bench")
 app.command("train")(train.train)
+app.add_typer(watch.app, name="watch")
 
 
 def _version(value: bool) -> None:

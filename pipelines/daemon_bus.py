@@ -3,17 +3,28 @@ publishing its results, riding out a bus that goes away.
 
 The catalog is the record and the daemons poll it, so the bus is best effort: when it fails the
 daemon warns once, keeps polling Urza, and tries the bus again every `RETRY_S`.
+
+Heartbeats (topic system.heartbeats, for `esper watch`) ride the daemon's own loop, not a
+thread: a beat every `HEARTBEAT_S` while it waits for work, one after each result it publishes,
+and a last one ("stopping") when a stop request ends its wait. A loop that hangs stops beating,
+which is what the watcher's stalled-daemon alert looks for; a single job longer than the alert's
+threshold looks stalled too, so the threshold must exceed the longest job (the forge's and the
+bench's wall limits).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
+from collections import Counter
 from collections.abc import Callable
+from datetime import timedelta
 
 import redis
 
-from esper.contracts import Topic, VersionedContract
+from esper.contracts import DaemonHeartbeat, Topic, VersionedContract
 from esper.errors import BusUnavailableError
 from esper.oona import Consumer, Oona
 
@@ -21,6 +32,11 @@ from esper.oona import Consumer, Oona
 WAIT_SLICE_S = 0.5
 # After the bus failed, try it again this often (a connect to a dead host costs seconds).
 RETRY_S = 30.0
+# A beat this often while idle; `esper watch` alerts after several are missed.
+HEARTBEAT_S = 10.0
+# Heartbeats older than this are trimmed from the stream (checked about once an hour).
+HEARTBEAT_RETENTION = timedelta(hours=24)
+TRIM_EVERY_S = 3600.0
 
 
 class DaemonBus:
@@ -32,13 +48,22 @@ class DaemonBus:
         self.worker_id = worker_id
         self.log = log
         self.poll_interval_s = poll_interval_s
+        self.heartbeat_interval_s = HEARTBEAT_S
         self._consumer: Consumer | None = None
         self._down_since: float | None = None
+        self._started = time.monotonic()
+        self._last_beat: float | None = None
+        self._last_trim: float | None = None
+        self._published: Counter[str] = Counter()
 
     def wait(self, stopping: Callable[[], bool]) -> None:
         """Return when a `wake_topic` notice arrives, the poll interval is over, or `stopping()`."""
         deadline = time.monotonic() + self.poll_interval_s
-        while not stopping():
+        while True:
+            if stopping():
+                self.heartbeat("stopping")
+                return
+            self._beat_if_due("idle")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
@@ -65,6 +90,32 @@ class DaemonBus:
             self._failed(e)
             return
         self._back()
+        self._published[topic.value] += 1
+        self.heartbeat("busy")
+
+    def heartbeat(self, state: str) -> None:
+        """Publish a DaemonHeartbeat now (best effort, like every publish here)."""
+        if self.bus is None or self._down_since is not None:
+            return  # a bus that failed is retried by `wait`, not by every beat
+        now = time.monotonic()
+        beat = DaemonHeartbeat(daemon=self.group, worker_id=self.worker_id,
+                               host=socket.gethostname(), pid=os.getpid(), state=state,
+                               interval_s=self.heartbeat_interval_s,
+                               uptime_s=round(now - self._started, 3),
+                               published=dict(self._published))
+        try:
+            self.bus.publish(Topic.SYSTEM_HEARTBEATS, beat)
+            if self._last_trim is None or now - self._last_trim > TRIM_EVERY_S:
+                self._last_trim = now
+                self.bus.trim_by_age(Topic.SYSTEM_HEARTBEATS, HEARTBEAT_RETENTION)
+        except BusUnavailableError as e:
+            self._failed(e)
+            return
+        self._last_beat = now
+
+    def _beat_if_due(self, state: str) -> None:
+        if self._last_beat is None or time.monotonic() - self._last_beat >= self.heartbeat_interval_s:
+            self.heartbeat(state)
 
     def _wake_consumer(self) -> Consumer | None:
         if self.bus is None:

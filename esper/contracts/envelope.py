@@ -22,6 +22,7 @@ from esper.contracts.operational import (
     AllocationCommand,
     BlueprintSubmitted,
     CompilationFailed,
+    DaemonHeartbeat,
     EpochEvent,
     FieldReport,
     HealthSignal,
@@ -29,6 +30,7 @@ from esper.contracts.operational import (
     KasminaControlCommand,
     KernelCharacterized,
     KernelReady,
+    NissaAlert,
     RunControl,
     SeedTransition,
     TamiyoDecision,
@@ -51,6 +53,8 @@ class Topic(str, Enum):
     CONTROL_RUN = "control.run"
     CONTROL_HIERARCHY_SUMMARY = "control.hierarchy.summary"
     CONTROL_HIERARCHY_ALLOCATION = "control.hierarchy.allocation"
+    SYSTEM_HEARTBEATS = "system.heartbeats"
+    SYSTEM_ALERTS = "system.alerts"
 
     @property
     def stream_key(self) -> str:
@@ -71,6 +75,8 @@ TOPIC_PAYLOADS: dict[Topic, type[VersionedContract]] = {
     Topic.CONTROL_RUN: RunControl,
     Topic.CONTROL_HIERARCHY_SUMMARY: HealthSummaryReport,
     Topic.CONTROL_HIERARCHY_ALLOCATION: AllocationCommand,
+    Topic.SYSTEM_HEARTBEATS: DaemonHeartbeat,
+    Topic.SYSTEM_ALERTS: NissaAlert,
 }
 
 

@@ -239,3 +239,29 @@ class KernelCharacterized(VersionedContract):
     tags: list[Tag] = Field(default_factory=list)
     latency_ms: float | None = None
     reason: str | None = None
+
+
+class DaemonHeartbeat(VersionedContract):
+    """A daemon's loop is alive (topic system.heartbeats): sent every `interval_s` while it
+    waits for work and after each result it publishes; `esper watch` flags a daemon whose last
+    beat is too old, unless that beat said it was stopping."""
+
+    daemon: str = Field(min_length=1, max_length=100)  # the service: tezzeret, urabrask, karn
+    worker_id: str = Field(min_length=1, max_length=200)
+    host: str = ""
+    pid: NonNegInt = 0
+    state: Literal["idle", "busy", "stopping"]
+    interval_s: Annotated[float, Field(gt=0)]
+    uptime_s: Annotated[float, Field(ge=0)] = 0.0
+    published: dict[str, NonNegInt] = Field(default_factory=dict)  # results sent, by topic
+
+
+class NissaAlert(VersionedContract):
+    """An alert rule of `esper watch` started firing (topic system.alerts)."""
+
+    rule: Literal["rollback_rate", "certification_rate", "consumer_lag", "daemon_stalled",
+                  "run_stalled"]
+    subject: str = Field(min_length=1, max_length=300)  # the run, group or daemon it is about
+    message: str
+    value: float
+    threshold: float

@@ -70,6 +70,11 @@ SAMPLES: list[c.Contract] = [
     c.TamiyoDecision(decision_id="d", run_id="run", epoch=2, action="germinate", seed_id="0:1",
                      kernel_artifact_id=KID, explanation="plateau for 3 epochs"),
     c.RunControl(run_id="run", action=c.RunControlAction.PAUSE),
+    c.DaemonHeartbeat(daemon="tezzeret", worker_id="forge-host-1", host="host", pid=1,
+                      state="idle", interval_s=10.0, uptime_s=3.5,
+                      published={"compilation.kernel.ready": 2}),
+    c.NissaAlert(rule="consumer_lag", subject="compilation.kernel.ready/urabrask",
+                 message="lag 1200 > 1000", value=1200.0, threshold=1000.0),
 ]
 
 

@@ -1,0 +1,173 @@
+"""What the watcher knows, built from envelopes as they arrive and from Urza's counts.
+
+`WatchState.apply(envelope)` is the only way events get in, so a backlog read at start, a live
+tail and a test publishing events by hand all produce the same state.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from esper.contracts import (
+    TERMINAL_STAGES,
+    CompilationFailed,
+    DaemonHeartbeat,
+    Envelope,
+    EpochEvent,
+    FieldReport,
+    HealthSignal,
+    KernelCharacterized,
+    KernelReady,
+    RunControl,
+    RunControlAction,
+    SeedLifecycle,
+    SeedTransition,
+    TamiyoDecision,
+    Topic,
+)
+from esper.oona import GroupInfo
+
+# How much history the dashboard keeps per run and overall.
+DECISIONS_KEPT = 5
+FIELD_REPORTS_KEPT = 8
+# Forge and bench throughput: results in this trailing window, per minute.
+THROUGHPUT_WINDOW_S = 600.0
+
+
+@dataclass
+class RunView:
+    run_id: str
+    epoch: int | None = None
+    planned_epochs: int | None = None  # from the run's config in Urza, when it is registered
+    global_step: int = 0
+    train_loss: float | None = None
+    validation_loss: float | None = None
+    validation_accuracy: float | None = None
+    learning_rate: float | None = None
+    active_seeds: int = 0
+    fossilized_seeds: int = 0
+    last_epoch_at: float | None = None  # unix time of the last EpochEvent
+    first_seen_at: float = 0.0
+    stopped: bool = False  # a control.run STOP was issued
+    seeds: dict[str, SeedLifecycle] = field(default_factory=dict)  # "layer:index" -> stage
+    layer_names: dict[int, str] = field(default_factory=dict)
+    decisions: deque[TamiyoDecision] = field(default_factory=lambda: deque(maxlen=DECISIONS_KEPT))
+    outcomes: Counter[SeedLifecycle] = field(default_factory=Counter)  # terminal transitions
+
+    @property
+    def finished(self) -> bool:
+        return self.stopped or (self.planned_epochs is not None and self.epoch is not None
+                                and self.epoch >= self.planned_epochs)
+
+    def seeds_by_layer(self) -> dict[int, Counter[SeedLifecycle]]:
+        """Seed counts by stage, per layer id."""
+        layers: dict[int, Counter[SeedLifecycle]] = defaultdict(Counter)
+        for seed, stage in self.seeds.items():
+            layers[int(seed.split(":", 1)[0])][stage] += 1
+        return dict(sorted(layers.items()))
+
+
+@dataclass
+class DaemonView:
+    daemon: str
+    worker_id: str
+    state: str
+    last_beat_at: float  # unix time (the sender's clock)
+    interval_s: float
+    published: dict[str, int]
+    beats: int = 0
+
+
+@dataclass
+class WatchState:
+    runs: dict[str, RunView] = field(default_factory=dict)
+    daemons: dict[tuple[str, str], DaemonView] = field(default_factory=dict)
+    field_reports: deque[FieldReport] = field(
+        default_factory=lambda: deque(maxlen=FIELD_REPORTS_KEPT))
+    events: Counter[Topic] = field(default_factory=Counter)
+    # Timestamps (unix) of forge and bench results, for throughput.
+    kernels_ready: deque[float] = field(default_factory=deque)
+    kernels_judged: deque[float] = field(default_factory=deque)
+    compilation_failures: int = 0
+    judged: Counter[str] = field(default_factory=Counter)  # VALIDATED / REJECTED seen on the bus
+    # From Urza and XINFO, refreshed by the watcher.
+    catalog: dict[str, Any] = field(default_factory=dict)
+    groups: dict[Topic, list[GroupInfo]] = field(default_factory=dict)
+    stream_lengths: dict[Topic, int] = field(default_factory=dict)
+    bus_error: str | None = None
+    run_filter: str | None = None
+
+    # Events -------------------------------------------------------------------------------------
+    def accepts(self, envelope: Envelope) -> bool:
+        """False for events of another run than `run_filter`."""
+        run_id = getattr(envelope.payload, "run_id", None)
+        return self.run_filter is None or run_id is None or run_id == self.run_filter
+
+    def apply(self, envelope: Envelope) -> bool:
+        """Fold one event in; returns False (and changes nothing) when it is filtered out."""
+        if not self.accepts(envelope):
+            return False
+        self.events[envelope.topic] += 1
+        at = envelope.timestamp.timestamp()
+        message = envelope.payload
+        if isinstance(message, EpochEvent):
+            run = self._run(message.run_id, at)
+            run.epoch, run.global_step = message.epoch, message.global_step
+            run.train_loss, run.validation_loss = message.train_loss, message.validation_loss
+            run.validation_accuracy, run.learning_rate = (message.validation_accuracy,
+                                                          message.learning_rate)
+            run.active_seeds, run.fossilized_seeds = message.active_seeds, message.fossilized_seeds
+            run.last_epoch_at = at
+        elif isinstance(message, HealthSignal):
+            run = self._run(message.run_id, at)
+            run.layer_names[message.layer_id] = message.layer_name
+            for index, stage in enumerate(message.lifecycle):
+                run.seeds[f"{message.layer_id}:{index}"] = stage
+        elif isinstance(message, SeedTransition):
+            run = self._run(message.run_id, at)
+            run.seeds[message.seed_id] = message.to_stage
+            if message.to_stage in TERMINAL_STAGES:
+                run.outcomes[message.to_stage] += 1
+        elif isinstance(message, TamiyoDecision):
+            self._run(message.run_id, at).decisions.append(message)
+        elif isinstance(message, RunControl):
+            if message.action is RunControlAction.STOP:
+                self._run(message.run_id, at).stopped = True
+        elif isinstance(message, FieldReport):
+            self.field_reports.append(message)
+        elif isinstance(message, KernelReady):
+            self.kernels_ready.append(at)
+        elif isinstance(message, CompilationFailed):
+            self.compilation_failures += 1
+        elif isinstance(message, KernelCharacterized):
+            self.kernels_judged.append(at)
+            self.judged[message.status] += 1
+        elif isinstance(message, DaemonHeartbeat):
+            key = (message.daemon, message.worker_id)
+            beats = self.daemons[key].beats + 1 if key in self.daemons else 1
+            self.daemons[key] = DaemonView(daemon=message.daemon, worker_id=message.worker_id,
+                                           state=message.state, last_beat_at=at,
+                                           interval_s=message.interval_s,
+                                           published=dict(message.published), beats=beats)
+        return True
+
+    def _run(self, run_id: str, at: float) -> RunView:
+        run = self.runs.get(run_id)
+        if run is None:
+            run = self.runs[run_id] = RunView(run_id=run_id, first_seen_at=at)
+        return run
+
+    # Derived ------------------------------------------------------------------------------------
+    def throughput_per_min(self, stamps: deque[float], now: float | None = None) -> float:
+        """Results per minute over the trailing window (older stamps are dropped)."""
+        now = time.time() if now is None else now
+        while stamps and stamps[0] < now - THROUGHPUT_WINDOW_S:
+            stamps.popleft()
+        return len(stamps) * 60.0 / THROUGHPUT_WINDOW_S
+
+    def catalog_counts(self, table: str) -> dict[str, int]:
+        counts = self.catalog.get(table)
+        return dict(counts) if isinstance(counts, dict) else {}

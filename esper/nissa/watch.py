@@ -1,0 +1,118 @@
+"""The watcher: the bus reader, the state, the alert rules and the metrics, in one loop.
+
+    watcher = Watcher(workspace, url, since_ms=parse_since("1h"), rules=AlertRules())
+    events = watcher.start()              # the backlog since --since
+    alerts = watcher.refresh()            # Urza counts, group info, alert rules, metrics
+    while True:
+        events = watcher.step(block_ms=500)   # what arrived since (XREAD, no group)
+        alerts = watcher.refresh()
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+
+from esper.contracts import Envelope, Topic
+from esper.errors import EsperError
+from esper.nissa.alerts import Alert, AlertRules, evaluate
+from esper.nissa.metrics import WatchMetrics
+from esper.nissa.reader import WATCHED_TOPICS, BusReader
+from esper.nissa.state import WatchState
+from esper.urza import Urza
+from esper.workspace import Workspace
+
+log = logging.getLogger("esper.nissa")
+
+# `esper watch --once` exits with this when an alert fires (cron pages on a non-zero exit);
+# 1, 2 and 3 keep their meaning of DESIGN.md section 14.
+ALERT_EXIT_CODE = 4
+# Urza's counts and the groups' XINFO are read at most this often.
+REFRESH_S = 2.0
+
+
+class Watcher:
+    def __init__(self, workspace: Workspace | None, url: str | None, *, since_ms: int,
+                 rules: AlertRules | None = None, topics: Sequence[Topic] = WATCHED_TOPICS,
+                 run: str | None = None, metrics: WatchMetrics | None = None,
+                 publish_alerts: bool = True, start_embedded: bool = True):
+        self.workspace = workspace
+        self.reader = BusReader(workspace, url, topics, start_embedded=start_embedded)
+        self.state = WatchState(run_filter=run)
+        self.rules = rules or AlertRules()
+        self.metrics = metrics
+        self.publish_alerts = publish_alerts
+        self.since_ms = since_ms
+        self.alerts: list[Alert] = []
+        self.new_alerts: list[Alert] = []  # started firing at the last refresh
+        self._urza: Urza | None = None
+        self._last_refresh = 0.0
+        self._planned_looked_up: set[str] = set()
+
+    # Events -------------------------------------------------------------------------------------
+    def start(self) -> list[Envelope]:
+        """Read the backlog since `since_ms`; returns the events kept (run filter applied)."""
+        return self._apply([e.envelope for e in self.reader.backlog(self.since_ms)])
+
+    def step(self, block_ms: int | None = None) -> list[Envelope]:
+        """Read what arrived since the last read, waiting up to `block_ms` for it."""
+        return self._apply([e.envelope for e in self.reader.poll(block_ms=block_ms)])
+
+    def _apply(self, envelopes: list[Envelope]) -> list[Envelope]:
+        kept = [e for e in envelopes if self.state.apply(e)]
+        if self.metrics is not None:
+            for envelope in kept:
+                self.metrics.observe(envelope)
+        return kept
+
+    # Slow reads, alerts, metrics ----------------------------------------------------------------
+    def refresh(self, *, force: bool = False, now: float | None = None) -> list[Alert]:
+        """Re-read Urza and XINFO (at most every REFRESH_S unless `force`), evaluate the rules,
+        publish the alerts that started firing, update the metrics; returns the firing alerts."""
+        if force or time.monotonic() - self._last_refresh >= REFRESH_S:
+            self._last_refresh = time.monotonic()
+            self.state.groups = self.reader.groups()
+            self.state.stream_lengths = self.reader.lengths()
+            self._read_catalog()
+        self.state.bus_error = self.reader.error
+        alerts = evaluate(self.state, self.rules, now=now)
+        before = {a.key for a in self.alerts}
+        self.new_alerts = [a for a in alerts if a.key not in before]
+        self.alerts = alerts
+        if self.publish_alerts:
+            for alert in self.new_alerts:
+                self.reader.publish(Topic.SYSTEM_ALERTS, alert.to_contract())
+        if self.metrics is not None:
+            self.metrics.update(self.state, alerts, now=now)
+        return alerts
+
+    def _read_catalog(self) -> None:
+        if self.workspace is None or not self.workspace.db_path.exists():
+            return  # a watcher never creates a catalog
+        try:
+            if self._urza is None:
+                self._urza = Urza.open(self.workspace)
+            self.state.catalog = self._urza.stats()
+            for run in self.state.runs.values():
+                if run.run_id in self._planned_looked_up:
+                    continue
+                try:
+                    config = json.loads(self._urza.get_run(run.run_id).config_json)
+                except EsperError:
+                    continue  # not registered (yet): judged by its epoch events alone
+                self._planned_looked_up.add(run.run_id)
+                epochs = config.get("epochs") if isinstance(config, dict) else None
+                if isinstance(epochs, int):
+                    run.planned_epochs = epochs
+        except EsperError as e:
+            log.warning("nissa: cannot read the catalog: %s", e)
+
+    def close(self) -> None:
+        self.reader.close()
+        if self._urza is not None:
+            self._urza.close()
+            self._urza = None
+        if self.metrics is not None:
+            self.metrics.close()

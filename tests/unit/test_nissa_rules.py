@@ -1,0 +1,64 @@
+"""The watcher's pure parts: --since, alert-rule files, the state's folds, plain lines."""
+
+from __future__ import annotations
+
+import pytest
+
+from esper.contracts import Envelope, EpochEvent, SeedLifecycle as S, SeedTransition, Topic
+from esper.errors import BadInputError
+from esper.nissa import AlertRules, WatchState, evaluate, parse_since
+from esper.nissa.dashboard import plain_line
+
+
+def test_parse_since():
+    now = 1_000_000.0
+    assert parse_since("90s", now=now) == (now - 90) * 1000
+    assert parse_since("15m", now=now) == (now - 900) * 1000
+    assert parse_since("2h", now=now) == (now - 7200) * 1000
+    assert parse_since("all") == 0
+    assert parse_since("1970-01-01T00:00:10") == 10_000
+    with pytest.raises(BadInputError, match="--since 'soon'"):
+        parse_since("soon")
+
+
+def test_rules_file(tmp_path):
+    path = tmp_path / "rules.yaml"
+    path.write_text("consumer_lag_max: 5\nrollback_rate_max: 0.1\n")
+    rules = AlertRules.load(path)
+    assert rules.consumer_lag_max == 5 and rules.epoch_stale_s == AlertRules().epoch_stale_s
+    path.write_text("rollback_rate_max: 2\n")
+    with pytest.raises(BadInputError, match="rollback_rate_max"):
+        AlertRules.load(path)
+
+
+def wrap(topic, message):
+    return Envelope.wrap(topic, message, sender_id="tolaria")
+
+
+def test_state_folds_seeds_by_layer_and_filters_runs():
+    state = WatchState(run_filter="a")
+    assert state.apply(wrap(Topic.SYSTEM_EVENTS_EPOCH, EpochEvent(
+        run_id="a", epoch=1, global_step=7, train_loss=0.5, validation_loss=0.6)))
+    assert not state.apply(wrap(Topic.SYSTEM_EVENTS_EPOCH, EpochEvent(
+        run_id="b", epoch=1, global_step=7, train_loss=0.5, validation_loss=0.6)))
+    for seed in ("0:0", "2:1"):
+        state.apply(wrap(Topic.LIFECYCLE_SEED_TRANSITIONS, SeedTransition(
+            run_id="a", seed_id=seed, epoch=1, from_stage=S.DORMANT, to_stage=S.GERMINATED)))
+    assert {layer: dict(c) for layer, c in state.runs["a"].seeds_by_layer().items()} == \
+        {0: {S.GERMINATED: 1}, 2: {S.GERMINATED: 1}}
+    assert list(state.runs) == ["a"]
+    # A run that has been silent past the threshold is stalled, unless it finished.
+    rules = AlertRules(epoch_stale_s=10)
+    later = state.runs["a"].last_epoch_at + 11
+    assert [a.rule for a in evaluate(state, rules, now=later)] == ["run_stalled"]
+    state.runs["a"].planned_epochs = 1
+    assert evaluate(state, rules, now=later) == []
+
+
+def test_plain_line_is_one_line():
+    line = plain_line(wrap(Topic.LIFECYCLE_SEED_TRANSITIONS, SeedTransition(
+        run_id="a", seed_id="0:0", epoch=1, from_stage=S.DORMANT, to_stage=S.GERMINATED,
+        reason="plateau")))
+    assert line.endswith("lifecycle.seed.transitions tolaria: run a seed 0:0 DORMANT -> "
+                         "GERMINATED (plateau)")
+    assert "\n" not in line
