@@ -216,7 +216,15 @@ class KasminaLayer(nn.Module):
 
     def on_epoch_end(self, epoch: int | None = None, run_id: str = "") -> BoundaryReport:
         """The epoch boundary: check the state, apply automatic and commanded transitions
-        atomically, rebuild the seed banks and the forward plan."""
+        atomically, rebuild the seed banks and the forward plan.
+
+        Automatic transitions: CULLED and CANCELLED return to DORMANT; a seed whose blueprint
+        failed at run time is culled; a LOADING seed whose load finished goes on to TRAINING
+        (GRAFTING for a kernel without parameters) or, if the load failed, is culled. After the
+        commands, a seed still GERMINATED since an earlier boundary whose load (started at
+        germination) failed is culled too, through LOADING (GERMINATED -> CULLED is not in the
+        table): the controller sees CULLED, the load error as an incident and the embargo, not a
+        seed that stays GERMINATED and never ready."""
         self._epoch = self._epoch + 1 if epoch is None else epoch
         report = BoundaryReport(self.layer_id, self._epoch)
         corrupt = self.verify_state()
@@ -247,6 +255,14 @@ class KasminaLayer(nn.Module):
             except (IllegalTransitionError, BadInputError) as e:
                 report.rejected.append((command, str(e)))
         self._pending = []
+        for seed in range(self.seeds):
+            if (seed not in moved and self._stage_in(control, seed) is S.GERMINATED
+                    and self._load_failed(seed)):
+                # Germinated at an earlier boundary, not advanced or cancelled by this one's
+                # commands, and its load has failed: it could never become ready. GERMINATED ->
+                # CULLED is not in the table, so it goes the way of a failure in LOADING.
+                move(seed, S.LOADING, "its kernel load failed")
+                self._finish_loading(control, seed, move, report)
         for seed in range(self.seeds):
             if seed not in moved:
                 control["epochs_in_stage"][seed] += 1
@@ -354,6 +370,10 @@ class KasminaLayer(nn.Module):
     def _load_done(self, seed: int) -> bool:
         future = self._loads.get(seed)
         return future is not None and future.done()
+
+    def _load_failed(self, seed: int) -> bool:
+        future = self._loads.get(seed)
+        return future is not None and future.done() and future.exception() is not None
 
     def _template_for(self, seed: int) -> nn.Module:
         kernel = self.kernel_of(seed)

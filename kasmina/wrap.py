@@ -74,6 +74,19 @@ def _host_interface(module: nn.Module) -> tuple[KernelInterface | None, str]:
     return None, f"{type(module).__name__} is not a supported host type"
 
 
+def _weight_read_directly(parent: nn.Module | None, name: str) -> str | None:
+    """Why a KasminaLayer cannot stand in for child `name` of `parent`: the parent reads that
+    Linear's weight itself instead of calling it, so the wrapped model would fail (no `.weight`)
+    or silently bypass the seeds. None if it calls the child."""
+    if isinstance(parent, nn.MultiheadAttention) and name == "out_proj":
+        return "nn.MultiheadAttention reads out_proj.weight itself"
+    if (isinstance(parent, nn.TransformerEncoderLayer) and name in ("linear1", "linear2")
+            and parent.self_attn.batch_first):
+        return ("nn.TransformerEncoderLayer(batch_first=True) reads linear1 and linear2's weights "
+                "itself on its inference fast path")
+    return None
+
+
 def _block_interface(spec: BlockSpec) -> KernelInterface:
     return KernelInterface(kind=LayerKind(spec.kind), in_features=spec.in_features,
                            out_features=spec.out_features, stride=spec.stride)
@@ -93,7 +106,8 @@ def wrap(model: nn.Module, config: KasminaConfig | dict[str, Any] | None = None,
     types = {"linear": nn.Linear, "conv2d": nn.Conv2d}
     chosen: list[tuple[str, nn.Module, KernelInterface]] = []
     claimed: list[str] = []
-    for path, module in model.named_modules():
+    modules = dict(model.named_modules())
+    for path, module in modules.items():
         if isinstance(module, KasminaLayer) or any(path.startswith(c + ".") for c in claimed):
             continue
         excluded = any(_matches(path, p) for p in config.exclude)
@@ -107,7 +121,11 @@ def wrap(model: nn.Module, config: KasminaConfig | dict[str, Any] | None = None,
         explicit = bool(config.include) and any(_matches(path, p) for p in config.include)
         if config.include and not explicit:
             continue
-        interface, reason = _host_interface(module)
+        parent_path, _, name = path.rpartition(".")
+        reason = _weight_read_directly(modules.get(parent_path), name) if path else None
+        interface = None
+        if reason is None:
+            interface, reason = _host_interface(module)
         if interface is None:
             if explicit:
                 raise BadInputError(f"kasmina: cannot wrap {path or '(root)'}: {reason}")

@@ -4,6 +4,7 @@ library, on the CPU reference path."""
 from __future__ import annotations
 
 import copy
+import threading
 
 import pytest
 import torch
@@ -394,6 +395,47 @@ def test_a_kernel_that_fails_to_load_culls_its_seed():
     assert [(t.from_stage, t.to_stage) for t in report.transitions] == [(S.LOADING, S.CULLED)]
     assert "no kernel" in report.incidents[0].error
     assert layer.state.embargo[0] == 5
+
+
+class GatedSource(kasmina.BlueprintKernelSource):
+    """Loads that wait for `release`, then fail: a load in flight, then a failed one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def load(self, kernel_artifact_id, device):
+        self.release.wait(timeout=30)
+        raise RuntimeError("signature does not verify (planted)")
+
+
+def test_a_germinated_seed_whose_load_failed_is_culled_not_left_unready():
+    """A load that is still running leaves its seed GERMINATED and not ready; once it has
+    failed, the next boundary culls the seed through LOADING with the error, as a failure in
+    LOADING would, unless the controller moved the seed at that boundary."""
+    source = GatedSource()
+    model, _ = kasmina.wrap(mlp(), {"seeds_per_layer": 4}, kernel_source=source)
+    layer = kasmina.layers(model)[0]
+    kernel = "00000000abcd-cpu-fast-000000"
+    for seed in (0, 1):
+        kasmina.dispatch(model, [command(0, seed, KasminaCommandType.REQUEST_GERMINATION,
+                                         kernel_artifact_id=kernel)])
+    layer.on_epoch_end()
+    report = layer.on_epoch_end()  # still loading: nothing happens
+    assert report.transitions == [] and layer.stages[:2] == [S.GERMINATED] * 2
+    assert layer.health_signal().is_ready_for_transition[:2] == [False, False]
+    source.release.set()
+    layer.wait_for_loads()
+    kasmina.dispatch(model, [command(0, 1, KasminaCommandType.CANCEL_GERMINATION)])
+    report = layer.on_epoch_end()
+    assert [(t.seed_id, t.from_stage, t.to_stage) for t in report.transitions] == [
+        ("0:1", S.GERMINATED, S.CANCELLED),  # the controller's command comes first
+        ("0:0", S.GERMINATED, S.LOADING), ("0:0", S.LOADING, S.CULLED)]
+    assert "signature does not verify" in report.transitions[-1].reason
+    (incident,) = report.incidents
+    assert incident.seed_index == 0 and incident.stage is S.LOADING
+    assert "planted" in incident.error
+    assert layer.stages[:2] == [S.CULLED, S.CANCELLED] and layer.state.embargo[0] == 5
 
 
 # --- evaluation: with and without ----------------------------------------------------------------

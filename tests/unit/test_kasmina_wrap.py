@@ -99,3 +99,52 @@ def test_config_errors_name_the_field_and_bad_chunking_is_refused():
 def test_a_bare_linear_model_is_itself_wrapped():
     model, report = kasmina.wrap(nn.Linear(4, 6), {"seeds_per_layer": 3})
     assert isinstance(model, kasmina.KasminaLayer) and _paths(report) == [""]
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_transformer_encoder_layers_wrap_only_the_linears_they_call(batch_first):
+    """nn.MultiheadAttention reads out_proj.weight itself, and nn.TransformerEncoderLayer with
+    batch_first reads linear1 and linear2's weights itself on its inference fast path: those are
+    skipped with the reason; the wrapped model computes exactly what it did, in both modes."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 16),
+                        nn.TransformerEncoderLayer(16, 4, 24, dropout=0.1, batch_first=batch_first),
+                        nn.Linear(16, 4))
+    x = torch.randn(3, 5, 6)
+    want = {}
+    for train in (True, False):
+        net.train(train)
+        torch.manual_seed(1)  # the same dropout masks in both models
+        want[train] = net(x)
+    model, report = kasmina.wrap(net, {"seeds_per_layer": 2})
+    skipped = dict(report.skipped)
+    assert "MultiheadAttention reads out_proj.weight" in skipped.pop("1.self_attn.out_proj")
+    if batch_first:
+        assert _paths(report) == ["0", "2"]
+        assert all("fast path" in skipped.pop(f"1.linear{i}") for i in (1, 2))
+    else:
+        assert _paths(report) == ["0", "1.linear1", "1.linear2", "2"]
+    assert not skipped
+    for train in (True, False):
+        model.train(train)
+        torch.manual_seed(1)
+        assert torch.equal(model(x), want[train])
+    with pytest.raises(BadInputError, match="cannot wrap 1.self_attn.out_proj: nn.MultiheadAttention"):
+        kasmina.wrap(nn.Sequential(nn.Linear(6, 16), nn.TransformerEncoderLayer(16, 4, 24)),
+                     {"include": ["1.self_attn.out_proj"]})
+
+
+def test_config_imports_no_torch_and_wrap_stays_the_function():
+    """The package resolves names lazily: a run's config needs no torch, and importing the
+    submodule kasmina.wrap first does not hide the function kasmina.wrap."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; import kasmina.config; light = 'torch' not in sys.modules; "
+            "from kasmina.wrap import WrapReport; import kasmina, torch; "
+            "model, report = kasmina.wrap(torch.nn.Linear(4, 6), {'seeds_per_layer': 3}); "
+            "print(light, isinstance(model, kasmina.KasminaLayer), kasmina.layer.__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.split() == ["True", "True", "kasmina.layer"]
