@@ -7,6 +7,7 @@ bench key (DESIGN.md section 5): no status setter, no flag, no actor can take an
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from esper.contracts import (
@@ -14,10 +15,13 @@ from esper.contracts import (
     LATENCY_MS,
     MEMORY_MB,
     BlueprintStatus,
+    CompilationPipeline,
     CompiledKernelArtifact,
+    KernelInterface,
     KernelQuery,
     KernelQueryResult,
     KernelStatus,
+    LayerKind,
     UrabraskTagRefresh,
     UrabraskValidationReport,
 )
@@ -39,6 +43,35 @@ from esper.urza.values import (
 # Blueprints that may receive new kernels: not ones found INVALID or ARCHIVED.
 _BLUEPRINTS_TAKING_KERNELS = {BlueprintStatus.UNVALIDATED.value, BlueprintStatus.COMPILING.value,
                               BlueprintStatus.COMPILED.value}
+
+_LOAD_RECORD_SELECT = """
+SELECT k.id, k.blueprint_id, k.status, k.status_reason, k.pipeline, k.interface_kind,
+       k.in_features, k.out_features, k.stride, k.target, k.dtype, k.toolchain_hash,
+       k.kernel_binary_ref, r.signed_blob
+  FROM kernels k
+  LEFT JOIN validation_reports r ON r.id = k.validation_report_id
+ WHERE k.id = ?
+"""
+
+
+@dataclass(frozen=True)
+class KernelLoadRecord:
+    """What the verifying loader checks a kernel's signed documents against: the catalog row's
+    identity, status, interface and blob references, and the blob of its applied validation
+    report (None if no report was applied). Read in one query, with no tags and no report body:
+    the loader verifies and parses the signed report itself."""
+
+    id: str
+    blueprint_id: str
+    status: KernelStatus
+    status_reason: str | None
+    pipeline: CompilationPipeline
+    interface: KernelInterface
+    target: str
+    dtype: str
+    toolchain_hash: str
+    kernel_binary_ref: str
+    report_blob: str | None
 
 
 class KernelCatalog(CatalogBase):
@@ -108,6 +141,28 @@ class KernelCatalog(CatalogBase):
     def get_kernel(self, id_or_prefix: str) -> CompiledKernelArtifact:
         """A kernel by id or unique prefix, with its tags and applied validation report."""
         return kernel_from_row(self._resolve_kernel(id_or_prefix))
+
+    def kernel_load_record(self, id_or_prefix: str) -> KernelLoadRecord:
+        """The catalog's facts a kernel load is checked against, by id or unique prefix (as
+        `get_kernel`), in one query: a kernel load's only catalog read."""
+        row = None
+        if isinstance(id_or_prefix, str):
+            row = self.db.conn.execute(_LOAD_RECORD_SELECT, (id_or_prefix,)).fetchone()
+        if row is None:  # a prefix, or no such kernel (NotFoundError, as get_kernel)
+            kernel_id = self._resolve_kernel(id_or_prefix)["id"]
+            row = self.db.conn.execute(_LOAD_RECORD_SELECT, (kernel_id,)).fetchone()
+        (kernel_id, blueprint_id, status, reason, pipeline, kind, in_features, out_features,
+         stride, target, dtype, toolchain_hash, binary_ref, report_blob) = row
+        try:
+            return KernelLoadRecord(
+                id=kernel_id, blueprint_id=blueprint_id, status=KernelStatus(status),
+                status_reason=reason, pipeline=CompilationPipeline(pipeline),
+                interface=KernelInterface(kind=LayerKind(kind), in_features=in_features,
+                                          out_features=out_features, stride=stride),
+                target=target, dtype=dtype, toolchain_hash=toolchain_hash,
+                kernel_binary_ref=binary_ref, report_blob=report_blob)
+        except (ValueError, BadInputError) as e:  # pydantic's ValidationError is a ValueError
+            raise IntegrityError(f"urza.db kernel {kernel_id}: {e}") from None
 
     def list_kernels(self, status: KernelStatus | str | None = None,
                      blueprint_id: str | None = None, tag: str | None = None,

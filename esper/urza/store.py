@@ -40,6 +40,7 @@ def _is_temp_name(name: str) -> bool:
 class ArtifactStore:
     def __init__(self, artifacts_dir: Path):
         self.root = Path(artifacts_dir) / "sha256"
+        self._root = str(self.root)
 
     def path_for(self, digest: str) -> Path:
         """Where the blob `digest` lives. Anything but 64 lowercase hex digits is refused."""
@@ -61,22 +62,12 @@ class ArtifactStore:
 
     def get(self, digest: str) -> bytes:
         """The blob's bytes, read once and checked against its name before they are returned."""
-        path = self.path_for(digest)
-        try:
-            # O_NOFOLLOW: a symlink planted in the store must not lead reads elsewhere.
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        except FileNotFoundError:
-            raise self._absent(digest) from None
-        except OSError as e:
-            raise IntegrityError(f"blob {digest}: cannot be opened as a plain file "
-                                 f"({e.strerror})") from None
-        with os.fdopen(fd, "rb") as f:
-            data = f.read()
-        actual = sha256_hex(data)
-        if actual != digest:
-            raise IntegrityError(f"blob {digest}: content hashes to {actual}; the stored copy is "
-                                 "corrupt or was tampered with")
-        return data
+        return self._read_checked(digest, writable=False)
+
+    def get_writable(self, digest: str) -> bytearray:
+        """As `get`, in a new bytearray that the caller owns: tensors can be made on it without a
+        copy (`torch.frombuffer` wants a writable buffer)."""
+        return self._read_checked(digest, writable=True)
 
     def has(self, digest: str) -> bool:
         return self.path_for(digest).is_file()
@@ -138,6 +129,36 @@ class ArtifactStore:
         return removed
 
     # Internals ------------------------------------------------------------------------------
+    def _read_checked(self, digest: str, *, writable: bool) -> bytes | bytearray:
+        # The loader reads several blobs per kernel load: a string path (no pathlib), one open,
+        # one read sized by fstat.
+        if not is_digest(digest):
+            raise BadInputError(f"not a sha256 hex digest: {digest!r}")
+        path = f"{self._root}/{digest[:2]}/{digest}"
+        try:
+            # O_NOFOLLOW: a symlink planted in the store must not lead reads elsewhere.
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise self._absent(digest) from None
+        except OSError as e:
+            raise IntegrityError(f"blob {digest}: cannot be opened as a plain file "
+                                 f"({e.strerror})") from None
+        with open(fd, "rb", buffering=0) as f:
+            if writable:
+                data = bytearray(os.fstat(fd).st_size)
+                filled = 0
+                with memoryview(data) as view:
+                    while filled < len(data) and (n := f.readinto(view[filled:])):
+                        filled += n
+                del data[filled:]  # a file that shrank meanwhile: hashed as read, so refused
+            else:
+                data = f.readall()
+        actual = sha256_hex(data)
+        if actual != digest:
+            raise IntegrityError(f"blob {digest}: content hashes to {actual}; the stored copy is "
+                                 "corrupt or was tampered with")
+        return data
+
     def _absent(self, digest: str) -> NotFoundError:
         return NotFoundError(f"blob {digest} is not in the artifact store ({self.root})")
 

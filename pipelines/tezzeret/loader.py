@@ -6,20 +6,24 @@
 The order is the whole point: the manifest blob is read once and checked against its hash, its
 signature verified against the workspace's forge key, and the manifest parsed from those very
 bytes; every file is read once, checked against the hash in the manifest, and only then handed
-to a deserializer (safetensors for weights, torch's `load_compiled_function` for compiled
-code). The module is rebuilt from the IR, whose hash is the blueprint id. A compiled function
-is attached only if it was built with the running toolchain and builder; otherwise the eager
-module runs and `fallback_reason` says why (logged once).
+to a deserializer (the weights to a strict reader of the safetensors format that makes the
+tensors on the bytes read, a compiled function to torch's `load_compiled_function`). The module
+is rebuilt from the IR, whose hash is the blueprint id. A compiled function is attached only if
+it was built with the running toolchain and builder; otherwise the eager module runs and
+`fallback_reason` says why (logged once).
 
 With `require_validated` (Kasmina's use) the kernel must be VALIDATED by a report that verifies
 against the workspace's bench key.
 
-What is not redone per load (each only ever keyed by bytes that were just verified): parsing a
-public key (cached by the key file's exact bytes, which are re-read every load, so a replaced key
-takes effect at once), parsing and checking the blueprint IR (cached by its blueprint id, the
-hash its bytes were just checked against, and the interface), and drawing initial weights that
-the signed weights then overwrite (the module is built on the meta device and takes the loaded
-tensors). Every blob is still read and hashed on every load.
+Every load reads every blob it uses and checks its sha256, and verifies both Ed25519
+signatures. What is not redone per load is parsing, each cached only under the very bytes it
+parsed: a public key by the key file's exact bytes (the file is read on every load, so a
+replaced key takes effect at once), a signed manifest or report by its exact verified body, a
+weights file's layout by the sha256 its bytes were just checked against, and the blueprint's IR
+parse, static check and meta-device skeleton by its blueprint id (the hash of its bytes), the
+interface and the bytes themselves. A load makes a fresh copy of the skeleton and gives it the
+signed weights, sent to the device in one copy: no initial weights are drawn only to be
+overwritten. While a load checks the signatures, a helper thread reads and hashes the files.
 
 torch, the catalog and the signing library are imported when a kernel is loaded: the CLI and the
 GPU check script import this module.
@@ -29,9 +33,14 @@ from __future__ import annotations
 
 import functools
 import io
+import json
 import logging
+import math
+import os
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from esper.blueprints import load_ir
@@ -57,7 +66,9 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from esper.urza import Urza
+    from esper.blueprints import BlueprintIR
+    from esper.urza import ArtifactStore, Urza
+    from esper.urza.kernels import KernelLoadRecord
 
 log = logging.getLogger(__name__)
 _logged_fallbacks: set[tuple[str, str]] = set()
@@ -147,41 +158,26 @@ def load_kernel(urza: Urza, kernel_id: str, *, device: str = "cpu",
 
     With `attach=False` a compiled function is verified (its file's hash) but not deserialized:
     `compiled` is None and the eager module runs (for callers that only use `module`)."""
-    from esper.signing import open_signed
-
     artifact = urza.get_kernel(kernel_id)
-    if require_validated:
-        _require_validated(urza, artifact)
-
-    what = f"kernel {artifact.id}"
-    document = _blob(urza, artifact.kernel_binary_ref, f"{what}: manifest")
-    body = open_signed(document, _trusted_key(urza, "forge"), what=f"{what}: manifest")
-    try:
-        manifest = Manifest.from_json(body, source=f"{what}: signed manifest")
-    except BadInputError as e:
-        raise IntegrityError(str(e)) from None
-    _check_manifest_matches(manifest, artifact)
-
-    files = {name: _blob(urza, digest, f"{what}: {name}")
-             for name, digest in manifest.files.items()}
-    ir_bytes = _blob(urza, manifest.blueprint_id, f"{what}: blueprint IR")
-    ir, skeleton = _checked_blueprint(manifest.blueprint_id, str(manifest.interface), ir_bytes)
-    module = _rebuild(skeleton, manifest, files[WEIGHTS_FILE], device, what)
+    verified = _verify(urza, urza.kernel_load_record(artifact.id), require_validated,
+                       _key_files(urza.workspace))
+    manifest = verified.manifest
+    module = _rebuild(verified, device)
 
     compiled, reason = None, None
     if manifest.compiled and attach:
         reason = _compiled_mismatch(manifest, device)
         if reason is None:
             try:
-                compiled = attach_compiled(module, input_form(ir, manifest.interface),
-                                           files[COMPILED_FILE])
+                compiled = attach_compiled(module, input_form(verified.ir, manifest.interface),
+                                           bytes(verified.files[COMPILED_FILE]))
             except IntegrityError:
                 raise
             except Exception as e:  # verified bytes that this process cannot run
                 reason = f"the compiled function does not load here ({type(e).__name__}: {e})"
         if reason is not None and (artifact.id, reason) not in _logged_fallbacks:
             _logged_fallbacks.add((artifact.id, reason))
-            log.warning("%s: running the eager module: %s", what, reason)
+            log.warning("kernel %s: running the eager module: %s", artifact.id, reason)
     return LoadedKernel(module, compiled, manifest, artifact, reason)
 
 
@@ -201,68 +197,169 @@ def attach_compiled(module: nn.Module, form: InputForm, bundle: bytes) -> Compil
 
 # Verification ----------------------------------------------------------------------------------
 
-def _blob(urza: Urza, digest: str, what: str) -> bytes:
+@dataclass
+class _Verified:
+    """Everything a load checked: the catalog record, the signed manifest, every file it names
+    (hash-checked), and the blueprint's parsed IR and meta skeleton."""
+
+    record: KernelLoadRecord
+    manifest: Manifest
+    files: dict[str, bytearray]
+    ir: BlueprintIR
+    skeleton: _Skeleton
+
+
+def _verify(urza: Urza, record: KernelLoadRecord, require_validated: bool,
+            key_files: dict[str, str]) -> _Verified:
+    """Check one kernel completely, or raise the first failure in this order: VALIDATED status,
+    the bench-signed report, the forge-signed manifest and its match with the catalog row, each
+    file's hash, the blueprint IR's hash, the blueprint's static check.
+
+    While this thread checks the two signatures, a helper thread reads and hashes the files
+    that the manifest document names (`_prefetch`; file reads, sha256 and Ed25519 all release
+    the GIL). Those bytes are used only if the verified manifest names the very digests they
+    hash to; anything else is read here, after the signature. Nothing is deserialized here: the
+    documents and the IR are JSON; the weights are parsed by `_rebuild`, after every check."""
+    from esper.signing import open_signed
+
+    store, what = urza.store, f"kernel {record.id}"
+    if require_validated:
+        if record.status is not KernelStatus.VALIDATED:
+            reason = f" ({record.status_reason})" if record.status_reason else ""
+            raise KernelNotValidatedError(f"kernel {record.id} is {record.status.value}"
+                                          f"{reason}; only VALIDATED kernels are loaded")
+        if record.report_blob is None:
+            raise IntegrityError(f"{what} is VALIDATED without a validation report")
+        report_document = _blob(store, record.report_blob, f"{what}: validation report")
+    document = _blob(store, record.kernel_binary_ref, f"{what}: manifest")
+    prefetch = _helpers().submit(_prefetch, store, document)
+    if require_validated:
+        _check_report(open_signed(report_document, _trusted_key(key_files["bench"]),
+                                  what=f"{what}: validation report"), record)
+    manifest = _signed_manifest(open_signed(document, _trusted_key(key_files["forge"]),
+                                            what=f"{what}: manifest"), what)
+    _check_manifest_matches(manifest, record)
+    read = prefetch.result()
+    files = {name: read[digest] if digest in read else
+             _blob(store, digest, f"{what}: {name}", writable=True)
+             for name, digest in manifest.files.items()}
+    ir_bytes = _blob(store, record.blueprint_id, f"{what}: blueprint IR")
+    ir, skeleton = _checked_blueprint(record.blueprint_id, str(record.interface), ir_bytes)
+    return _Verified(record, manifest, files, ir, skeleton)
+
+
+def _prefetch(store: ArtifactStore, manifest_document: bytes) -> dict[str, bytearray]:
+    """The files the manifest document names (its weights and compiled function), by digest,
+    each read once and hash-checked by the store, before the manifest's signature is known to
+    verify. Anything that does not parse or read is left out: `_verify` reads it again and
+    raises there, in order."""
     try:
-        return urza.store.get(digest)
+        files = json.loads(json.loads(manifest_document)["body"])["files"]
+        digests = [files[name] for name in (WEIGHTS_FILE, COMPILED_FILE) if name in files]
+    except (ValueError, KeyError, TypeError):
+        return {}
+    read = {}
+    for digest in digests:
+        try:
+            read[digest] = store.get_writable(digest)
+        except EsperError:
+            pass
+    return read
+
+
+@functools.lru_cache(maxsize=256)
+def _signed_manifest(body: bytes, what: str) -> Manifest:
+    """The manifest in `body`, bytes whose signature was just verified (parsed once per
+    distinct body: a re-load parses nothing)."""
+    try:
+        return Manifest.from_json(body, source=f"{what}: signed manifest")
+    except BadInputError as e:
+        raise IntegrityError(str(e)) from None
+
+
+@functools.lru_cache(maxsize=256)
+def _signed_report(body: bytes, what: str) -> UrabraskValidationReport:
+    try:
+        return UrabraskValidationReport.from_json(body, source=what)
+    except BadInputError as e:
+        raise IntegrityError(str(e)) from None
+
+
+def _check_report(body: bytes, record: KernelLoadRecord) -> None:
+    """The bench-signed report (`body`, just verified) must pass this very kernel: the catalog's
+    report row only points at the signed document, nothing is taken from the row."""
+    what = f"kernel {record.id}: validation report"
+    report = _signed_report(body, what)
+    if report.kernel_artifact_id != record.id or report.blueprint_id != record.blueprint_id:
+        raise IntegrityError(f"{what}: the signed report is for kernel {report.kernel_artifact_id}")
+    if not report.passed_validation:
+        raise IntegrityError(f"{what}: the signed report did not pass the kernel")
+
+
+def _blob(store: ArtifactStore, digest: str, what: str, *, writable: bool = False):
+    try:
+        return store.get_writable(digest) if writable else store.get(digest)
     except NotFoundError as e:
         raise IntegrityError(f"{what}: missing from the artifact store ({e})") from None
     except IntegrityError as e:
         raise IntegrityError(f"{what}: {e}") from None
 
 
-def _check_manifest_matches(manifest: Manifest, artifact: CompiledKernelArtifact) -> None:
+def _check_manifest_matches(manifest: Manifest, record: KernelLoadRecord) -> None:
     """The signed manifest must describe the very kernel the catalog row names."""
     pairs = {
-        "kernel id": (manifest.kernel_artifact_id, artifact.id),
-        "blueprint": (manifest.blueprint_id, artifact.blueprint_id),
-        "interface": (str(manifest.interface), str(artifact.interface)),
-        "target": (manifest.target, artifact.target),
-        "dtype": (manifest.dtype, artifact.dtype),
-        "pipeline": (manifest.pipeline.value, artifact.compilation_pipeline.value),
+        "kernel id": (manifest.kernel_artifact_id, record.id),
+        "blueprint": (manifest.blueprint_id, record.blueprint_id),
+        "interface": (str(manifest.interface), str(record.interface)),
+        "target": (manifest.target, record.target),
+        "dtype": (manifest.dtype, record.dtype),
+        "pipeline": (manifest.pipeline.value, record.pipeline.value),
     }
     for field, (signed, catalog) in pairs.items():
         if signed != catalog:
-            raise IntegrityError(f"kernel {artifact.id}: the signed manifest says {field} "
+            raise IntegrityError(f"kernel {record.id}: the signed manifest says {field} "
                                  f"{signed}; the catalog says {catalog}")
-    if not manifest.config_hash.startswith(artifact.toolchain_hash):
-        raise IntegrityError(f"kernel {artifact.id}: the catalog's toolchain hash "
-                             f"{artifact.toolchain_hash} is not the signed config hash")
+    if not manifest.config_hash.startswith(record.toolchain_hash):
+        raise IntegrityError(f"kernel {record.id}: the catalog's toolchain hash "
+                             f"{record.toolchain_hash} is not the signed config hash")
 
 
-def _require_validated(urza: Urza, artifact: CompiledKernelArtifact) -> None:
-    from esper.signing import open_signed
+_helper_pool: tuple[int, ThreadPoolExecutor] | None = None
+_helper_lock = threading.Lock()
 
-    if artifact.status is not KernelStatus.VALIDATED:
-        reason = f" ({artifact.status_reason})" if artifact.status_reason else ""
-        raise KernelNotValidatedError(f"kernel {artifact.id} is {artifact.status.value}"
-                                      f"{reason}; only VALIDATED kernels are loaded")
-    # The catalog's report row points at the signed document in the store; the report is
-    # re-verified against the bench key here, not taken from the row.
-    row = urza.db.execute(
-        "SELECT r.signed_blob FROM kernels k JOIN validation_reports r"
-        " ON r.id = k.validation_report_id WHERE k.id = ?", (artifact.id,)).fetchone()
-    if row is None:
-        raise IntegrityError(f"kernel {artifact.id} is VALIDATED without a validation report")
-    what = f"kernel {artifact.id}: validation report"
-    body = open_signed(_blob(urza, row[0], what), _trusted_key(urza, "bench"), what=what)
+
+def _helpers() -> ThreadPoolExecutor:
+    """The threads that read files while loads check signatures (created on first use, and
+    again in a forked child, where the parent's threads do not exist)."""
+    global _helper_pool
+    with _helper_lock:
+        if _helper_pool is None or _helper_pool[0] != os.getpid():
+            _helper_pool = (os.getpid(), ThreadPoolExecutor(
+                max_workers=4, thread_name_prefix="tezzeret-verify"))
+        return _helper_pool[1]
+
+
+def _key_files(workspace) -> dict[str, str]:
+    """Where the workspace's forge and bench public keys are (as `Workspace.public_key_path`)."""
+    return {role: str(workspace.public_key_path(role)) for role in ("forge", "bench")}
+
+
+def _trusted_key(path: str):
+    """The public key in the file at `path`: the file is read on every call and parsed once per
+    distinct content. (Not cached by the file's mtime, size and inode: a key rewritten in place
+    within one timestamp tick, same size, would go unnoticed.)"""
+    fd = os.open(path, os.O_RDONLY)
     try:
-        report = UrabraskValidationReport.from_json(body, source=what)
-    except BadInputError as e:
-        raise IntegrityError(str(e)) from None
-    if report.kernel_artifact_id != artifact.id or report.blueprint_id != artifact.blueprint_id:
-        raise IntegrityError(f"{what}: the signed report is for kernel {report.kernel_artifact_id}")
-    if not report.passed_validation:
-        raise IntegrityError(f"{what}: the signed report did not pass the kernel")
-
-
-def _trusted_key(urza: Urza, role: str):
-    """The workspace's public key for `role` (as `Workspace.public_key`): its file is read on
-    every call and parsed once per distinct content."""
-    path = urza.workspace.public_key_path(role)
-    key = _parse_public_key(path.read_bytes())
+        pem = os.read(fd, _MAX_KEY_FILE)
+    finally:
+        os.close(fd)
+    key = _parse_public_key(pem)
     if key is None:
         raise IntegrityError(f"{path}: not an Ed25519 public key")
     return key
+
+
+_MAX_KEY_FILE = 1 << 16  # a PEM Ed25519 public key is 113 bytes
 
 
 @functools.lru_cache(maxsize=16)
@@ -270,14 +367,85 @@ def _parse_public_key(pem: bytes):
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    key = serialization.load_pem_public_key(pem)
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except ValueError:
+        return None
     return key if isinstance(key, Ed25519PublicKey) else None
+
+
+# Rebuilding ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Slot:
+    """One tensor of a skeleton: `modules[owner]` holds it as parameter or buffer `attr`."""
+
+    owner: int
+    attr: str
+    parameter: bool
+    requires_grad: bool
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class _Skeleton:
+    """A blueprint's module at one interface on the meta device, and how to copy it and fill it:
+    its modules in pre-order (each with the names of its container attributes and its children's
+    indices) and where each tensor of its state dict goes."""
+
+    modules: list[tuple[nn.Module, tuple[str, ...], tuple[tuple[str, int], ...]]]
+    slots: dict[str, _Slot]  # state-dict name -> slot
+
+    @classmethod
+    def of(cls, root: nn.Module) -> _Skeleton:
+        from torch import nn
+
+        order: list[tuple[str, nn.Module]] = []
+
+        def visit(path: str, module: nn.Module) -> int:
+            index = len(order)
+            order.append((path, module))
+            children = tuple((name, visit(f"{path}.{name}" if path else name, child))
+                             for name, child in module._modules.items() if child is not None)
+            plan[index] = (module, tuple(name for name, value in vars(module).items()
+                                         if isinstance(value, (dict, set))), children)
+            return index
+
+        plan: dict[int, tuple] = {}
+        visit("", root)
+        owners = {path: index for index, (path, _) in enumerate(order)}
+        slots = {}
+        for name, tensor in root.state_dict(keep_vars=True).items():
+            path, _, attr = name.rpartition(".")
+            parameter = isinstance(tensor, nn.Parameter)
+            slots[name] = _Slot(owners[path], attr, parameter,
+                                parameter and tensor.requires_grad, tuple(tensor.shape))
+        return cls([plan[index] for index in range(len(order))], slots)
+
+    def fresh(self) -> list[nn.Module]:
+        """A new module shaped like the skeleton (first in the list, its submodules after it in
+        pre-order), sharing no container with it: each module a new instance with the skeleton's
+        attributes, each of its dicts and sets (parameters, buffers, submodules, hooks) copied,
+        so that assigning tensors or registering hooks on the copy leaves the skeleton as it is.
+        (Building anew on the meta device costs many times this, and `copy.deepcopy` as much.)"""
+        modules = []
+        for template, containers, _ in self.modules:
+            module = object.__new__(type(template))
+            state = vars(template).copy()
+            for name in containers:
+                state[name] = state[name].copy()
+            vars(module).update(state)
+            modules.append(module)
+        for module, (_, _, children) in zip(modules, self.modules, strict=True):
+            for name, index in children:
+                module._modules[name] = modules[index]
+        return modules
 
 
 @functools.lru_cache(maxsize=256)
 def _checked_blueprint(blueprint_id: str, interface: str, ir_bytes: bytes):
-    """(IR, module skeleton): the parsed IR and the blueprint's module at `interface` on the
-    meta device (no weights drawn), the module `esper.blueprints.build` makes before its
+    """(IR, skeleton): the parsed IR and the blueprint's module at `interface` on the meta device
+    (no weights drawn, no initialiser run), the module `esper.blueprints.build` makes before its
     initialisation. `ir_bytes` hashed to `blueprint_id` when read from the store; an IR that does
     not pass the static check raises (and is not cached)."""
     import torch
@@ -287,56 +455,192 @@ def _checked_blueprint(blueprint_id: str, interface: str, ir_bytes: bytes):
     ir = load_ir(ir_bytes, source=f"blueprint {blueprint_id[:12]}")
     face = KernelInterface.parse(interface)
     result = validate(ir, face)
-    with torch.device("meta"):
-        return ir, BlueprintModule(ir, face, result.checks[0].nodes, result.blueprint_id,
-                                   result.zero_init_node)
+    with torch.device("meta"), _skipping_initialisers()():
+        module = BlueprintModule(ir, face, result.checks[0].nodes, result.blueprint_id,
+                                 result.zero_init_node)
+    return ir, _Skeleton.of(module)
 
 
-def _fresh(skeleton: nn.Module) -> nn.Module:
-    """A new module shaped like `skeleton`, sharing no container with it: each module a new
-    instance with the skeleton's attributes, each of its dicts and sets (parameters, buffers,
-    submodules, hooks) copied, so that assigning tensors or registering hooks on the copy leaves
-    the cached skeleton as it is. (Building anew on the meta device runs every initialiser
-    through the device mode; `copy.deepcopy` costs as much.)"""
-    cls = type(skeleton)
-    module = cls.__new__(cls)
-    state = {name: value.copy() if isinstance(value, (dict, set)) else value
-             for name, value in skeleton.__dict__.items()}
-    children = state["_modules"]
-    for name, child in children.items():
-        if child is not None:
-            children[name] = _fresh(child)
-    module.__dict__.update(state)
-    return module
+@functools.cache
+def _skipping_initialisers() -> type:
+    """A torch function mode in which initialisers leave a meta tensor as it is. Under
+    `torch.device("meta")` they compute nothing (a meta tensor holds no values), but slowly:
+    about half of a meta build's time. Modes are per thread."""
+    import torch
+    from torch.nn import init
+    from torch.overrides import TorchFunctionMode
+
+    skipped = {
+        torch.Tensor.uniform_, torch.Tensor.normal_, torch.Tensor.zero_, torch.Tensor.fill_,
+        init.uniform_, init.normal_, init.trunc_normal_, init.constant_, init.ones_, init.zeros_,
+        init.xavier_uniform_, init.xavier_normal_, init.kaiming_uniform_, init.kaiming_normal_,
+        init.orthogonal_,
+    }
+
+    class SkippingInitialisers(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func in skipped:
+                tensor = args[0] if args else kwargs["tensor"]
+                if tensor.is_meta:
+                    return tensor
+            return func(*args, **kwargs)
+
+    return SkippingInitialisers
 
 
 def clear_caches() -> None:
-    """Forget parsed keys and checked blueprints (benchmarks time a first load with this)."""
-    _parse_public_key.cache_clear()
-    _checked_blueprint.cache_clear()
+    """Forget parsed keys, documents and checked blueprints (benchmarks time a first load with
+    this)."""
+    for cache in (_parse_public_key, _signed_manifest, _signed_report, _checked_blueprint):
+        cache.cache_clear()
+    _layouts.clear()
 
 
-def _rebuild(skeleton: nn.Module, manifest: Manifest, weights: bytes, device: str,
-             what: str) -> nn.Module:
-    """A fresh copy of the meta `skeleton` given the signed weights, on `device` in the
-    manifest's dtype (no initial weights are drawn only to be overwritten)."""
+# The checked layout of each weights file, by the sha256 of its bytes (a re-load parses nothing).
+_layouts: dict[str, tuple[int, dict[str, tuple]]] = {}
+_MAX_LAYOUTS = 1024
+
+# safetensors dtype names -> (torch dtype name, bytes per element)
+_SAFETENSORS_DTYPES = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1),
+    "U8": ("uint8", 1), "BOOL": ("bool", 1),
+}
+
+
+def _safetensors_layout(data: bytearray, what: str) -> tuple[int, dict[str, tuple]]:
+    """(start of the data section, {name: (torch dtype name, shape, begin, end)}) of a
+    safetensors file, checked as strictly as the safetensors library checks it: a JSON header of
+    known dtypes, each tensor's byte range the size its shape says, the ranges tiling the data
+    section exactly, nothing after it. (The library's own loader gives one CPU tensor per entry;
+    this gives the offsets, so the whole data section goes to the device in one copy.)"""
+    def bad(why: str) -> IntegrityError:
+        return IntegrityError(f"{what}: {WEIGHTS_FILE} is not a safetensors file ({why})")
+
+    if len(data) < 8:
+        raise bad("shorter than its header size")
+    size = int.from_bytes(data[:8], "little")
+    start = 8 + size
+    if size == 0 or start > len(data):
+        raise bad(f"a header of {size} bytes in a file of {len(data)}")
+    try:
+        header = json.loads(data[8:start])
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise bad("the header is not JSON") from None
+    if not isinstance(header, dict):
+        raise bad("the header is not a JSON object")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise bad("__metadata__ is not a map of strings")
+    entries, spans = {}, []
+    for name, entry in header.items():
+        try:
+            dtype, itemsize = _SAFETENSORS_DTYPES[entry["dtype"]]
+            shape = tuple(entry["shape"])
+            begin, end = entry["data_offsets"]
+            valid = (set(entry) == {"dtype", "shape", "data_offsets"}
+                     and all(type(n) is int and n >= 0 for n in (*shape, begin, end)))
+        except (KeyError, TypeError, ValueError):
+            valid = False
+        if not valid:
+            raise bad(f"bad entry for tensor {name!r}")
+        if end - begin != math.prod(shape) * itemsize:
+            raise bad(f"tensor {name!r}: {end - begin} bytes for shape {list(shape)}")
+        entries[name] = (dtype, shape, begin, end)
+        spans.append((begin, end))
+    position = 0
+    for begin, end in sorted(spans):
+        if begin != position:
+            raise bad("tensor byte ranges overlap or leave gaps")
+        position = end
+    if start + position != len(data):
+        raise bad(f"{len(data) - start - position} bytes after the last tensor")
+    return start, entries
+
+
+def _rebuild(verified: _Verified, device: str, *, share_storage: bool = False) -> nn.Module:
+    """A fresh copy of the meta skeleton given the signed weights, on `device` in the manifest's
+    dtype. The weights file's data section goes to the device in one copy; each tensor is then
+    its own storage (as `load_state_dict` leaves it), or, with `share_storage`, a view of that
+    one copy (Kasmina's templates, whose weights are only ever copied into seed banks)."""
     import torch
-    from safetensors import SafetensorError
-    from safetensors.torch import load
+    from torch import nn
 
-    try:
-        state = load(weights)
-    except SafetensorError as e:
-        raise IntegrityError(f"{what}: {WEIGHTS_FILE} is not a safetensors file ({e})") from None
-    module = _fresh(skeleton)
-    try:
-        module.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        raise IntegrityError(f"{what}: {WEIGHTS_FILE} does not fit the blueprint: "
-                             f"{str(e).splitlines()[0]}") from None
-    if any(t.is_meta for t in (*module.parameters(), *module.buffers())):
-        raise IntegrityError(f"{what}: {WEIGHTS_FILE} does not fill every tensor of the blueprint")
-    return module.to(device=device, dtype=getattr(torch, manifest.dtype))
+    what = f"kernel {verified.record.id}"
+    weights = verified.files[WEIGHTS_FILE]
+    digest = verified.manifest.files[WEIGHTS_FILE]  # what `weights` was just checked to hash to
+    layout = _layouts.get(digest)
+    if layout is None:
+        if len(_layouts) >= _MAX_LAYOUTS:
+            _layouts.clear()
+        layout = _layouts[digest] = _safetensors_layout(weights, what)
+    start, entries = layout
+    slots = verified.skeleton.slots
+    if entries.keys() != slots.keys():
+        missing = sorted(slots.keys() - entries.keys())
+        unexpected = sorted(entries.keys() - slots.keys())
+        raise IntegrityError(f"{what}: {WEIGHTS_FILE} does not fit the blueprint: missing "
+                             f"{missing or 'nothing'}, unexpected {unexpected or 'nothing'}")
+    for name, (_, shape, _, _) in entries.items():
+        if shape != slots[name].shape:
+            raise IntegrityError(f"{what}: {WEIGHTS_FILE} does not fit the blueprint: {name} has "
+                                 f"shape {list(shape)}, the blueprint's is {list(slots[name].shape)}")
+    target = getattr(torch, verified.manifest.dtype)
+    device = torch.device(device)
+    copy = device.type != "cpu" and not share_storage
+    modules = verified.skeleton.fresh()
+    for name, tensor in _tensors(weights, start, entries, device).items():
+        if tensor.is_floating_point() and tensor.dtype != target:
+            tensor = tensor.to(target)
+        elif copy:
+            tensor = tensor.clone()  # its own storage, not a view of the one copy
+        slot = slots[name]
+        if slot.parameter:
+            modules[slot.owner]._parameters[slot.attr] = nn.Parameter(tensor, slot.requires_grad)
+        else:
+            modules[slot.owner]._buffers[slot.attr] = tensor
+    return modules[0]
+
+
+def _tensors(weights: bytearray, start: int, entries: dict[str, tuple], device) -> dict[str, Any]:
+    """Every tensor of the weights file on `device`, in the file's dtypes. On the CPU each is
+    made on the bytes read (this load's own buffer, no copy); on another device they are views
+    of one copy of the whole data section."""
+    import torch
+
+    if device.type == "cpu" or not entries:
+        return {name: _tensor(weights, start + begin, start + end, getattr(torch, dtype), shape)
+                for name, (dtype, shape, begin, end) in entries.items()}
+    section = torch.frombuffer(weights, dtype=torch.uint8, offset=start,
+                               count=len(weights) - start).to(device)  # the one copy
+    dtypes = {dtype for dtype, _, _, _ in entries.values()}
+    if len(dtypes) == 1:  # the usual case: one view as that dtype, split (two ops, not 3 a tensor)
+        ordered = sorted(entries.items(), key=lambda item: item[1][2])
+        parts = section.view(getattr(torch, dtypes.pop())).split(
+            [math.prod(shape) for _, (_, shape, _, _) in ordered])
+        return {name: part.view(shape) for (name, (_, shape, _, _)), part in zip(ordered, parts, strict=True)}
+    return {name: _tensor(section, begin, end, getattr(torch, dtype), shape)
+            for name, (dtype, shape, begin, end) in entries.items()}
+
+
+def _tensor(section, begin: int, end: int, dtype, shape: tuple[int, ...]):
+    """Bytes [begin, end) of `section` (a bytearray, or a uint8 tensor on the device) as a
+    tensor of `dtype` and `shape`."""
+    import torch
+
+    if begin == end:
+        return torch.empty(shape, dtype=dtype,
+                           device=section.device if isinstance(section, torch.Tensor) else "cpu")
+    if isinstance(section, torch.Tensor):
+        raw = section[begin:end]
+        if begin % raw.element_size() or begin % dtype.itemsize:
+            raw = raw.clone()  # a view must start at a multiple of the element size
+        return raw.view(dtype).view(shape)
+    if begin % dtype.itemsize:
+        return torch.frombuffer(bytearray(section[begin:end]), dtype=dtype).view(shape)
+    return torch.frombuffer(section, dtype=dtype, offset=begin,
+                            count=(end - begin) // dtype.itemsize).view(shape)
 
 
 def _compiled_mismatch(manifest: Manifest, device: str) -> str | None:
@@ -356,23 +660,29 @@ def _compiled_mismatch(manifest: Manifest, device: str) -> str | None:
 
 class VerifiedKernelSource:
     """Kasmina's kernel source in a workspace (it satisfies `kasmina.KernelSource`): every load
-    goes through `load_kernel` with `require_validated`, so only a VALIDATED kernel whose forge
-    and bench signatures and file hashes all verify ever reaches a model.
+    is `load_kernel`'s with `require_validated` and without the catalog contract or a compiled
+    function, so only a VALIDATED kernel whose forge and bench signatures and file hashes all
+    verify ever reaches a model.
 
     Kasmina runs loads on worker threads and a catalog connection belongs to one thread, so each
     thread that loads keeps its own connection, opened on its first load (opening and closing
     one per load cost about half of a load). `close()` closes the calling thread's connection; a
     worker thread's goes with the thread. Kasmina's seed banks run the eager module (batched with
-    vmap), so a compiled function, if any, is verified but not deserialized.
+    vmap), so a compiled function, if any, is verified but not deserialized. The module is a
+    template whose weights Kasmina only copies into its seed banks, so on a GPU its tensors are
+    views of the one copy of the weights file's data (`load_kernel` gives each its own storage).
     """
 
     def __init__(self, workspace) -> None:
         self.workspace = workspace
         self._local = threading.local()
+        self._key_files = _key_files(workspace)
 
     def load(self, kernel_artifact_id: str, device) -> nn.Module:
-        return load_kernel(self._urza(), kernel_artifact_id, device=str(device),
-                           require_validated=True, attach=False).module
+        urza = self._urza()
+        record = urza.kernel_load_record(kernel_artifact_id)
+        return _rebuild(_verify(urza, record, True, self._key_files), str(device),
+                        share_storage=True)
 
     def close(self) -> None:
         urza = getattr(self._local, "urza", None)

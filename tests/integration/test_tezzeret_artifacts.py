@@ -40,16 +40,16 @@ def urza(workspace):
 
 
 def forge(urza: Urza, tmp_path: Path, name: str, interface: str,
-          pipeline: CompilationPipeline = CompilationPipeline.FAST):
+          pipeline: CompilationPipeline = CompilationPipeline.FAST, dtype: str = "float32"):
     """What the forge does for one job, in-process: compile, seal, register."""
     ir = LIBRARY[name]
     blueprint, _ = urza.add_blueprint(canonical_json(ir), name=ir.name,
                                       interface_kind=ir.interface_kind, origin="library",
                                       actor="test")
     job = CompileJob(blueprint_id=blueprint.id, ir_json=urza.blueprint_ir(blueprint.id),
-                     interface=KernelInterface.parse(interface), device="cpu", dtype="float32",
+                     interface=KernelInterface.parse(interface), device="cpu", dtype=dtype,
                      pipeline=pipeline, seed=SEED)
-    out = tmp_path / f"{name}-{interface.replace(':', '_')}"
+    out = tmp_path / f"{name}-{interface.replace(':', '_')}-{dtype}"
     result = compile_job(job, out)
     artifact = seal(job, result, out, urza, urza.workspace.private_key("forge"))
     added, created = urza.add_kernel(artifact, actor="forge")
@@ -255,3 +255,45 @@ def test_a_compiled_pipeline_that_cannot_be_built_fails_alone_with_its_reason(ur
     assert not (tmp_path / "out" / "result.json").exists()
     fast, _, _ = forge(urza, tmp_path, "mlp_relu_w16", "linear:37:11")
     assert load_kernel(urza, fast.id, require_validated=False).module is not None
+
+
+def test_a_bfloat16_kernel_loads_its_signed_weights_bit_for_bit(urza, tmp_path):
+    from safetensors.torch import load
+
+    artifact, _, _ = forge(urza, tmp_path, "layer_norm_mlp_gelu_w16", "linear:37:11",
+                           dtype="bfloat16")
+    kernel = load_kernel(urza, artifact.id, require_validated=False)
+    signed = load(urza.store.get(kernel.manifest.files["weights.safetensors"]))
+    state = kernel.module.state_dict()
+    assert state.keys() == signed.keys()
+    assert all(t.dtype is torch.bfloat16 and torch.equal(t, signed[k]) for k, t in state.items())
+
+
+def test_the_load_record_is_the_catalog_row_in_one_query(urza, tmp_path):
+    from esper.errors import NotFoundError
+
+    artifact, _, _ = forge(urza, tmp_path, "mlp_relu_w16", "linear:37:11")
+    record = urza.kernel_load_record(artifact.id[:16])  # a unique prefix, as get_kernel
+    assert (record.id, record.blueprint_id, record.interface, record.target, record.dtype,
+            record.pipeline, record.kernel_binary_ref, record.status, record.report_blob) == (
+        artifact.id, artifact.blueprint_id, artifact.interface, artifact.target, artifact.dtype,
+        artifact.compilation_pipeline, artifact.kernel_binary_ref, artifact.status, None)
+    validate(urza, artifact.id, artifact.blueprint_id)
+    report_blob = urza.db.execute("SELECT signed_blob FROM validation_reports").fetchone()[0]
+    assert urza.kernel_load_record(artifact.id).report_blob == report_blob
+    with pytest.raises(NotFoundError):
+        urza.kernel_load_record("ffffffffffff-cpu-fast-000000")
+
+
+def test_the_report_failure_is_the_one_raised_when_several_checks_fail(urza, tmp_path):
+    """The files are read on a helper thread while the signatures are checked: the failures are
+    still raised in the order the checks are listed (the report first)."""
+    artifact, _, _ = forge(urza, tmp_path, "mlp_relu_w16", "linear:37:11")
+    validate(urza, artifact.id, artifact.blueprint_id)
+    report_blob = urza.db.execute("SELECT signed_blob FROM validation_reports").fetchone()[0]
+    tamper(urza, report_blob, position=len(urza.store.get(report_blob)) // 2)
+    tamper(urza, artifact.kernel_binary_ref)
+    tamper(urza, artifact.blueprint_id)
+    for _ in range(5):
+        with pytest.raises(IntegrityError, match="validation report"):
+            load_kernel(urza, artifact.id)
