@@ -167,6 +167,7 @@ class EpochEvent(VersionedContract):
     active_seeds: NonNegInt = 0
     fossilized_seeds: NonNegInt = 0
     epoch_seconds: Annotated[float, Field(ge=0)] = 0.0
+    epochs_planned: Annotated[int, Field(gt=0)] | None = None  # the run ends after this epoch
 
 
 class RunControl(VersionedContract):

@@ -41,7 +41,7 @@ THROUGHPUT_WINDOW_S = 600.0
 class RunView:
     run_id: str
     epoch: int | None = None
-    planned_epochs: int | None = None  # from the run's config in Urza, when it is registered
+    planned_epochs: int | None = None  # from its EpochEvents, else its config in Urza
     global_step: int = 0
     train_loss: float | None = None
     validation_loss: float | None = None
@@ -121,6 +121,8 @@ class WatchState:
                                                           message.learning_rate)
             run.active_seeds, run.fossilized_seeds = message.active_seeds, message.fossilized_seeds
             run.last_epoch_at = at
+            if message.epochs_planned is not None:
+                run.planned_epochs = message.epochs_planned
         elif isinstance(message, HealthSignal):
             run = self._run(message.run_id, at)
             run.layer_names[message.layer_id] = message.layer_name

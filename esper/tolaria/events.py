@@ -9,19 +9,24 @@
 Training must never wait on Redis (DESIGN.md section 6): `publish` only appends to a bounded
 queue that a publisher thread drains through a `BufferedPublisher` (which itself buffers, drops
 the oldest past its bound and retries with back-off). A listener thread tails `control.run` with
-a blocking read and keeps the commands addressed to this run. If Redis is down, or goes down mid
+a blocking read and keeps the commands addressed to this run. The publisher thread also beats
+on `system.heartbeats` every HEARTBEAT_S (daemon "tolaria", worker the run id), and a last
+"stopping" beat on close, so `esper watch` can tell a live run from a dead process; a training
+loop that hangs while its process lives shows as a run with no epoch event for too long. If Redis is down, or goes down mid
 run, both threads keep trying with back-off; the training loop notices nothing but a counter.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 
-from esper.contracts import RunControl, Topic, VersionedContract
+from esper.contracts import DaemonHeartbeat, RunControl, Topic, VersionedContract
 from esper.errors import BusUnavailableError, EsperError
 from esper.oona import BufferedPublisher, Oona
 from esper.workspace import Workspace
@@ -30,6 +35,7 @@ log = logging.getLogger("esper.tolaria")
 
 SENDER = "tolaria"
 LISTEN_BLOCK_MS = 500
+HEARTBEAT_S = 10.0
 
 
 class TrainingBus:
@@ -52,6 +58,8 @@ class TrainingBus:
         self._attempted = threading.Event()  # the publisher thread has tried to connect once
         # Only commands issued from now on (entry ids carry the server's clock, in ms).
         self._since = f"{int(time.time() * 1000) - 1}-0"
+        self._started = time.monotonic()
+        self._last_beat: float | None = None
         self._threads = [threading.Thread(target=self._publish_loop, name="tolaria-bus-publish",
                                           daemon=True)]
         if listen:
@@ -114,6 +122,7 @@ class TrainingBus:
         (nothing that matters lives only on the bus)."""
         if self._closed:
             return
+        self.publish(Topic.SYSTEM_HEARTBEATS, self._heartbeat("stopping"))
         self.flush(timeout)
         with self._wake:
             self._closed = True
@@ -149,10 +158,14 @@ class TrainingBus:
         self._attempted.set()
         publisher = self._publisher
         while publisher is not None:
+            if self._beat_due():
+                publisher.publish(Topic.SYSTEM_HEARTBEATS, self._heartbeat("busy"))
+                self._last_beat = time.monotonic()
             with self._wake:
                 while not self._queue and not self._closed:
-                    # Wake now and then to retry what the publisher buffered during an outage.
-                    if not self._wake.wait(1.0) and publisher.buffered:
+                    # Wake now and then to retry what the publisher buffered during an outage,
+                    # and to beat.
+                    if not self._wake.wait(1.0) and (publisher.buffered or self._beat_due()):
                         break
                 if self._closed and not self._queue:
                     return
@@ -163,6 +176,15 @@ class TrainingBus:
                 self.published += 1
             if not batch and publisher.buffered:
                 publisher.flush()
+
+    def _beat_due(self) -> bool:
+        return self._last_beat is None or time.monotonic() - self._last_beat >= HEARTBEAT_S
+
+    def _heartbeat(self, state: str) -> DaemonHeartbeat:
+        return DaemonHeartbeat(daemon=SENDER, worker_id=self.run_id, host=socket.gethostname(),
+                               pid=os.getpid(), state=state, interval_s=HEARTBEAT_S,
+                               uptime_s=round(time.monotonic() - self._started, 3),
+                               published={"events": self.published})
 
     def _listen_loop(self) -> None:
         oona: Oona | None = None

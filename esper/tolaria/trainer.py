@@ -436,7 +436,8 @@ class TolariaTrainer:
             train_loss=_finite(train_loss), validation_loss=_finite(val_loss),
             validation_accuracy=val_accuracy, learning_rate=lr,
             active_seeds=sum(n for s, n in after.items() if S(s) in GROWING),
-            fossilized_seeds=after.get(S.FOSSILIZED.value, 0), epoch_seconds=seconds))
+            fossilized_seeds=after.get(S.FOSSILIZED.value, 0), epoch_seconds=seconds,
+            epochs_planned=config.epochs))
         self._emit("epoch", epoch=epoch, record=record)
 
     def _loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

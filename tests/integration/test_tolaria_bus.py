@@ -123,6 +123,11 @@ def test_events_reach_the_bus_and_run_controls_are_obeyed(forged):
         transitions = _messages(operator, Topic.LIFECYCLE_SEED_TRANSITIONS)
         assert [t.to_stage.value for t in transitions][:1] == ["GERMINATED"]
         assert kasmina.layers(model)[0].stages.count(S.LOADING) == 1  # stopped mid-lifecycle
+        # The run beats for `esper watch`: alive from the start, "stopping" at the end.
+        beats = [b for b in _messages(operator, Topic.SYSTEM_HEARTBEATS)
+                 if b.worker_id == "controlled"]
+        assert beats[0].state == "busy" and beats[-1].state == "stopping"
+        assert {b.daemon for b in beats} == {"tolaria"}
     finally:
         bus.close()
         operator.close()

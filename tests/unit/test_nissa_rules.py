@@ -53,6 +53,12 @@ def test_state_folds_seeds_by_layer_and_filters_runs():
     assert [a.rule for a in evaluate(state, rules, now=later)] == ["run_stalled"]
     state.runs["a"].planned_epochs = 1
     assert evaluate(state, rules, now=later) == []
+    # The trainer's EpochEvents say when the run ends: no catalog needed to know it finished.
+    other = WatchState()
+    other.apply(wrap(Topic.SYSTEM_EVENTS_EPOCH, EpochEvent(
+        run_id="c", epoch=2, global_step=9, train_loss=0.5, validation_loss=0.6,
+        epochs_planned=2)))
+    assert other.runs["c"].finished
 
 
 def test_plain_line_is_one_line():
