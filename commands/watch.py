@@ -23,7 +23,8 @@ def watch(
         "(cron pages on it).")] = True,
     json_lines: Annotated[bool, typer.Option(
         "--json", help="One envelope per line on stdout (alerts too, as system.alerts "
-        "envelopes), for scripts. The root's --json does the same.")] = False,
+        "envelopes), for scripts: every event, telemetry included, so it costs more than the "
+        "dashboard, which samples telemetry. The root's --json does the same.")] = False,
     topics: Annotated[Optional[str], typer.Option(
         help="Comma-separated topics to read (default: all), e.g. "
         "system.events.epoch,lifecycle.seed.transitions.")] = None,
@@ -34,7 +35,8 @@ def watch(
     for_seconds: Annotated[Optional[float], typer.Option(
         "--for", min=0, help="With --follow: stop after this many seconds.")] = None,
     refresh: Annotated[float, typer.Option(
-        min=0.05, help="Seconds between dashboard redraws and alert checks.")] = 1.0,
+        min=0.05, help="Seconds between dashboard redraws and alert checks (the dashboard reads "
+        "the bus once per redraw).")] = 1.0,
     metrics_port: Annotated[Optional[int], typer.Option(
         min=0, max=65535, help="Serve Prometheus metrics on this port (0: any free port, "
         "printed on stderr).")] = None,
@@ -80,11 +82,15 @@ def watch(
     workspace = ectx.workspace if ectx.workspace.exists() else None
     if workspace is None and not ectx.redis_url:
         ectx.workspace.require()  # one clear line: no workspace here
+    as_json = json_lines or ectx.json
+    live = out_console.is_terminal and follow and not as_json
+    # The dashboard samples the telemetry firehose (the newest HealthSignals per redraw); JSON
+    # and plain lines print every event, so they read every one.
     watcher = Watcher(workspace, ectx.redis_url, since_ms=parse_since(since), rules=rules,
-                      topics=chosen, run=run, metrics=metrics,
+                      topics=chosen, run=run, metrics=metrics, sample_telemetry=live,
                       start_embedded=follow)  # a cron check never starts a bus
-    output = _Output(json=json_lines or ectx.json, live=out_console.is_terminal and follow,
-                    sender_id=watcher.reader.sender_id, where=_where(ectx))
+    output = _Output(json=as_json, live=live, sender_id=watcher.reader.sender_id,
+                     where=_where(ectx))
     try:
         if metrics is not None:
             port = metrics.serve(metrics_port, metrics_host)
@@ -112,7 +118,18 @@ def _follow(watcher, output, refresh: float, for_seconds: float | None) -> None:
         with output.session(watcher):
             output.events(watcher.start())
             output.update(watcher.state, watcher.refresh(force=True), watcher.new_alerts)
-            while not stop and (deadline is None or time.monotonic() < deadline):
+            while output.live and not stop and (deadline is None
+                                                or time.monotonic() < deadline):
+                # The dashboard: one batch of reads and one redraw per refresh interval.
+                wake = time.monotonic() + refresh
+                if deadline is not None:
+                    wake = min(wake, deadline)
+                while not stop and time.monotonic() < wake:
+                    time.sleep(min(0.1, max(0.0, wake - time.monotonic())))
+                watcher.tick()
+                output.update(watcher.state, watcher.refresh(), watcher.new_alerts)
+            while not output.live and not stop and (deadline is None
+                                                    or time.monotonic() < deadline):
                 block = refresh if deadline is None else max(0.01, min(
                     refresh, deadline - time.monotonic()))
                 output.events(watcher.step(block_ms=max(1, int(block * 1000))))

@@ -30,6 +30,13 @@ WATCHED_TOPICS: tuple[Topic, ...] = tuple(Topic)
 RECONNECT_S = 1.0
 # Entries per topic read at start (the newest ones after --since).
 BACKLOG_PER_TOPIC = 2000
+# Topics the dashboard samples instead of reading every entry: per-layer telemetry arrives by
+# the hundred per second and each entry is a few KB, while the dashboard only needs the newest
+# HealthSignal of each layer (transitions, read in full, say when a seed changes stage).
+SAMPLED_TOPICS: tuple[Topic, ...] = (Topic.TELEMETRY_SEED_HEALTH,)
+# The newest entries of a sampled topic read per sample: enough for the latest signal of every
+# layer of a few runs; layers older than that keep what an earlier sample said.
+SAMPLE_COUNT = 128
 
 # Redis 6.2 does not report a group's lag: it is counted inside Redis (the entries never cross
 # the wire), up to this many.
@@ -73,10 +80,13 @@ class BusReader:
     results, with `error` saying why."""
 
     def __init__(self, workspace: Workspace | None, url: str | None, topics: Sequence[Topic], *,
-                 start_embedded: bool = True):
+                 start_embedded: bool = True, sampled: Sequence[Topic] = ()):
         self.workspace = workspace
         self.url = url
         self.topics = list(topics)
+        # Topics read by `sample` (newest entries only), never by `poll`.
+        self.sampled = [t for t in self.topics if t in sampled]
+        self.tailed = [t for t in self.topics if t not in sampled]
         self.start_embedded = start_embedded
         self.error: str | None = None
         self.reconnects = 0
@@ -138,14 +148,15 @@ class BusReader:
 
     # Reading ------------------------------------------------------------------------------------
     def backlog(self, since_ms: int, limit: int = BACKLOG_PER_TOPIC) -> list[Entry]:
-        """The newest `limit` entries of each topic written since `since_ms`, oldest first;
-        later `poll`s continue from there."""
+        """The newest `limit` entries of each topic written since `since_ms` (`SAMPLE_COUNT` of a
+        sampled topic), oldest first; later `poll`s and `sample`s continue from there."""
         start = f"{since_ms}-0"
 
         def read(oona: Oona) -> list[Entry]:
             entries: list[Entry] = []
             for topic in self.topics:
-                newest = oona.range(topic, start=start, count=limit, reverse=True)
+                count = SAMPLE_COUNT if topic in self.sampled else limit
+                newest = oona.range(topic, start=start, count=count, reverse=True)
                 entries.extend(reversed(newest))
                 self._last[topic] = newest[0].entry_id if newest else start
             return entries
@@ -154,12 +165,18 @@ class BusReader:
         return sorted(entries, key=entry_order)
 
     def poll(self, block_ms: int | None = None, count: int = 1000) -> list[Entry]:
-        """Entries that arrived since the last read (XREAD, no group), oldest first."""
+        """Entries of the tailed (not sampled) topics that arrived since the last read (XREAD, no
+        group), oldest first; at most `count` per topic."""
         if not self._last:
             self._last = {topic: "$" for topic in self.topics}
+        if not self.tailed:
+            if block_ms:
+                time.sleep(block_ms / 1000)
+            return []
 
         def read(oona: Oona) -> list[Entry]:
-            return oona.tail(self.topics, since=dict(self._last), block_ms=block_ms, count=count)
+            return oona.tail(self.tailed, since={t: self._last[t] for t in self.tailed},
+                             block_ms=block_ms, count=count)
 
         entries = self._call(read, None)
         if entries is None:
@@ -172,6 +189,40 @@ class BusReader:
             # "$" means "from now" at each call: pin it to the stream's end so nothing is missed.
             self._pin_ends()
         return sorted(entries, key=entry_order)
+
+    def drain(self, count: int = 1000, max_reads: int = 100) -> list[Entry]:
+        """Everything the tailed topics hold since the last read, without waiting: XREADs of
+        `count` per topic until one comes back short (at most `max_reads`), oldest first."""
+        entries: list[Entry] = []
+        for _ in range(max_reads):
+            batch = self.poll(count=count)
+            entries += batch
+            if len(batch) < count:
+                break
+        return sorted(entries, key=entry_order)
+
+    def sample(self, count: int = SAMPLE_COUNT) -> list[Entry]:
+        """The newest `count` entries of each sampled topic written since the last sample
+        (XREVRANGE down to the last id seen, exclusive), oldest first; older ones are skipped:
+        never transferred, never parsed."""
+        if not self.sampled:
+            return []
+        if not self._last:
+            self._last = {topic: "$" for topic in self.topics}
+            self._pin_ends()
+
+        def read(oona: Oona) -> list[Entry]:
+            entries: list[Entry] = []
+            for topic in self.sampled:
+                last = self._last.get(topic, "$")
+                start = "-" if last in ("$", "0-0") else f"({last}"
+                newest = oona.range(topic, start=start, count=count, reverse=True)
+                if newest:
+                    self._last[topic] = newest[0].entry_id
+                entries.extend(reversed(newest))
+            return entries
+
+        return sorted(self._call(read, []), key=entry_order)
 
     def _pin_ends(self) -> None:
         def ends(oona: Oona) -> dict[Topic, str]:

@@ -53,6 +53,9 @@ class RunView:
     first_seen_at: float = 0.0
     stopped: bool = False  # a control.run STOP was issued
     seeds: dict[str, SeedLifecycle] = field(default_factory=dict)  # "layer:index" -> stage
+    # When each seed's stage was said (the event's timestamp): a sampled HealthSignal read after
+    # a newer transition does not turn the seed back.
+    seed_at: dict[str, float] = field(default_factory=dict)
     layer_names: dict[int, str] = field(default_factory=dict)
     decisions: deque[TamiyoDecision] = field(default_factory=lambda: deque(maxlen=DECISIONS_KEPT))
     outcomes: Counter[SeedLifecycle] = field(default_factory=Counter)  # terminal transitions
@@ -61,6 +64,12 @@ class RunView:
     def finished(self) -> bool:
         return self.stopped or (self.planned_epochs is not None and self.epoch is not None
                                 and self.epoch >= self.planned_epochs)
+
+    def set_seed(self, seed: str, stage: SeedLifecycle, at: float) -> None:
+        """The seed is at `stage` as of `at`, unless something newer was already said."""
+        if at >= self.seed_at.get(seed, at):
+            self.seeds[seed] = stage
+            self.seed_at[seed] = at
 
     def seeds_by_layer(self) -> dict[int, Counter[SeedLifecycle]]:
         """Seed counts by stage, per layer id."""
@@ -127,10 +136,10 @@ class WatchState:
             run = self._run(message.run_id, at)
             run.layer_names[message.layer_id] = message.layer_name
             for index, stage in enumerate(message.lifecycle):
-                run.seeds[f"{message.layer_id}:{index}"] = stage
+                run.set_seed(f"{message.layer_id}:{index}", stage, at)
         elif isinstance(message, SeedTransition):
             run = self._run(message.run_id, at)
-            run.seeds[message.seed_id] = message.to_stage
+            run.set_seed(message.seed_id, message.to_stage, at)
             if message.to_stage in TERMINAL_STAGES:
                 run.outcomes[message.to_stage] += 1
         elif isinstance(message, TamiyoDecision):

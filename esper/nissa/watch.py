@@ -6,6 +6,10 @@
     while True:
         events = watcher.step(block_ms=500)   # what arrived since (XREAD, no group)
         alerts = watcher.refresh()
+
+Every event is read, parsed and folded in, unless `sample_telemetry`: then (the dashboard) the
+telemetry firehose (SAMPLED_TOPICS) is sampled, the newest SAMPLE_COUNT entries per `tick`, and
+`tick()` replaces `step()`: one batch of reads per redraw instead of one XREAD per event burst.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from esper.contracts import Envelope, Topic
 from esper.errors import EsperError
 from esper.nissa.alerts import Alert, AlertRules, evaluate
 from esper.nissa.metrics import WatchMetrics
-from esper.nissa.reader import WATCHED_TOPICS, BusReader
+from esper.nissa.reader import SAMPLED_TOPICS, WATCHED_TOPICS, BusReader, entry_order
 from esper.nissa.state import WatchState
 from esper.urza import Urza
 from esper.workspace import Workspace
@@ -37,9 +41,11 @@ class Watcher:
     def __init__(self, workspace: Workspace | None, url: str | None, *, since_ms: int,
                  rules: AlertRules | None = None, topics: Sequence[Topic] = WATCHED_TOPICS,
                  run: str | None = None, metrics: WatchMetrics | None = None,
-                 publish_alerts: bool = True, start_embedded: bool = True):
+                 publish_alerts: bool = True, start_embedded: bool = True,
+                 sample_telemetry: bool = False):
         self.workspace = workspace
-        self.reader = BusReader(workspace, url, topics, start_embedded=start_embedded)
+        self.reader = BusReader(workspace, url, topics, start_embedded=start_embedded,
+                                sampled=SAMPLED_TOPICS if sample_telemetry else ())
         self.state = WatchState(run_filter=run)
         self.rules = rules or AlertRules()
         self.metrics = metrics
@@ -59,6 +65,12 @@ class Watcher:
     def step(self, block_ms: int | None = None) -> list[Envelope]:
         """Read what arrived since the last read, waiting up to `block_ms` for it."""
         return self._apply([e.envelope for e in self.reader.poll(block_ms=block_ms)])
+
+    def tick(self) -> list[Envelope]:
+        """Without waiting: everything the tailed topics got since the last read, then the
+        newest entries of the sampled ones."""
+        entries = sorted(self.reader.drain() + self.reader.sample(), key=entry_order)
+        return self._apply([e.envelope for e in entries])
 
     def _apply(self, envelopes: list[Envelope]) -> list[Envelope]:
         kept = [e for e in envelopes if self.state.apply(e)]
