@@ -5,11 +5,14 @@ from __future__ import annotations
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from esper_cli.context import err_console, get_context, out_console
+
+# JSON and plain lines: after a read that found events, wait this long before the next one.
+BATCH_S = 0.05
 
 app = typer.Typer(no_args_is_help=False, subcommand_metavar="")
 
@@ -25,27 +28,27 @@ def watch(
         "--json", help="One envelope per line on stdout (alerts too, as system.alerts "
         "envelopes), for scripts: every event, telemetry included, so it costs more than the "
         "dashboard, which samples telemetry. The root's --json does the same.")] = False,
-    topics: Annotated[Optional[str], typer.Option(
+    topics: Annotated[str | None, typer.Option(
         help="Comma-separated topics to read (default: all), e.g. "
         "system.events.epoch,lifecycle.seed.transitions.")] = None,
-    run: Annotated[Optional[str], typer.Option(
+    run: Annotated[str | None, typer.Option(
         help="Only this run's events (pipeline events are always kept).")] = None,
     since: Annotated[str, typer.Option(
         help="Start this far back: 90s, 15m, 2h, 1d, an ISO time, or 'all'.")] = "1h",
-    for_seconds: Annotated[Optional[float], typer.Option(
+    for_seconds: Annotated[float | None, typer.Option(
         "--for", min=0, help="With --follow: stop after this many seconds.")] = None,
     refresh: Annotated[float, typer.Option(
         min=0.05, help="Seconds between dashboard redraws and alert checks (the dashboard reads "
         "the bus once per redraw).")] = 1.0,
-    metrics_port: Annotated[Optional[int], typer.Option(
+    metrics_port: Annotated[int | None, typer.Option(
         min=0, max=65535, help="Serve Prometheus metrics on this port (0: any free port, "
         "printed on stderr).")] = None,
     metrics_host: Annotated[str, typer.Option(
         help="Address the metrics endpoint binds to.")] = "127.0.0.1",
-    alerts: Annotated[Optional[Path], typer.Option(
+    alerts: Annotated[Path | None, typer.Option(
         "--alerts", help="YAML file of alert thresholds (esper.nissa.AlertRules fields), e.g. "
         "'consumer_lag_max: 500'.")] = None,
-    audit: Annotated[Optional[str], typer.Option(
+    audit: Annotated[str | None, typer.Option(
         "--audit", metavar="RUN", help="Walk the audit hash chain under this run's rows and "
         "report the first broken link (exit 3), then exit.")] = None,
 ) -> None:
@@ -59,10 +62,10 @@ def watch(
 
     Example: esper watch --once --since 15m || page-someone
     """
+    from esper.contracts import Topic
     from esper.errors import BadInputError
     from esper.nissa import AlertRules, Watcher, WatchMetrics, parse_since
     from esper.nissa.reader import WATCHED_TOPICS
-    from esper.contracts import Topic
 
     ectx = get_context(ctx)
     if audit is not None:
@@ -132,7 +135,10 @@ def _follow(watcher, output, refresh: float, for_seconds: float | None) -> None:
                                                     or time.monotonic() < deadline):
                 block = refresh if deadline is None else max(0.01, min(
                     refresh, deadline - time.monotonic()))
-                output.events(watcher.step(block_ms=max(1, int(block * 1000))))
+                events = watcher.step(block_ms=max(1, int(block * 1000)))
+                output.events(events)
+                if events and not stop:
+                    time.sleep(BATCH_S)  # let a burst gather: one read per batch, not per event
                 output.update(watcher.state, watcher.refresh(), watcher.new_alerts)
     except KeyboardInterrupt:
         raise typer.Exit(130) from None

@@ -34,6 +34,10 @@ BACKLOG_PER_TOPIC = 2000
 # the hundred per second and each entry is a few KB, while the dashboard only needs the newest
 # HealthSignal of each layer (transitions, read in full, say when a seed changes stage).
 SAMPLED_TOPICS: tuple[Topic, ...] = (Topic.TELEMETRY_SEED_HEALTH,)
+# Sampled too when no metrics are served (their epoch-time histogram wants every event): the
+# dashboard shows each run's latest epoch only.
+SAMPLED_WITHOUT_METRICS: tuple[Topic, ...] = (Topic.TELEMETRY_SEED_HEALTH,
+                                              Topic.SYSTEM_EVENTS_EPOCH)
 # The newest entries of a sampled topic read per sample: enough for the latest signal of every
 # layer of a few runs; layers older than that keep what an earlier sample said.
 SAMPLE_COUNT = 128

@@ -8,7 +8,8 @@
         alerts = watcher.refresh()
 
 Every event is read, parsed and folded in, unless `sample_telemetry`: then (the dashboard) the
-telemetry firehose (SAMPLED_TOPICS) is sampled, the newest SAMPLE_COUNT entries per `tick`, and
+telemetry firehose (SAMPLED_TOPICS; epoch events too when no metrics are served) is sampled, the
+newest SAMPLE_COUNT entries per `tick`, and
 `tick()` replaces `step()`: one batch of reads per redraw instead of one XREAD per event burst.
 """
 
@@ -23,7 +24,13 @@ from esper.contracts import Envelope, Topic
 from esper.errors import EsperError
 from esper.nissa.alerts import Alert, AlertRules, evaluate
 from esper.nissa.metrics import WatchMetrics
-from esper.nissa.reader import SAMPLED_TOPICS, WATCHED_TOPICS, BusReader, entry_order
+from esper.nissa.reader import (
+    SAMPLED_TOPICS,
+    SAMPLED_WITHOUT_METRICS,
+    WATCHED_TOPICS,
+    BusReader,
+    entry_order,
+)
 from esper.nissa.state import WatchState
 from esper.urza import Urza
 from esper.workspace import Workspace
@@ -45,7 +52,8 @@ class Watcher:
                  sample_telemetry: bool = False):
         self.workspace = workspace
         self.reader = BusReader(workspace, url, topics, start_embedded=start_embedded,
-                                sampled=SAMPLED_TOPICS if sample_telemetry else ())
+                                sampled=() if not sample_telemetry else SAMPLED_TOPICS
+                                if metrics is not None else SAMPLED_WITHOUT_METRICS)
         self.state = WatchState(run_filter=run)
         self.rules = rules or AlertRules()
         self.metrics = metrics

@@ -24,17 +24,22 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from tolaria_helpers import forged_workspace, short_dir, tiny_config
 
+from esper.blueprints import canonical_json, standard_library
 from esper.contracts import (
     Envelope,
     EpochEvent,
     HealthSignal,
     KernelReady,
-    SeedLifecycle as S,
     SeedTransition,
     TamiyoDecision,
     Topic,
+)
+from esper.contracts import (
+    SeedLifecycle as S,
 )
 from esper.oona import Oona, stop_embedded
 from esper.urza import Urza
@@ -309,3 +314,69 @@ def test_audit_reports_the_first_broken_link_of_a_run(ws):
     # A run whose own rows are all before the edit still checks out.
     assert run(ws, "watch", "--audit", "other").returncode == 0
     assert run(ws, "watch", "--audit", "nobody").returncode == 2
+
+
+def test_dashboard_in_a_pty_follows_a_real_training_and_forge(tmp_path):
+    """The real thing: `esper train` (bus telemetry on) grows a seed on a workspace of VALIDATED
+    kernels while `esper forge --once` compiles an imported blueprint; the dashboard, in a
+    pseudo-terminal, shows the run's seed going through its stages in lifecycle order, and the
+    forge's kernel and heartbeat."""
+    root = short_dir("nwt-")
+    workspace, _ = forged_workspace(root)
+    term = forge = train = None
+    try:
+        config = tmp_path / "tiny.yaml"
+        config.write_text(yaml.safe_dump(tiny_config(**{"telemetry.bus": True}).model_dump(
+            mode="json")))
+        ir_file = tmp_path / "mlp_relu_w4.json"
+        ir_file.write_bytes(canonical_json(next(ir for ir in standard_library()
+                                                 if ir.name == "mlp_relu_w4")))
+        imported = run(workspace, "library", "import", str(ir_file), timeout=60)
+        assert imported.returncode == 0, imported.stderr
+
+        term = Pty([ESPER, "--workspace", str(workspace.root), "watch", "--refresh", "0.1"],
+                   cols=200, rows=80)
+        term.wait_for("no runs seen", timeout=30)
+        base = [ESPER, "--workspace", str(workspace.root)]
+        forge = subprocess.Popen(base + ["--json", "forge", "--once", "--worker-id", "forge-pty",
+                                         "--interface", "linear:32:16", "--pipelines", "fast",
+                                         "--max-jobs", "1"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        train = subprocess.Popen(base + ["--json", "train", str(config), "--run-id", "ptyrun"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = train.communicate(timeout=120)
+        assert train.returncode == 0, err
+        assert json.loads(out)["outcomes"] == {"FOSSILIZED": 1}
+        out, err = forge.communicate(timeout=120)
+        assert forge.returncode == 0, err
+
+        # What the run did, as the screen shows it once everything has been read.
+        term.wait_for("12/12", timeout=30)
+        fossilized = term.wait_for("FOSSILIZED:1", timeout=30)
+        term.wait_for("forge-pty", timeout=30)  # the forge's heartbeat, in the daemons table
+        term.wait_for("germinate", timeout=30)  # Tamiyo's decision, with its explanation
+        screen = term.text
+        # The seed's stages in the order they first showed: lifecycle order, several of them.
+        firsts = {s: screen.find(f"{s.value}:1") for s in GROWTH[1:]}
+        shown = sorted((at, s) for s, at in firsts.items() if at >= 0)
+        stages = [s for _, s in shown]
+        assert stages == sorted(stages, key=GROWTH.index), stages
+        assert stages[-1] is S.FOSSILIZED and firsts[S.FOSSILIZED] == fossilized
+        print("stages shown:", [s.value for s in stages])
+        assert len(stages) >= 4, stages  # at least three stages on the way, then FOSSILIZED
+        # The forge's activity: its kernel counted in the pipeline table.
+        deadline = time.monotonic() + 30
+        while not any(float(r) > 0 for r in re.findall(r"forge\s*│\s*([0-9.]+) kernels/min",
+                                                         term.text)):
+            assert time.monotonic() < deadline, f"no forge kernel shown:\n{term.text[-4000:]}"
+            time.sleep(0.05)
+    finally:
+        for proc in (train, forge):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+        if term is not None:
+            code = term.stop()
+            assert code == 0 and "Traceback" not in term.text
+        stop_embedded(workspace)
+        shutil.rmtree(root, ignore_errors=True)

@@ -8,7 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from esper.contracts import HealthSignal, SeedLifecycle as S, SeedTransition, Topic
+from esper.contracts import HealthSignal, SeedTransition, Topic
+from esper.contracts import SeedLifecycle as S
 from esper.nissa import Watcher
 from esper.nissa.reader import SAMPLE_COUNT
 from esper.oona import Oona, stop_embedded
