@@ -38,7 +38,8 @@ class WatchMetrics:
         self.registry = r = CollectorRegistry()
         self._server = None
         # Counters: events as they are read.
-        self.events = Counter("esper_bus_events", "Bus events read by the watcher.", ["topic"],
+        self.events = Counter("esper_bus_events", "Bus events read by the watcher (the dashboard samples "
+                              "telemetry.seed.health: of that topic, the entries it read).", ["topic"],
                               registry=r)
         self.transitions = Counter("esper_seed_transitions", "Seed lifecycle transitions.",
                                    ["run", "to_stage"], registry=r)

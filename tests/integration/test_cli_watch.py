@@ -362,7 +362,6 @@ def test_dashboard_in_a_pty_follows_a_real_training_and_forge(tmp_path):
         stages = [s for _, s in shown]
         assert stages == sorted(stages, key=GROWTH.index), stages
         assert stages[-1] is S.FOSSILIZED and firsts[S.FOSSILIZED] == fossilized
-        print("stages shown:", [s.value for s in stages])
         assert len(stages) >= 4, stages  # at least three stages on the way, then FOSSILIZED
         # The forge's activity: its kernel counted in the pipeline table.
         deadline = time.monotonic() + 30
