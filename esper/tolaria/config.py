@@ -20,7 +20,7 @@ import os
 import re
 import sys
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
@@ -380,6 +380,30 @@ def describe_problems(problems: Sequence[_Problem], source: str = "",
 
 
 # --- components: zoo names and import paths ---------------------------------------------------
+
+def resolve_component(name: str, registry: Mapping[str, Any], what: str) -> Any:
+    """What a built-in name (in `registry`) or an import path `package.module:Attr` names."""
+    if name in registry:
+        return registry[name]
+    if ":" not in name:
+        raise BadInputError(f"unknown {what} {name!r}: built-in {what}s are "
+                            f"{', '.join(registry)}; or give an import path 'package.module:Attr'")
+    return resolve_import_path(name)
+
+
+def check_component(name: str, kwargs: Mapping[str, Any], registry: Mapping[str, Any],
+                    supplied: Sequence[str], what: str) -> list[_Problem]:
+    """Problems with a `{name, kwargs}` section, located under it: a name that does not resolve
+    or is not callable, kwargs the callable does not take or (built-ins) of the wrong type."""
+    try:
+        fn = resolve_component(name, registry, what)
+    except BadInputError as e:
+        return [(("name",), str(e))]
+    if not callable(fn):
+        return [(("name",), f"{name!r} is a {type(fn).__name__}, not callable")]
+    return [(("kwargs", *loc), msg) for loc, msg in
+            check_call(fn, kwargs, supplied, f"{what} {name!r}", typed=name in registry)]
+
 
 def resolve_import_path(path: str) -> Any:
     """The attribute that `package.module:Attr` names. The current directory is importable, as

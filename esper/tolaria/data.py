@@ -39,9 +39,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 from esper.errors import BadInputError
 from esper.tolaria.config import (
     DataConfig,
-    check_call,
+    check_component,
     describe_problems,
-    resolve_import_path,
+    resolve_component,
     validation_problems,
 )
 
@@ -188,24 +188,12 @@ SUPPLIED = ("seed", "val_fraction")
 
 def resolve_data(name: str) -> Any:
     """The function a built-in name or import path names."""
-    if name in BUILTIN:
-        return BUILTIN[name]
-    if ":" not in name:
-        raise BadInputError(f"unknown data set {name!r}: built-in data sets are "
-                            f"{', '.join(BUILTIN)}; or give an import path 'package.module:Attr'")
-    return resolve_import_path(name)
+    return resolve_component(name, BUILTIN, "data set")
 
 
 def check_data_config(spec: DataConfig) -> list[tuple[tuple[str | int, ...], str]]:
     """Problems with the data section, located under it (('kwargs', 'n_samples'), message)."""
-    try:
-        fn = resolve_data(spec.name)
-    except BadInputError as e:
-        return [(("name",), str(e))]
-    if not callable(fn):
-        return [(("name",), f"{spec.name!r} is a {type(fn).__name__}, not a function")]
-    return [(("kwargs", *loc), msg) for loc, msg in
-            check_call(fn, spec.kwargs, SUPPLIED, f"data {spec.name!r}", typed=spec.name in BUILTIN)]
+    return check_component(spec.name, spec.kwargs, BUILTIN, SUPPLIED, "data set")
 
 
 def build_data(spec: DataConfig | Mapping[str, Any] | str, seed: int) -> DataBundle:

@@ -24,9 +24,9 @@ from torch import nn
 from esper.errors import BadInputError
 from esper.tolaria.config import (
     ModelConfig,
-    check_call,
+    check_component,
     describe_problems,
-    resolve_import_path,
+    resolve_component,
     validation_problems,
 )
 
@@ -217,25 +217,13 @@ SUPPLIED = ("input_shape", "out_dim")
 
 def resolve_model(name: str) -> Any:
     """The class or factory a zoo name or import path names."""
-    if name in ZOO:
-        return ZOO[name]
-    if ":" not in name:
-        raise BadInputError(f"unknown model {name!r}: built-in models are {', '.join(ZOO)}; "
-                            "or give an import path 'package.module:Attr'")
-    return resolve_import_path(name)
+    return resolve_component(name, ZOO, "model")
 
 
 def check_model_config(spec: ModelConfig) -> list[tuple[tuple[str | int, ...], str]]:
     """Problems with the model section, located under it (('kwargs', 'widths', 0), message):
     a name that does not resolve, kwargs the builder does not take or (zoo) of the wrong type."""
-    try:
-        builder = resolve_model(spec.name)
-    except BadInputError as e:
-        return [(("name",), str(e))]
-    if not callable(builder):
-        return [(("name",), f"{spec.name!r} is a {type(builder).__name__}, not a class or function")]
-    return [(("kwargs", *loc), msg) for loc, msg in
-            check_call(builder, spec.kwargs, SUPPLIED, f"model {spec.name!r}", typed=spec.name in ZOO)]
+    return check_component(spec.name, spec.kwargs, ZOO, SUPPLIED, "model")
 
 
 def build_model(spec: ModelConfig | Mapping[str, Any] | str, input_shape: Sequence[int],
