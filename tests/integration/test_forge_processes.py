@@ -9,12 +9,12 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from process_helpers import ESPER, sandbox_children, wait_for
 
 from esper.blueprints import canonical_json, standard_library
 from esper.contracts import BlueprintStatus, KernelInterface
@@ -24,7 +24,6 @@ from esper.urza import Urza
 from esper.workspace import Workspace
 from pipelines.tezzeret.forge import Forge, ForgeOptions
 
-ESPER = str(Path(sys.executable).parent / "esper")
 INTERFACES = ["--interface=linear:64:16", "--interface=linear:37:5", "--interface=conv2d:16:8:2"]
 
 
@@ -52,32 +51,6 @@ def audit_rows(ws: Workspace, action: str) -> list[tuple[str, str, dict]]:
             (action,))]
     finally:
         conn.close()
-
-
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
-def compile_children(forge_pid: int) -> list[int]:
-    """The forge's sandboxed compile processes (they name their parent on the command line)."""
-    marker = f"--parent-pid\0{forge_pid}\0".encode()
-    found = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                    cmdline = f.read()
-            except OSError:
-                continue
-            if b"pipelines.tezzeret.worker" in cmdline and marker in cmdline + b"\0":
-                found.append(int(entry.name))
-    return found
 
 
 def test_two_forges_on_one_workspace_never_compile_the_same_job_twice(workspace):
@@ -111,7 +84,7 @@ def test_a_forge_killed_mid_compile_leaves_its_blueprint_reclaimable(workspace):
                            "6", "--interface", "linear:64:16")
     try:
         wait_for(lambda: audit_rows(workspace, "blueprint.claimed"), 60, "the claim")
-        [child] = wait_for(lambda: compile_children(doomed.pid), 10, "the compile child")
+        [child] = wait_for(lambda: sandbox_children(doomed.pid, "pipelines.tezzeret.worker"), 10, "the compile child")
         doomed.send_signal(signal.SIGKILL)
         doomed.wait(timeout=10)
     finally:
@@ -181,7 +154,8 @@ def test_sigterm_mid_compile_releases_the_claim_and_exits_0(workspace):
                            "--interface", "linear:64:16")
     try:
         wait_for(lambda: audit_rows(workspace, "blueprint.claimed"), 60, "the claim")
-        [child] = wait_for(lambda: compile_children(daemon.pid), 10, "the compile child")
+        [child] = wait_for(lambda: sandbox_children(daemon.pid, "pipelines.tezzeret.worker"), 10,
+                           "the compile child")
         daemon.send_signal(signal.SIGTERM)
         out, err = daemon.communicate(timeout=30)
         assert daemon.returncode == 0, err

@@ -8,19 +8,16 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 from catalog_helpers import library_ir, plant, wide_conv_ir
+from process_helpers import ESPER, sandbox_children, wait_for
 
 from esper.contracts import KernelReady, KernelStatus, Topic
 from esper.oona import Oona, stop_embedded
 from esper.urza import Urza
 from esper.workspace import Workspace
-
-ESPER = str(Path(sys.executable).parent / "esper")
 
 
 def bench_process(ws: Workspace, worker: str, *args: str) -> subprocess.Popen:
@@ -29,35 +26,9 @@ def bench_process(ws: Workspace, worker: str, *args: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def wait_for(condition, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-
-
 def status(ws: Workspace, kernel_id: str) -> KernelStatus:
     with Urza.open(ws) as urza:
         return urza.get_kernel(kernel_id).status
-
-
-def gauntlet_children(bench_pid: int) -> list[int]:
-    """The bench's sandboxed gauntlet processes (they name their parent on the command line)."""
-    marker = f"--parent-pid\0{bench_pid}\0".encode()
-    found = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                with open(f"/proc/{entry.name}/cmdline", "rb") as f:
-                    cmdline = f.read()
-            except OSError:
-                continue
-            if b"pipelines.urabrask.worker" in cmdline and marker in cmdline + b"\0":
-                found.append(int(entry.name))
-    return found
 
 
 def test_a_bench_daemon_is_woken_by_the_bus_and_exits_0_on_sigterm(workspace, tmp_path):
@@ -100,7 +71,8 @@ def test_sigterm_mid_gauntlet_releases_the_claim_and_exits_0(workspace, tmp_path
         slow = plant(urza, tmp_path, wide_conv_ir(), "conv2d:256:256:1")
     daemon = bench_process(workspace, "bench-t", "--grace-s", "0", "--once")
     try:
-        [child] = wait_for(lambda: gauntlet_children(daemon.pid), 30, "the gauntlet child")
+        [child] = wait_for(lambda: sandbox_children(daemon.pid, "pipelines.urabrask.worker"), 30,
+                           "the gauntlet child")
         time.sleep(1.0)
         daemon.send_signal(signal.SIGTERM)
         out, err = daemon.communicate(timeout=30)
