@@ -557,7 +557,9 @@ class KasminaLayer(nn.Module):
             out = self._sampled_telemetry(y) if self.training else y
         else:
             out = self._blend(y, plan, outputs, learning)
-        if isolated and out.requires_grad:
+        if isolated and not out.requires_grad:
+            out = out.detach().requires_grad_()  # a frozen host: the seeds still learn from its gradient
+        if isolated:
             out.register_hook(partial(self._train_isolated, isolated, y.detach()))
         return out
 

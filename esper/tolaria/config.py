@@ -88,19 +88,31 @@ class _Component(_Strict):
 class ModelConfig(_Component):
     """The host model: a zoo name (`mlp`, `mlp_narrow`, `cnn`, `transformer`; see
     esper.tolaria.models) or `package.module:Attr`, a class or factory called with `kwargs` (and
-    with `input_shape` and `out_dim` from the data set when its signature names them)."""
+    with `input_shape` and `out_dim` from the data set when its signature names them).
+
+    `init_from`: a saved model (a run directory, or a `save_model` path) whose host weights the
+    new host starts from, instead of its seeded initialisation; parameters the saved host does
+    not have (an adapter, say) keep theirs. `freeze`: glob patterns over the host's parameter
+    names (`layers.*`, `head.bias`; `*` is all of them): those parameters are not trained, and
+    only the rest and the seeds learn."""
+
+    init_from: str | None = None
+    freeze: list[str] = Field(default_factory=list)
 
 
 class DataConfig(_Component):
     """The data set: a built-in name (`mnist1d`, `digits`, `two_spirals`, `teacher_student`; see
     esper.tolaria.data) or `package.module:Attr`, a callable returning the train and validation
     sets. `seed` fixes generation and the validation split (default: the run's seed); the
-    training order is shuffled from the run's seed, the same way on every run."""
+    training order is shuffled from the run's seed, the same way on every run. `classes` keeps
+    only the samples of those classes, in training and validation (a classification data set;
+    the model still has an output per class of the whole set): one phase of a continual split."""
 
     batch_size: PositiveInt = 64
     eval_batch_size: PositiveInt | None = None  # default: batch_size
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2  # for data sets without a split of their own
     seed: NonNegInt | None = None
+    classes: Annotated[list[NonNegInt], Field(min_length=1)] | None = None
 
 
 class OptimizerConfig(_Strict):

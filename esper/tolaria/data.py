@@ -24,10 +24,11 @@ same seed gives the same tensors, on any machine.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import inspect
 import random
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 import torch
 from pydantic import Field, ValidationError
-from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
 from esper.errors import BadInputError
 from esper.tolaria.config import (
@@ -243,13 +244,48 @@ def build_data(spec: DataConfig | Mapping[str, Any] | str, seed: int) -> DataBun
     seed = seed if spec.seed is None else spec.seed
     given: dict[str, Any] = {"seed": seed, "val_fraction": spec.val_fraction}
     if spec.name in BUILTIN:
-        return fn(**given, **spec.kwargs)
-    try:
-        accepted = set(inspect.signature(fn).parameters)
-    except (TypeError, ValueError):
-        accepted = set()
-    result = fn(**{k: v for k, v in given.items() if k in accepted}, **spec.kwargs)
-    return _as_bundle(result, spec.name)
+        bundle = fn(**given, **spec.kwargs)
+    else:
+        try:
+            accepted = set(inspect.signature(fn).parameters)
+        except (TypeError, ValueError):
+            accepted = set()
+        result = fn(**{k: v for k, v in given.items() if k in accepted}, **spec.kwargs)
+        bundle = _as_bundle(result, spec.name)
+    return bundle if spec.classes is None else select_classes(bundle, spec.classes)
+
+
+def select_classes(bundle: DataBundle, classes: Sequence[int]) -> DataBundle:
+    """`bundle` with only the samples whose label is in `classes`, in training and validation.
+    The output width stays the whole set's: a model trained on one phase of a continual split
+    can go on to the next."""
+    where = "field 'data.classes'"
+    if bundle.task != "classification":
+        raise BadInputError(f"{where}: {bundle.name!r} is a regression data set; classes select "
+                            "samples of a classification set")
+    outside = sorted(c for c in set(classes) if c >= bundle.out_dim)
+    if outside:
+        raise BadInputError(f"{where}: {bundle.name!r} has classes 0-{bundle.out_dim - 1}; "
+                            f"no class {', '.join(map(str, outside))}")
+    parts = []
+    for which, part in (("train", bundle.train), ("val", bundle.val)):
+        labels = _labels(part)
+        keep = torch.isin(labels, torch.tensor(sorted(set(classes)), dtype=labels.dtype))
+        if not bool(keep.any()):
+            raise BadInputError(f"{where}: the {which} set of {bundle.name!r} has no sample of "
+                                f"classes {sorted(set(classes))}")
+        index = keep.nonzero().flatten()
+        parts.append(TensorDataset(*(t[index] for t in part.tensors)) if isinstance(part, TensorDataset)
+                     else Subset(part, index.tolist()))
+    return dataclasses.replace(bundle, train=parts[0], val=parts[1])
+
+
+def _labels(part: Dataset) -> torch.Tensor:
+    """Every label of a data set, as one integer tensor (read without the inputs when the set
+    is tensors)."""
+    if isinstance(part, TensorDataset):
+        return part.tensors[-1].flatten().long()
+    return torch.tensor([int(torch.as_tensor(part[i][1])) for i in range(len(part))])
 
 
 # --- user data ------------------------------------------------------------------------------

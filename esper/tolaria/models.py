@@ -10,9 +10,11 @@ its width is the number of classes, which seldom splits into seeds, so configs u
 
 from __future__ import annotations
 
+import fnmatch
 import inspect
 import itertools
 import math
+import os
 from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal
 
@@ -274,6 +276,59 @@ def build_model(spec: ModelConfig | Mapping[str, Any] | str, input_shape: Sequen
         raise BadInputError(f"field 'model.name': {spec.name!r} returned a {type(model).__name__}, "
                             "not a torch.nn.Module")
     return model
+
+
+def init_host(host: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Copy the host weights of the model saved at `path` (`model.init_from`) into `host`.
+
+    The saved model must be a host without grafts (its seeds, if it was wrapped, all dormant):
+    a graft's weights only mean something inside the seed that holds it, which `--resume` and
+    `esper.load_model` restore. Parameters of `host` that the saved one lacks keep their
+    initialisation."""
+    import kasmina
+    from esper.tolaria.export import load_model
+    from kasmina.lifecycle import HAS_KERNEL
+
+    where = f"field 'model.init_from': {path}"
+    saved = load_model(path)
+    grafted = sum(layer.stage(seed) in HAS_KERNEL for layer in kasmina.layers(saved)
+                  for seed in range(layer.seeds))
+    if grafted:
+        raise BadInputError(f"{where}: the saved model has {grafted} grafted seed(s); "
+                            "init_from takes a host's weights (load the whole model with "
+                            "esper.load_model)")
+    wrapped = {name + "." for name, module in saved.named_modules() if isinstance(module, kasmina.KasminaLayer)}
+    weights = {}
+    for key, value in saved.state_dict().items():
+        layer = next((prefix for prefix in wrapped if key.startswith(prefix)), None)
+        if layer is None:
+            weights[key] = value
+        elif key.startswith(layer + "host."):
+            weights[layer + key[len(layer) + len("host."):]] = value
+    try:
+        result = host.load_state_dict(weights, strict=False)
+    except RuntimeError as e:
+        first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+        raise BadInputError(f"{where}: the saved host does not fit this model: {first}") from None
+    if result.unexpected_keys:
+        raise BadInputError(f"{where}: the saved host has weights this model lacks: "
+                            f"{', '.join(result.unexpected_keys[:5])}")
+
+
+def freeze_host(host: nn.Module, patterns: Sequence[str]) -> list[str]:
+    """Stop the parameters of `host` whose names match a glob of `patterns` (`model.freeze`)
+    from training; the names frozen. A pattern that matches nothing is an error."""
+    names = [name for name, _ in host.named_parameters()]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            raise BadInputError(f"field 'model.freeze': {pattern!r} matches no parameter of the "
+                                f"host (it has {', '.join(names[:6])}{', ...' if len(names) > 6 else ''})")
+    frozen = []
+    for name, param in host.named_parameters():
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+            param.requires_grad_(False)
+            frozen.append(name)
+    return frozen
 
 
 def _parameter_names(fn: Any) -> set[str]:

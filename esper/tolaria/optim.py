@@ -32,13 +32,15 @@ from esper.tolaria.config import OptimizerConfig, ScheduleConfig
 
 
 def optimizer_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """What the optimizer updates: host parameters, then training seed parameters (stable order:
-    module order, then layer id and bank name)."""
-    return kasmina.host_parameters(model) + kasmina.seed_parameters(model)
+    """What the optimizer updates: host parameters that are not frozen (`model.freeze`), then
+    training seed parameters (stable order: module order, then layer id and bank name)."""
+    host = [p for p in kasmina.host_parameters(model) if p.requires_grad]
+    return host + kasmina.seed_parameters(model)
 
 
 def make_optimizer(params: Iterable[nn.Parameter], config: OptimizerConfig) -> torch.optim.Optimizer:
-    params = list(params)
+    # One group even when empty: a frozen host has nothing to train until a seed does.
+    params = [{"params": list(params)}]
     if config.name == "sgd":
         return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
                                nesterov=config.nesterov, weight_decay=config.weight_decay)

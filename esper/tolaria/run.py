@@ -32,7 +32,7 @@ from esper.tolaria.checkpoint import seed_everything
 from esper.tolaria.config import TrainConfig
 from esper.tolaria.data import build_data
 from esper.tolaria.export import ModelOrigin
-from esper.tolaria.models import build_model
+from esper.tolaria.models import build_model, freeze_host, init_host
 from esper.tolaria.trainer import (
     CONFIG_FILE,
     Progress,
@@ -114,6 +114,9 @@ def run_training(config: TrainConfig | None, *, workspace: Any = None, redis_url
     seed_everything(config.seed)  # the host model's initial weights come from the run's seed
     data = build_data(config.data, seed=config.data_seed)
     host = build_model(config.model, data.input_shape, data.out_dim)
+    if config.model.init_from is not None and resume is None:  # a resume has the weights
+        init_host(host, config.model.init_from)
+    freeze_host(host, config.model.freeze)
     model, report = kasmina.wrap(host, config.kasmina)
     model.to(device)
     notices = []

@@ -394,7 +394,8 @@ class TolariaTrainer:
             if steps == 0 and epoch in config.faults.nan_loss_epochs and epoch not in self._faults_fired:
                 self._faults_fired.add(epoch)
                 loss = loss * float("nan")  # injected fault: the run diverges from here
-            loss.backward()
+            if loss.requires_grad:  # a frozen host (`model.freeze`) with nothing training: no graph
+                loss.backward()
             kasmina.observe_loss(self.model, loss)
             if config.optimizer.grad_clip_norm is not None:
                 params = [p for g in self.optimizer.param_groups for p in g["params"]]

@@ -234,3 +234,54 @@ def test_with_no_validated_kernel_training_goes_on_and_says_so_once(tmp_path):
             assert len(waits) == 1 and "No VALIDATED kernel fits" in waits[0].explanation
     finally:
         shutil.rmtree(ws.root.parent, ignore_errors=True)
+
+
+# --- continual training: init_from, freeze, classes -------------------------------------------
+
+def _host_parameters(model):
+    """The host's parameters by plain module path (`layers.1.host.weight` -> `layers.1.weight`)."""
+    return {k.replace(".host.", "."): p for k, p in model.named_parameters() if ".banks." not in k}
+
+
+def test_a_frozen_host_from_a_saved_one_grows_seeds_and_keeps_its_weights(forged, tmp_path):
+    """One phase of a continual split: a host trained elsewhere, every host parameter frozen,
+    and a seed that learns on its own (whether it helps is the growth benchmark's question); the
+    run ends with the host exactly as saved."""
+    ws, _ = forged
+    first = run_training(tiny_config(**{"kasmina.include": ["no-layer"], "epochs": 3,
+                                        "out_dir": str(tmp_path)}), workspace=None)
+    saved = load_file(first.run_dir / "model.safetensors")
+    second = run_training(tiny_config(**{"model.init_from": str(first.run_dir), "model.freeze": ["*"],
+                                         "name": "phase-two"}), workspace=ws)
+    # The seed trains in isolation from the frozen host's output gradient, grafts and is judged.
+    stages = [e["stages_after"] for e in second.history.epochs]
+    for stage in (S.TRAINING, S.GRAFTING, S.EVALUATING):
+        assert any(stage.value in s for s in stages), f"{stage.value} never seen: {stages}"
+    assert second.status == "completed" and sum(second.summary["outcomes"].values()) == 1
+    host = _host_parameters(second.model)
+    assert sorted(host) == sorted(saved)
+    assert not same_state({k: p.cpu() for k, p in host.items()}, saved)
+    assert not any(p.requires_grad for p in host.values())
+
+
+def test_freeze_some_host_parameters_and_train_the_rest(tmp_path):
+    config = {"kasmina.include": ["no-layer"], "epochs": 2, "out_dir": str(tmp_path)}
+    first = run_training(tiny_config(**config), workspace=None)
+    saved = load_file(first.run_dir / "model.safetensors")
+    second = run_training(tiny_config(**config, **{"model.init_from": str(first.run_dir),
+                                                   "model.freeze": ["layers.*"], "name": "tuned"}))
+    after = load_file(second.run_dir / "model.safetensors")
+    assert same_state(after, saved) == ["head.bias", "head.weight"]
+
+
+def test_init_from_refuses_a_grafted_model_and_an_unfit_one(reference, tmp_path):
+    from esper.errors import BadInputError
+
+    with pytest.raises(BadInputError, match="init_from.*1 grafted seed"):
+        run_training(tiny_config(**{"model.init_from": str(reference.run_dir), "out_dir": str(tmp_path)}))
+    plain = run_training(tiny_config(**{"kasmina.include": ["no-layer"], "epochs": 1, "out_dir": str(tmp_path)}))
+    with pytest.raises(BadInputError, match="init_from.*does not fit this model"):
+        run_training(tiny_config(**{"model.init_from": str(plain.run_dir), "model.kwargs": {"widths": [16, 32]},
+                                    "out_dir": str(tmp_path), "name": "wider"}))
+    with pytest.raises(BadInputError, match="'model.freeze': 'layer.*' matches no parameter"):
+        run_training(tiny_config(**{"model.freeze": ["layer.*"], "out_dir": str(tmp_path), "name": "typo"}))

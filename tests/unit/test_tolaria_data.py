@@ -299,3 +299,25 @@ def test_validation_loader_is_in_order(spirals):
     batches = epoch_batches(val)
     assert [len(b) for b in batches] == [50]
     assert torch.equal(torch.cat(batches), tensors(spirals.val)[1])
+
+
+def test_classes_keep_only_those_samples_in_both_sets():
+    whole = build_data("digits", seed=0)
+    part = build_data({"name": "digits", "classes": [5, 6, 7, 8, 9]}, seed=0)
+    for which in ("train", "val"):
+        x, y = tensors(getattr(whole, which))
+        px, py = tensors(getattr(part, which))
+        keep = y >= 5
+        assert torch.equal(px, x[keep]) and torch.equal(py, y[keep])
+    assert part.out_dim == 10 and part.input_shape == whole.input_shape
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ({"name": "digits", "classes": [3, 10, 12]}, "field 'data.classes': 'digits' has classes 0-9; no class 10, 12"),
+    ({"name": "teacher_student", "classes": [0]}, "field 'data.classes': 'teacher_student' is a regression"),
+    ({"name": "digits", "classes": []}, "field 'data.classes'"),
+])
+def test_bad_classes(spec, message):
+    with pytest.raises(BadInputError) as info:
+        build_data(spec, seed=0)
+    assert message in str(info.value)
