@@ -101,6 +101,10 @@ class KasminaConfig(_Strict):
     stabilization_steps: NonNegInt = 100
     evaluation_epochs: NonNegInt = 1
     fine_tuning_epochs: NonNegInt = 1
+    # FOSSILIZED seeds keep learning on the task loss with the host, as parts of the model now;
+    # False (DESIGN.md section 10): frozen for good. The growth benchmark measured frozen grafts
+    # costing 3-14 points of accuracy in a fixed budget (docs/growth.md).
+    train_fossils: bool = False
     embargo_epochs: NonNegInt = 5
     cache_bytes: PositiveInt = 512 * 2**20
     load_workers: PositiveInt = 2

@@ -153,6 +153,8 @@ class KasminaLayer(nn.Module):
         self.layer_id = layer_id
         self.layer_name = layer_name
         self.config = config or KasminaConfig()
+        # Stages whose seed parameters the optimizer trains (FOSSILIZED too with train_fossils).
+        self._trainable = TRAINABLE | {S.FOSSILIZED} if self.config.train_fossils else TRAINABLE
         self.cache = cache
         device = _device_of(host)
         self.state = SeedState(seeds).to(device)
@@ -203,7 +205,7 @@ class KasminaLayer(nn.Module):
 
     def seed_parameters(self, stage: SeedLifecycle | None = None) -> list[nn.Parameter]:
         """Seed parameters an optimizer should train now (stage None), or those of `stage`."""
-        wanted = TRAINABLE if stage is None else {stage}
+        wanted = self._trainable if stage is None else {stage}
         return [p for bank in self.banks.values() if bank.stage in wanted for p in bank.parameters()]
 
     def parameter_groups(self) -> dict[SeedLifecycle, list[nn.Parameter]]:
@@ -465,7 +467,7 @@ class KasminaLayer(nn.Module):
         new = nn.ModuleDict()
         for name, (stage, slot, chunks) in sorted(wanted.items()):
             kernel = self._kernel_table[slot]
-            trainable = stage in TRAINABLE
+            trainable = stage in self._trainable
             if name in old and old[name].chunks == chunks:
                 bank = old[name]
                 for p in bank.parameters():
@@ -904,7 +906,7 @@ class KasminaLayer(nn.Module):
             self._rebuild_banks({}, control)  # empty, then filled by the recursive load
             for bank in self.banks.values():
                 for p in bank.parameters():
-                    p.requires_grad_(bank.stage in TRAINABLE)
+                    p.requires_grad_(bank.stage in self._trainable)
             self._control = control
             self._failed = {}
             self._loads = {}

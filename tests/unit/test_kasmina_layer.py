@@ -163,15 +163,16 @@ def test_reconstruction_training_reduces_the_seed_loss_and_signals_readiness():
 
 # --- optimizer-facing parameters ----------------------------------------------------------------
 
+@pytest.mark.parametrize("train_fossils", [False, True])
 @pytest.mark.parametrize("stage", [S.TRAINING, S.GRAFTING, S.STABILIZATION, S.EVALUATING,
                                    S.FINE_TUNING, S.FOSSILIZED])
-def test_seed_parameters_per_stage(stage):
-    model, _, source = wrapped(mlp())
+def test_seed_parameters_per_stage(stage, train_fossils):
+    model, _, source = wrapped(mlp(), train_fossils=train_fossils)
     layer = kasmina.layers(model)[0]
     graft(layer, source, [2], to=stage)
     params = list(layer.banks.values())[0].parameters()
     params = list(params)
-    trainable = stage in (S.TRAINING, S.GRAFTING, S.FINE_TUNING)
+    trainable = stage in (S.TRAINING, S.GRAFTING, S.FINE_TUNING) or (stage is S.FOSSILIZED and train_fossils)
     assert {id(p) for p in layer.seed_parameters()} == ({id(p) for p in params} if trainable else set())
     assert {id(p) for p in layer.seed_parameters(stage)} == {id(p) for p in params}
     assert all(p.requires_grad == trainable for p in params)
