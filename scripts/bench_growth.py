@@ -19,6 +19,13 @@ Arms (each a `run_training` run, the function `esper train` calls, except gromo'
   that task: the PEFT-style alternative at the same parameter budget.
 - `gromo`: the `gromo` package's TINY growth of the same small host (scripts/growth_gromo.py).
 
+The continual split (the config's `continual` section; `--tasks continual` alone): phase 1
+trains a host on the first classes; phase 2 starts each arm from it on the second classes
+(`model.init_from`, `data.classes`): `finetune` trains the whole host, `esper` freezes it
+(`model.freeze`) and grows seeds, `static_adapters` freezes it and trains adapters at esper's
+budget. Accuracy on the first classes before and after, read over all classes and within the
+first ones, gives the degradation after the germinations.
+
 Metrics per run: the final validation accuracy (classification) or loss (regression), the
 parameters added over the small host, the share of the small-to-large gap closed, germinations
 by outcome, rollbacks, wall time, and the cosine drift of unmodified layers: for every hidden
@@ -102,6 +109,32 @@ def train_config(bench: dict[str, Any], task: str, arm: str, seed: int, device: 
     return config
 
 
+def continual_config(bench: dict[str, Any], arm: str, seed: int, device: str, out_dir: str, *,
+                     phase: int, **extra: Any) -> dict[str, Any]:
+    """The TrainConfig mapping of one run of the continual split: phase 1 trains the host on the
+    first classes; phase 2 starts every arm from that host (`init_from`) on the second classes.
+    `finetune` trains the whole host; `esper` and `static_adapters` freeze it (`model.freeze`),
+    so only seeds or adapters learn."""
+    spec = bench["continual"]
+    model: dict[str, Any] = {"name": "mlp", "kwargs": {"widths": list(spec["widths"])}}
+    config = merge(bench.get("common", {}), {
+        "name": f"continual-{arm}-p{phase}".replace("_", "-"), "seed": seed, "device": device,
+        "epochs": spec["epochs"][phase - 1], "out_dir": out_dir, "model": model,
+        "data": merge(spec["data"], {"classes": list(spec["first" if phase == 1 else "second"])}),
+        "kasmina": {"include": ["no-layer"]}})
+    if phase == 1:
+        return config
+    model = config["model"]
+    model["init_from"] = extra["init_from"]
+    if arm != "finetune":
+        model["freeze"] = ["layers.*", "head.*"]  # the host as phase 1 left it; adapters are new
+    if arm == "static_adapters":
+        model["kwargs"]["adapter_width"] = extra["adapter_width"]
+    if arm == "esper":
+        config = merge(merge(merge(config, {"kasmina": {"include": []}}), bench["esper"]), spec["esper"])
+    return config
+
+
 def materialise(bench: dict[str, Any]) -> None:
     """Write each task's `npz` file from its `source` data spec where the file is missing: a
     machine without the source's generator (the GPU image has no mnist1d) gets it carried."""
@@ -139,8 +172,11 @@ def interfaces(bench: dict[str, Any], device: str) -> list[str]:
     from esper.tolaria.models import build_model
 
     found: set[str] = set()
-    for task in bench["tasks"]:
-        config = TrainConfig.from_mapping(train_config(bench, task, "esper", 0, device, "runs"))
+    mappings = [train_config(bench, task, "esper", 0, device, "runs") for task in bench["tasks"]]
+    if "continual" in bench:
+        mappings.append(continual_config(bench, "esper", 0, device, "runs", phase=2, init_from=""))
+    for mapping in mappings:
+        config = TrainConfig.from_mapping(mapping)
         data = build_data(config.data, seed=config.data_seed)
         host = build_model(config.model, data.input_shape, data.out_dim)
         found |= {str(i) for i in kasmina.wrap(host, config.kasmina)[1].interfaces}
@@ -222,7 +258,14 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     grafted = sorted(layer.layer_name for layer in kasmina.layers(result.model)
                      if any(stage in BLENDING for stage in layer.stages))
     reps = _representations(result.model, config, job)
+    if "class_sets" in job:  # the continual split: accuracy on each phase's classes
+        extra = {"class_accuracy": {name: _class_accuracy(result.model, config, classes)
+                                    for name, classes in job["class_sets"].items()},
+                 "run_dir": str(result.run_dir)}
+    else:
+        extra = {}
     return {
+        **extra,
         **_key(job), "metric": curve[-1], "best": _best(curve, job["task_kind"]), "curve": curve,
         "parameters": summary["parameters"], "germinations": summary["germinations"],
         "outcomes": summary["outcomes"], "fossilized": summary["fossilized"],
@@ -238,6 +281,24 @@ def _key(job: dict[str, Any]) -> dict[str, Any]:
 
 def _best(curve: list[float], kind: str) -> float:
     return max(curve) if kind == "classification" else min(curve)
+
+
+def _class_accuracy(model: Any, config: Any, classes: list[int]) -> dict[str, float]:
+    """Validation accuracy on the samples of `classes` alone: `all`, the prediction over every
+    class (class-incremental), and `within`, over `classes` only (the task's own classes, as a
+    task-incremental protocol reads them)."""
+    import torch
+
+    from esper.tolaria.data import build_data
+
+    data = build_data(config.data.model_copy(update={"classes": list(classes)}), seed=config.data_seed)
+    x, y = data.val.tensors
+    model.eval()
+    with torch.no_grad():
+        logits = model(x.to(next(model.parameters()).device)).cpu()
+    own = torch.tensor(classes)
+    return {"all": float((logits.argmax(-1) == y).double().mean()),
+            "within": float((own[logits[:, own].argmax(-1)] == y).double().mean())}
 
 
 def _representations(model: Any, config: Any, job: dict[str, Any]) -> dict[str, Any]:
@@ -352,7 +413,37 @@ def sweep(bench: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any
                 if "gromo" in arms:
                     second.append(job(task, "gromo", seed))
         results += _collect(pool, second)
+        if "continual" in bench:
+            results += continual_sweep(bench, args, pool, {**base, "task_kind": "classification"})
     return results
+
+
+def continual_sweep(bench: dict[str, Any], args: argparse.Namespace, pool: ProcessPoolExecutor,
+                    base: dict[str, Any]) -> list[dict[str, Any]]:
+    """Phase 1 per seed, then `finetune` and `esper` from its host, then `static_adapters` at
+    esper's mean parameter budget."""
+    spec = bench["continual"]
+    out_dir = str(Path(args.work) / "runs")
+    sets = {"first": list(spec["first"]), "second": list(spec["second"])}
+
+    def job(arm: str, seed: int, phase: int, **extra: Any) -> dict[str, Any]:
+        return {**base, "task": "continual", "arm": arm if phase == 2 else "phase_1", "seed": seed,
+                "class_sets": sets,
+                "config": continual_config(bench, arm, seed, args.device, out_dir, phase=phase, **extra)}
+
+    hosts = _collect(pool, [job("host", seed, 1) for seed in bench["seeds"]])
+    start = {r["seed"]: r["run_dir"] for r in hosts if "skipped" not in r}
+    arms = [a for a in spec["arms"] if a != "static_adapters"]
+    grown = _collect(pool, [job(arm, seed, 2, init_from=start[seed]) for seed in start for arm in arms])
+    done = hosts + grown
+    esper = [r for r in grown if r["arm"] == "esper" and "skipped" not in r]
+    if "static_adapters" in spec["arms"] and esper and hosts:
+        budget = statistics.mean(r["parameters"] for r in esper) - statistics.mean(r["parameters"] for r in hosts)
+        width = adapter_width({"tasks": {"continual": {"small": spec["widths"]}}}, "continual", budget,
+                              _in_features({"tasks": {"continual": {"data": spec["data"]}}}, "continual"))
+        done += _collect(pool, [job("static_adapters", seed, 2, init_from=start[seed], adapter_width=width)
+                                for seed in start])
+    return done
 
 
 def _in_features(bench: dict[str, Any], task: str) -> int:
@@ -449,7 +540,42 @@ def summarise(bench: dict[str, Any], results: list[dict[str, Any]]) -> dict[str,
     return table
 
 
-def goals(table: dict[str, Any]) -> list[str]:
+def summarise_continual(bench: dict[str, Any], results: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Per phase-2 arm: accuracy on the first classes before (the phase-1 host) and after, its
+    relative degradation, accuracy on the second classes, germinations and parameters added."""
+    if "continual" not in bench:
+        return None
+    runs = [r for r in results if r["task"] == "continual" and "skipped" not in r]
+    hosts = {r["seed"]: r for r in runs if r["arm"] == "phase_1"}
+    rows: dict[str, Any] = {}
+    for arm in ["phase_1", *bench["continual"]["arms"]]:
+        got = [r for r in runs if r["arm"] == arm and r["seed"] in hosts]
+        if not got:
+            rows[arm] = {"skipped": "not run"}
+            continue
+        row: dict[str, Any] = {}
+        for protocol in ("all", "within"):
+            before = [hosts[r["seed"]]["class_accuracy"]["first"][protocol] for r in got]
+            after = [r["class_accuracy"]["first"][protocol] for r in got]
+            row[protocol] = {
+                "first_before": statistics.mean(before), "first_after": statistics.mean(after),
+                "first_per_seed": after,
+                "degradation": statistics.mean((b - a) / b for b, a in zip(before, after)),
+                "second_after": statistics.mean(r["class_accuracy"]["second"][protocol] for r in got),
+                "second_per_seed": [r["class_accuracy"]["second"][protocol] for r in got]}
+        rows[arm] = {
+            **row,
+            "germinations": statistics.mean(r["germinations"] for r in got),
+            "fossilized": statistics.mean(r["fossilized"] for r in got),
+            "outcomes": {k: sum(r["outcomes"].get(k, 0) for r in got)
+                         for k in sorted({k for r in got for k in r["outcomes"]})},
+            "added": statistics.mean(r["parameters"] - hosts[r["seed"]]["parameters"] for r in got),
+            "wall_seconds": statistics.mean(r["wall_seconds"] for r in got),
+        }
+    return {"first": bench["continual"]["first"], "second": bench["continual"]["second"], "arms": rows}
+
+
+def goals(table: dict[str, Any], continual: dict[str, Any] | None = None) -> list[str]:
     """The issue's goals, checked on what was measured."""
     lines = []
     for task, t in table.items():
@@ -476,6 +602,16 @@ def goals(table: dict[str, Any]) -> list[str]:
         worst = max(drifts, key=lambda d: d[2])
         lines.append(f"drift in unmodified layers: largest {worst[2]:.3f} ({worst[0]}, {worst[1]}) "
                      f"(goal < 0.05): **{'met' if worst[2] < 0.05 else 'missed'}**")
+    e = (continual or {}).get("arms", {}).get("esper", {})
+    if "within" in e:
+        w, a = e["within"], e["all"]
+        ok = e["germinations"] >= 20 and w["degradation"] < 0.05
+        lines.append(f"continual split: esper lost {fmt(w['degradation'], pct=True)} of its accuracy "
+                     f"on the first classes, read within them ({w['first_before']:.3f} -> "
+                     f"{w['first_after']:.3f}; over all classes {fmt(a['degradation'], pct=True)}) "
+                     f"after {e['germinations']:.1f} germinations a run, learning the second classes "
+                     f"to {w['second_after']:.3f} within them (goal < 5% after 20+): "
+                     f"**{'met' if ok else 'missed'}**")
     return lines
 
 
@@ -488,14 +624,14 @@ def fmt(value: Any, digits: int = 3, pct: bool = False) -> str:
 
 
 def markdown(bench: dict[str, Any], table: dict[str, Any], env: dict[str, Any],
-             config_path: Path, seconds: float, stem: str) -> str:
+             config_path: Path, seconds: float, stem: str, continual: dict[str, Any] | None = None) -> str:
     out = [f"# Growth benchmark results ({config_path.name})", "",
            ("Written by `scripts/bench_growth.py`; raw numbers (every arm, task and seed) in "
            f"`docs/{stem}.json`. What the arms and metrics are: the script's docstring. "
            "The analysis is in `docs/growth.md`."), "",
            (f"Hardware: {env['hardware']}; torch {env['torch']}, Python {env['python']}. Seeds "
            f"{bench['seeds']}; whole sweep {seconds / 60:.1f} min."), "", "## Goals", ""]
-    out += [f"- {line}" for line in goals(table)] + [""]
+    out += [f"- {line}" for line in goals(table, continual)] + [""]
     for task, t in table.items():
         out += [f"## {task}", "", (f"Metric: final {t['metric']} (mean ± std over seeds). "
                 "Gap closed: (arm - small) / (large - small). Added share: parameters added over "
@@ -515,6 +651,33 @@ def markdown(bench: dict[str, Any], table: dict[str, Any], env: dict[str, Any],
                        f"{f' ({outcomes})' if outcomes else ''}{diverged} | {fmt(a['drift_max'])} | "
                        f"{a['wall_seconds']:.1f} |")
         out += ["", f"![{task}]({stem}-{task}.png)", ""]
+    if continual:
+        spec = bench["continual"]
+        out += ["## continual split", "", (
+            f"{spec['data']['name']}, host {spec['widths']}: phase 1 trains it on classes "
+            f"{continual['first']} for {spec['epochs'][0]} epochs; phase 2 starts each arm from that "
+            f"host on classes {continual['second']} for {spec['epochs'][1]} epochs. `finetune` "
+            "trains the whole host; `esper` and `static_adapters` freeze it, so only grafts or "
+            "adapters learn. Accuracy is read two ways: over all ten classes (class-incremental: "
+            "the model must also tell old from new) and within each phase's own classes "
+            "(task-incremental: the task is known). Degradation: the relative loss of accuracy "
+            "on the first classes. Means over seeds."), "",
+            ("| arm | first classes, within: before -> after (degradation) | over all classes | "
+             "second classes, within / over all | germinations a run (outcomes) | added params | "
+             "wall s |"), "|---|---|---|---|---|---|---|"]
+        for arm, a in continual["arms"].items():
+            if "skipped" in a:
+                out.append(f"| {arm} | n/a: {a['skipped']} | | | | | |")
+                continue
+            w, c = a["within"], a["all"]
+            outcomes = ", ".join(f"{k.lower()} {v}" for k, v in a["outcomes"].items())
+            out.append(f"| {arm} | {w['first_before']:.3f} -> {w['first_after']:.3f} "
+                       f"({fmt(w['degradation'], pct=True)}) | {c['first_before']:.3f} -> "
+                       f"{c['first_after']:.3f} ({fmt(c['degradation'], pct=True)}) | "
+                       f"{w['second_after']:.3f} / {c['second_after']:.3f} | "
+                       f"{a['germinations']:.1f}{f' ({outcomes})' if outcomes else ''} | "
+                       f"{a['added']:.0f} | {a['wall_seconds']:.1f} |")
+        out.append("")
     return "\n".join(out) + "\n"
 
 
@@ -596,9 +759,10 @@ def main() -> None:
         raw = json.loads(args.from_json.read_text())
         stem = args.stem or args.from_json.stem
         table = summarise(raw["config"], raw["runs"])
+        continual = summarise_continual(raw["config"], raw["runs"])
         path = Path(raw["config_file"])
         (args.out / f"{stem}.md").write_text(markdown(raw["config"], table, raw["environment"], path,
-                                                     raw["seconds"], stem))
+                                                     raw["seconds"], stem, continual))
         plots(raw["config"], raw["runs"], table, args.out, stem)
         print((args.out / f"{stem}.md").read_text())
         return
@@ -607,7 +771,9 @@ def main() -> None:
     if args.seeds:
         bench["seeds"] = args.seeds
     if args.tasks:
-        bench["tasks"] = {t: bench["tasks"][t] for t in args.tasks}
+        if "continual" not in args.tasks:
+            bench.pop("continual", None)
+        bench["tasks"] = {t: bench["tasks"][t] for t in args.tasks if t != "continual"}
     started = time.perf_counter()
     env = environment(args.device)
     print(f"growth benchmark: {config_path.relative_to(ROOT) if config_path.is_relative_to(ROOT) else config_path}"
@@ -618,14 +784,15 @@ def main() -> None:
     results = sweep(bench, args)
     drift(results)
     table = summarise(bench, results)
+    continual = summarise_continual(bench, results)
     seconds = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.stem or ("growth-results-quick" if args.quick else "growth-results")
     raw = {"config": bench, "config_file": config_path.name, "environment": env,
-           "workspace": built, "seconds": seconds, "summary": table,
+           "workspace": built, "seconds": seconds, "summary": table, "continual": continual,
            "runs": [{k: v for k, v in r.items() if k != "representations"} for r in results]}
     (args.out / f"{stem}.json").write_text(json.dumps(raw, indent=1, default=str) + "\n")
-    (args.out / f"{stem}.md").write_text(markdown(bench, table, env, config_path, seconds, stem))
+    (args.out / f"{stem}.md").write_text(markdown(bench, table, env, config_path, seconds, stem, continual))
     written = plots(bench, results, table, args.out, stem)
     print()
     print((args.out / f"{stem}.md").read_text())

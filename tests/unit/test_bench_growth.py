@@ -1,0 +1,118 @@
+"""The growth benchmark's configs and analysis (scripts/bench_growth.py): what each arm trains,
+and the tables and goal lines built from runs. The sweep itself is the benchmark, not a test."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from esper.tolaria.config import TrainConfig, parse_yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def bench_growth():
+    spec = importlib.util.spec_from_file_location("bench_growth", ROOT / "scripts/bench_growth.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def full():
+    return parse_yaml((ROOT / "configs/benchmarks/growth.yaml").read_text())
+
+
+@pytest.mark.parametrize("name", ["growth.yaml", "growth-quick.yaml", "growth-gpu.yaml"])
+def test_every_arm_of_every_config_is_a_valid_train_config(bench_growth, name):
+    bench = parse_yaml((ROOT / "configs/benchmarks" / name).read_text())
+    for task in bench["tasks"]:
+        for arm in bench["arms"]:
+            if arm == "gromo":
+                continue
+            extra = {"adapter_width": 3, "max_germinations": 2}
+            config = TrainConfig.from_mapping(bench_growth.train_config(bench, task, arm, 0, "cpu", "runs", **extra))
+            assert config.kasmina.include == (["no-layer"] if not bench_growth.grows(arm)
+                                              else config.kasmina.include)
+
+
+def test_arms_differ_only_where_they_should(bench_growth, full):
+    def config(arm, **extra):
+        return TrainConfig.from_mapping(bench_growth.train_config(full, "mnist1d", arm, 1, "cpu", "runs", **extra))
+
+    small, large, esper = config("static_small"), config("static_large"), config("esper")
+    assert small.model.kwargs["widths"] == [16, 16] and large.model.kwargs["widths"] == [256, 256]
+    assert (small.seed, small.data, small.optimizer, small.epochs) == (esper.seed, esper.data, esper.optimizer, esper.epochs)
+    assert esper.kasmina.train_fossils and not config("esper_frozen_fossils").kasmina.train_fossils
+    assert config("esper_last_layer").kasmina.include == ["layers.1"]
+    assert config("esper_gradient_match").kasmina.training.objective == "gradient_match"
+    random = config("random_placement", max_germinations=5)
+    assert (random.tamiyo.location.strategy, random.tamiyo.max_germinations) == ("random", 5)
+    assert config("static_adapters", adapter_width=7).model.kwargs["adapter_width"] == 7
+
+
+def test_continual_phases(bench_growth, full):
+    def config(arm, phase):
+        return TrainConfig.from_mapping(bench_growth.continual_config(
+            full, arm, 0, "cpu", "runs", phase=phase, init_from="runs/p1", adapter_width=4))
+
+    first = config("host", 1)
+    assert first.data.classes == [0, 1, 2, 3, 4] and first.model.init_from is None
+    tune, esper, adapters = config("finetune", 2), config("esper", 2), config("static_adapters", 2)
+    for c in (tune, esper, adapters):
+        assert c.data.classes == [5, 6, 7, 8, 9] and c.model.init_from == "runs/p1"
+    assert tune.model.freeze == [] and tune.kasmina.include == ["no-layer"]
+    assert esper.model.freeze == adapters.model.freeze == ["layers.*", "head.*"]
+    assert esper.kasmina.include == ["layers.*", "head"] and esper.kasmina.chunk_width == 2
+    assert adapters.model.kwargs["adapter_width"] == 4
+
+
+def _run(task, arm, seed, metric, parameters, **extra):
+    return {"task": task, "arm": arm, "seed": seed, "metric": metric, "parameters": parameters,
+            "germinations": extra.pop("germinations", 0), "outcomes": extra.pop("outcomes", {}),
+            "fossilized": 0, "rollbacks": 0, "wall_seconds": 1.0, "curve": [metric], **extra}
+
+
+def test_summary_gap_closed_goals_and_drift(bench_growth):
+    bench = {"seeds": [0, 1], "arms": ["static_small", "static_large", "esper", "static_adapters"],
+             "tasks": {"digits": {"data": {"name": "digits"}}}}
+    runs = [_run("digits", "static_small", s, 0.90, 1000) for s in (0, 1)]
+    runs += [_run("digits", "static_large", s, 1.00, 11000) for s in (0, 1)]
+    runs += [_run("digits", "esper", 0, 0.98, 3000, germinations=3, outcomes={"FOSSILIZED": 3},
+                  drift={"layers.0": 0.01}),
+             _run("digits", "esper", 1, 0.96, 3000, outcomes={"CULLED": 1}, drift={"layers.0": 0.07})]
+    runs += [_run("digits", "static_adapters", s, 0.99, 3000) for s in (0, 1)]
+    table = bench_growth.summarise(bench, runs)
+    esper = table["digits"]["arms"]["esper"]
+    assert esper["gap_closed"] == pytest.approx(0.7)
+    assert esper["added_share_of_large_extra"] == pytest.approx(0.2)
+    assert esper["outcomes"] == {"FOSSILIZED": 3, "CULLED": 1} and esper["drift_max"] == 0.07
+    lines = bench_growth.goals(table)
+    assert any("esper closed 70%" in line and "**missed**" in line for line in lines)
+    assert any("does not beat" in line and "static_adapters" in line for line in lines)
+    assert any("largest 0.070" in line and "**missed**" in line for line in lines)
+
+
+def test_continual_summary_reads_both_protocols(bench_growth):
+    bench = {"seeds": [0], "continual": {"arms": ["finetune", "esper"], "first": [0, 1], "second": [2, 3]}}
+
+    def acc(first_all, first_within, second):
+        return {"first": {"all": first_all, "within": first_within},
+                "second": {"all": second, "within": second}}
+
+    runs = [_run("continual", "phase_1", 0, 0.8, 100, class_accuracy=acc(0.8, 0.8, 0.0)),
+            _run("continual", "finetune", 0, 0.7, 100, class_accuracy=acc(0.0, 0.4, 0.7)),
+            _run("continual", "esper", 0, 0.7, 400, germinations=21, class_accuracy=acc(0.0, 0.784, 0.6))]
+    summary = bench_growth.summarise_continual(bench, runs)
+    esper = summary["arms"]["esper"]
+    assert esper["within"]["degradation"] == pytest.approx(0.02)
+    assert esper["all"]["degradation"] == pytest.approx(1.0) and esper["added"] == 300
+    (line,) = bench_growth.goals({}, summary)
+    assert "lost 2% of its accuracy" in line and "**met**" in line
+    text = bench_growth.markdown(bench | {"continual": {**bench["continual"], "data": {"name": "x"},
+                                                        "widths": [4], "epochs": [1, 2]}},
+                                 {}, {"hardware": "h", "torch": "t", "python": "p"}, Path("c.yaml"), 60, "s", summary)
+    assert "| esper | 0.800 -> 0.784 (2%) | 0.800 -> 0.000 (100%) | 0.600 / 0.600 | 21.0 |" in text
