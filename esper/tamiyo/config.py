@@ -26,12 +26,15 @@ class _Strict(BaseModel):
 class PlateauConfig(_Strict):
     """A plateau: `patience` epochs in a row without the monitored metric improving on its best
     by more than `min_delta` plus `min_delta_relative` times the best's magnitude (a scale-free
-    threshold: 0.02 asks for 2% an epoch). Nothing germinates before `warmup_epochs` epochs."""
+    threshold: 0.02 asks for 2% an epoch), or, with `slowdown`, by less than `slowdown` times the
+    largest gain of any epoch of the run (0.25: learning at a quarter of its best pace). Nothing
+    germinates before `warmup_epochs` epochs."""
 
     metric: Literal["validation_loss", "validation_accuracy", "train_loss"] = "validation_loss"
     patience: PositiveInt = 3
     min_delta: NonNegFloat = 1e-3
     min_delta_relative: NonNegFloat = 0.0
+    slowdown: Annotated[float, Field(ge=0, lt=1)] = 0.0
     warmup_epochs: NonNegInt = 2
 
 

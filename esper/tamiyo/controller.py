@@ -265,7 +265,8 @@ class TamiyoController:
                                       else min(best, metrics["validation_loss"]))
         self._plateau.update(metrics[self._metric], lower_is_better=LOWER_IS_BETTER[self._metric],
                              min_delta=self.config.plateau.min_delta,
-                             min_delta_relative=self.config.plateau.min_delta_relative)
+                             min_delta_relative=self.config.plateau.min_delta_relative,
+                             slowdown=self.config.plateau.slowdown)
 
         out = _StepOutput()
         self._mark_quarantined(seen, out)
@@ -582,6 +583,8 @@ class TamiyoController:
         plateau = (f"Plateau: {self._metric} {value:.6g} has not beaten its best "
                    f"{self._plateau.best:.6g} by more than min_delta={plateau_cfg.min_delta:g}"
                    + (f" + {plateau_cfg.min_delta_relative:g} x |best|" if plateau_cfg.min_delta_relative else "")
+                   + (f" (or by under slowdown={plateau_cfg.slowdown:g} x its largest gain "
+                      f"{self._plateau.largest_gain:.6g})" if plateau_cfg.slowdown else "")
                    + " for "
                    f"{self._plateau.stale} epoch(s) (patience {plateau_cfg.patience}).")
         if self._paused:

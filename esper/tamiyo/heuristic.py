@@ -26,30 +26,40 @@ LOWER_IS_BETTER: dict[str, bool] = {"validation_loss": True, "train_loss": True,
 
 @dataclass
 class Plateau:
-    """Epochs since the watched metric last improved on its best by more than `min_delta`."""
+    """Epochs since the watched metric last improved on its best by more than `min_delta` (plus
+    `min_delta_relative` times the best's magnitude). With `slowdown`, an epoch whose gain is
+    under `slowdown` times the largest gain of the run so far counts as stale too, even when it
+    is a new best: learning has slowed to a fraction of its pace, the sign of a capacity limit
+    that a fixed threshold sees only near convergence."""
 
     best: float | None = None
     stale: int = 0
+    largest_gain: float = 0.0
 
     def update(self, value: float, *, lower_is_better: bool, min_delta: float,
-               min_delta_relative: float = 0.0) -> bool:
+               min_delta_relative: float = 0.0, slowdown: float = 0.0) -> bool:
         """Fold in one epoch's value; True when it improved."""
         if self.best is None:
             self.best, self.stale = value, 0
             return True
         gain = self.best - value if lower_is_better else value - self.best
-        if gain > min_delta + min_delta_relative * abs(self.best):
+        slowed = slowdown > 0 and gain < slowdown * self.largest_gain
+        self.largest_gain = max(self.largest_gain, gain)
+        if gain > min_delta + min_delta_relative * abs(self.best) and not slowed:
             self.best, self.stale = value, 0
             return True
+        if gain > 0 and slowed:
+            self.best = value  # a new best, but a slow one
         self.stale += 1
         return False
 
     def to_json(self) -> dict[str, Any]:
-        return {"best": self.best, "stale": self.stale}
+        return {"best": self.best, "stale": self.stale, "largest_gain": self.largest_gain}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Plateau:
-        return cls(best=data["best"], stale=int(data["stale"]))
+        return cls(best=data["best"], stale=int(data["stale"]),
+                   largest_gain=float(data.get("largest_gain", 0.0)))  # absent before slowdown
 
 
 def improvement(metric: str, before: float, after: float) -> float:

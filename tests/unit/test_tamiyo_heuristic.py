@@ -247,6 +247,22 @@ def test_plateau_threshold_can_be_relative_to_the_best():
     assert "by more than min_delta=0 + 0.1 x |best| for 1 epoch(s)" in decision.explanation
 
 
+def test_plateau_slowdown_counts_slow_gains_as_stale():
+    p = Plateau()
+    p.update(2.0, lower_is_better=True, min_delta=0.0, slowdown=0.25)
+    assert p.update(1.0, lower_is_better=True, min_delta=0.0, slowdown=0.25)  # gain 1.0, the largest
+    assert p.update(0.7, lower_is_better=True, min_delta=0.0, slowdown=0.25)  # 0.3: over a quarter
+    assert not p.update(0.6, lower_is_better=True, min_delta=0.0, slowdown=0.25)
+    assert (p.best, p.stale, p.largest_gain) == (0.6, 1, 1.0)  # a new best, but slow
+    assert Plateau.from_json(p.to_json()) == p
+    assert Plateau.from_json({"best": 0.6, "stale": 1}).largest_gain == 0.0  # a state from before
+    h = Harness(config(plateau={"min_delta": 0.0, "slowdown": 0.25, "warmup_epochs": 0, "patience": 1}))
+    h.run([2.0, 1.0, 0.7, 0.6])
+    (decision,) = [d for d in h.decisions if d.action == "germinate"]
+    assert decision.epoch == 4
+    assert "(or by under slowdown=0.25 x its largest gain 1)" in decision.explanation
+
+
 def test_random_placement_draws_free_seeds_reproducibly_and_says_so():
     def drawn(random_seed: int) -> list[str]:
         h = Harness(config(location={"strategy": "random", "random_seed": random_seed},
