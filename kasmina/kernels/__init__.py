@@ -9,6 +9,12 @@ Gradient energy reaches the layer as the gradient of a *probe*: a (C, 2) float64
 forward ignores and whose gradient is (sum of grad**2, elements) per chunk, so autograd
 accumulates it across backward passes with no side effect inside a backward formula (which
 `torch.compile` could not trace).
+
+`torch.compile` sees the Triton kernels as the ops registered in `blend.py`
+(`torch.ops.kasmina.*`). Eager code calls their launchers directly: the same kernels with the
+same arguments, so the same bits, without the registered op's Python dispatch (its autograd
+wrapper, argument defaults, alias checks), which cost ~0.6 ms of host time per blending layer
+per step on the H100 host (docs/bench-train.md), against a 14 ms step.
 """
 
 from __future__ import annotations
@@ -48,6 +54,15 @@ def _ops():
     return torch.ops.kasmina
 
 
+def _launchers():
+    """The Triton launchers, or None while torch.compile traces (it needs the registered ops)."""
+    if torch.compiler.is_compiling():
+        return None
+    from kasmina.kernels import blend
+
+    return blend
+
+
 def probe_gradient(energy: torch.Tensor, elements: int) -> torch.Tensor:
     """(C, 2) float64: the gradient that adds (energy, elements per chunk) to a telemetry probe."""
     per_chunk = float(elements // energy.numel())
@@ -65,14 +80,19 @@ def blend_chunks(y: torch.Tensor, g: torch.Tensor, slot_alpha: torch.Tensor,
     """out = y with alpha_s * g_s added to chunk(s), and (C, 3) telemetry of out. Differentiable
     in y and g; the backward adds the per-chunk gradient energy to `probe.grad`."""
     if uses_triton(y):
-        return _ops().blend(y, g, slot_alpha, chunk_slot, slot_chunk, probe, dead_threshold)
+        if _launchers() is None:
+            return _ops().blend(y, g, slot_alpha, chunk_slot, slot_chunk, probe, dead_threshold)
+        return _TritonBlend.apply(y, g, slot_alpha, chunk_slot, slot_chunk, probe, dead_threshold)
     return _ReferenceBlend.apply(y, g, slot_alpha, chunk_slot, slot_chunk, probe, dead_threshold)
 
 
 def chunk_stats(y: torch.Tensor, chunks: int, row_step: int, dead_threshold: float) -> torch.Tensor:
     """(C, 3) float32 sum, sum of squares, dead count of rows 0, row_step, ... of y (no grad)."""
     if uses_triton(y):
-        return _ops().sampled_stats(y, chunks, row_step, dead_threshold)
+        launchers = _launchers()
+        if launchers is None:
+            return _ops().sampled_stats(y, chunks, row_step, dead_threshold)
+        return launchers.sampled_stats(y, chunks, row_step, dead_threshold)
     return reference.chunk_stats(y, chunks, row_step, dead_threshold)
 
 
@@ -82,7 +102,11 @@ def accumulate_chunk_stats(y: torch.Tensor, chunks: int, row_step: int, dead_thr
     health[:, column + 3] += count (`health`: contiguous float64, (C, >= column + 4)). On the
     Triton path one read and one small summing kernel, instead of the read, a sum and two adds."""
     if uses_triton(y):
-        _ops().accumulate_sampled_stats(y, chunks, row_step, dead_threshold, health, column, float(count))
+        launchers = _launchers()
+        if launchers is None:
+            _ops().accumulate_sampled_stats(y, chunks, row_step, dead_threshold, health, column, float(count))
+        else:
+            launchers.accumulate_sampled_stats(y, chunks, row_step, dead_threshold, health, column, float(count))
         return
     health[:, column:column + 3] += reference.chunk_stats(y, chunks, row_step, dead_threshold)
     health[:, column + 3] += count
@@ -91,7 +115,10 @@ def accumulate_chunk_stats(y: torch.Tensor, chunks: int, row_step: int, dead_thr
 def chunk_energy(grad: torch.Tensor, chunks: int, row_step: int) -> torch.Tensor:
     """(C,) float32 sum of grad**2 over rows 0, row_step, ... of grad."""
     if uses_triton(grad):
-        return _ops().sampled_energy(grad, chunks, row_step)
+        launchers = _launchers()
+        if launchers is None:
+            return _ops().sampled_energy(grad, chunks, row_step)
+        return launchers.sampled_energy(grad, chunks, row_step)
     return reference.chunk_energy(grad, chunks, row_step)
 
 
@@ -111,6 +138,31 @@ class _ReferenceBlend(torch.autograd.Function):
         slot_alpha, chunk_slot, slot_chunk = ctx.saved_tensors
         grad_g, energy = reference.blend_backward(grad_out, slot_alpha, chunk_slot, slot_chunk)
         probe_grad = probe_gradient(energy, grad_out.numel()) if ctx.has_probe else None
+        return grad_out, grad_g, None, None, None, probe_grad, None
+
+
+class _TritonBlend(torch.autograd.Function):
+    """The eager Triton path: `torch.ops.kasmina.blend` and its registered backward
+    (`blend._blend_backward`), their launchers called directly under one autograd node."""
+
+    @staticmethod
+    def forward(ctx, y, g, slot_alpha, chunk_slot, slot_chunk, probe, dead_threshold):
+        from kasmina.kernels import blend
+
+        out, stats = blend.blend_forward(y, g, slot_alpha, chunk_slot, dead_threshold)
+        ctx.save_for_backward(slot_alpha, chunk_slot)
+        ctx.num_slots = g.shape[0]
+        ctx.has_probe = probe is not None
+        ctx.mark_non_differentiable(stats)
+        return out, stats
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_stats):
+        from kasmina.kernels import blend
+
+        slot_alpha, chunk_slot = ctx.saved_tensors
+        grad_g, energy = blend.blend_backward(grad_out, slot_alpha, chunk_slot, ctx.num_slots)
+        probe_grad = probe_gradient(energy, grad_out.shape[0] * grad_out.shape[1]) if ctx.has_probe else None
         return grad_out, grad_g, None, None, None, probe_grad, None
 
 

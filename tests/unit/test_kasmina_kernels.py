@@ -132,20 +132,27 @@ def test_sampled_stats_and_energy_match_reference(row_step, shape, programs_per_
 
 def test_registered_op_gradients_match_the_reference_path():
     """Through autograd: the triton_op's gradients for y, g and the telemetry probe equal the
-    reference path's, with the default tile sizes."""
+    reference path's, with the default tile sizes; the eager path (`blend_chunks`, which calls
+    the op's launchers directly) gives the op's output and gradients bit for bit."""
     generator = torch.Generator().manual_seed(7)
     y, g, slot_alpha, chunk_slot, slot_chunk = _problem(37, 3, 11, 2, torch.float32, generator)
     grad_out = torch.randn(37, 33, generator=generator).to(DEVICE)
-    results = []
-    for name in ("triton", "reference"):
+    results = {}
+    for name in ("op", "triton", "reference"):
         yy, gg = y.clone().requires_grad_(), g.clone().requires_grad_()
         probe = kernels.new_probe(3, DEVICE)
-        with kernels.backend(name):
-            out, stats = kernels.blend_chunks(yy, gg, slot_alpha, chunk_slot, slot_chunk, probe, 1e-6)
+        if name == "op":
+            _triton()  # registers torch.ops.kasmina.*
+            out, stats = torch.ops.kasmina.blend(yy, gg, slot_alpha, chunk_slot, slot_chunk, probe, 1e-6)
+        else:
+            with kernels.backend(name):
+                out, stats = kernels.blend_chunks(yy, gg, slot_alpha, chunk_slot, slot_chunk, probe, 1e-6)
         out.backward(grad_out)
-        results.append((out.detach(), stats, yy.grad, gg.grad, probe.grad))
-    for got, want in zip(*results):
+        results[name] = (out.detach(), stats.detach(), yy.grad, gg.grad, probe.grad)
+    for got, want in zip(results["op"], results["reference"], strict=True):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+    for got, want in zip(results["triton"], results["op"], strict=True):
+        assert torch.equal(got, want)
 
 
 def test_gradient_probe_adds_sampled_energy():
@@ -161,6 +168,23 @@ def test_gradient_probe_adds_sampled_energy():
                                    atol=1e-4, rtol=1e-5)
         assert probe.grad[:, 1].tolist() == [19 * 11] * 3
     y.grad = None
+
+
+def test_eager_telemetry_reads_equal_the_registered_ops():
+    """The dormant telemetry reads called eagerly (the launchers) equal the registered ops bit for bit."""
+    generator = torch.Generator().manual_seed(5)
+    y = torch.randn(45, 24, generator=generator).to(DEVICE)
+    health = torch.rand(4, 6, generator=generator, dtype=torch.float64).to(DEVICE)
+    eager = health.clone()
+    _triton()  # registers torch.ops.kasmina.*
+    torch.ops.kasmina.accumulate_sampled_stats(y, 4, 3, 1e-6, health, 0, 15.0)
+    with kernels.backend("triton"):
+        kernels.accumulate_chunk_stats(y, 4, 3, 1e-6, eager, 0, 15.0)
+        energy = kernels.chunk_energy(y, 4, 3)
+        stats = kernels.chunk_stats(y, 4, 3, 1e-6)
+    assert torch.equal(eager, health)
+    assert torch.equal(energy, torch.ops.kasmina.sampled_energy(y, 4, 3))
+    assert torch.equal(stats, torch.ops.kasmina.sampled_stats(y, 4, 3, 1e-6))
 
 
 @pytest.mark.gpu
