@@ -32,9 +32,9 @@ def ramp(strategy: GraftingStrategy, alpha: torch.Tensor, config: GraftingConfig
     elif strategy is GraftingStrategy.PERFORMANCE_LINKED:
         if loss is None:
             change = step
-        else:
+        else:  # no reference or no loss yet (NaN): the ramp goes on
             limit = reference * (1 + config.loss_tolerance)
-            better = torch.isnan(reference) | (loss <= limit)
+            better = torch.isnan(reference) | torch.isnan(loss) | (loss <= limit)
             change = torch.where(better, step, -step)
     elif strategy is GraftingStrategy.DRIFT_CONTROLLED:
         open_ = torch.isnan(signal) | (signal < config.max_drift)

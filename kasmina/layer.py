@@ -170,7 +170,8 @@ class KasminaLayer(nn.Module):
         self._incidents_reported = 0
         self._failed: dict[int, str] = {}             # chunk -> error, until the next boundary
         self._disabled: frozenset[int] = frozenset()
-        self._loss_ema: torch.Tensor | None = None
+        # The task loss EMA of performance_linked grafting (NaN until the first loss is seen).
+        self.register_buffer("loss_ema", torch.full((), float("nan"), device=device))
         self._step = 0
         self._epoch = 0
         self._shapes: dict[_Shapes, None] = {}       # input and output shapes seen by forward
@@ -759,12 +760,11 @@ class KasminaLayer(nn.Module):
             alpha = state.alpha.index_select(0, chunks)
             reference = state.graft_ref.index_select(0, chunks)
             signal = state.graft_signal.index_select(0, chunks)
-            loss = self._loss_ema
-            if strategy is GraftingStrategy.PERFORMANCE_LINKED and loss is not None:
-                reference = torch.where(torch.isnan(reference), loss.float(), reference)
+            loss = self.loss_ema.float()
+            if strategy is GraftingStrategy.PERFORMANCE_LINKED:
+                reference = torch.where(torch.isnan(reference), loss, reference)
                 state.graft_ref.index_copy_(0, chunks, reference)
-            new = grafting.ramp(strategy, alpha, config, loss=None if loss is None else loss.float(),
-                                reference=reference, signal=signal)
+            new = grafting.ramp(strategy, alpha, config, loss=loss, reference=reference, signal=signal)
             state.alpha.index_copy_(0, chunks, new)
 
     def _measure_grafting(self, plan: _Plan, g: torch.Tensor, stats: torch.Tensor) -> None:
@@ -788,8 +788,9 @@ class KasminaLayer(nn.Module):
 
     def observe_loss(self, loss: torch.Tensor) -> None:
         """Feed the task loss to `performance_linked` grafting (no sync: stays on the device)."""
-        value = loss.detach().reshape(()).float()
-        self._loss_ema = value if self._loss_ema is None else 0.9 * self._loss_ema + 0.1 * value
+        value = loss.detach().reshape(()).to(self.loss_ema.dtype)
+        ema = self.loss_ema
+        ema.copy_(torch.where(torch.isnan(ema), value, 0.9 * ema + 0.1 * value))
 
     # --- evaluation: with and without ---------------------------------------------------------
 
@@ -893,6 +894,8 @@ class KasminaLayer(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         meta_key, lifecycle_key = prefix + "meta", prefix + "state.lifecycle"
+        if meta_key in state_dict and prefix + "loss_ema" not in state_dict:  # saved before it was kept
+            state_dict[prefix + "loss_ema"] = torch.full((), float("nan"))
         if meta_key in state_dict and lifecycle_key in state_dict:
             meta = json.loads(bytes(state_dict[meta_key].cpu().numpy().tobytes()).decode())
             if meta.get("format") != META_FORMAT:

@@ -605,12 +605,6 @@ class TolariaTrainer:
         optim_tensors, optim_meta = optimizer_state(self.optimizer, self.model)
         rng_tensors, rng_meta = capture_rng()
         tensors |= optim_tensors | rng_tensors
-        for layer in kasmina.layers(self.model):
-            # Workaround: the loss EMA of performance_linked grafting is not in Kasmina's
-            # state_dict; it is kept here so that a restore replays the ramp exactly.
-            ema = getattr(layer, "_loss_ema", None)
-            if ema is not None:
-                tensors[f"kasmina.{layer.layer_id}.loss_ema"] = ema
         state = {
             "state_format": STATE_FORMAT, "run_id": self.run_id, "global_step": self.global_step,
             "optimizer": optim_meta, "rng": rng_meta,
@@ -632,9 +626,6 @@ class TolariaTrainer:
         if state.get("state_format") != STATE_FORMAT:
             raise EsperError(f"{checkpoint.path}: not a Tolaria run state ({STATE_FORMAT})")
         self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        for layer in kasmina.layers(self.model):
-            ema = tensors.get(f"kasmina.{layer.layer_id}.loss_ema")
-            layer._loss_ema = None if ema is None else ema.to(layer.state.alpha.device)
         self.optimizer = build_optimizer(self.model, self.config.optimizer)
         load_optimizer_state(self.optimizer, self.model, tensors, state["optimizer"])
         restore_rng(tensors, state["rng"])

@@ -326,6 +326,24 @@ def test_checkpoint_round_trip_is_bit_exact_with_grafted_seeds():
         assert torch.equal(a.grad, b.grad)
 
 
+def test_the_loss_ema_of_performance_linked_grafting_is_in_the_state_dict():
+    model, _, source = wrapped(mlp())
+    layer = kasmina.layers(model)[0]
+    graft(layer, source, [0], to=S.GRAFTING, strategy=GraftingStrategy.PERFORMANCE_LINKED)
+    assert torch.isnan(layer.loss_ema)
+    for value in (1.0, 3.0):
+        kasmina.observe_loss(model, torch.tensor(value))
+    assert layer.loss_ema.item() == pytest.approx(0.9 * 1.0 + 0.1 * 3.0)
+    state = model.state_dict()
+    restored, _ = kasmina.wrap(mlp(), {"seeds_per_layer": 4, "telemetry": TELEMETRY_EVERY_STEP},
+                               kernel_source=source)
+    restored.load_state_dict(state)
+    assert same_bits(kasmina.layers(restored)[0].loss_ema, layer.loss_ema)
+    older = {k: v for k, v in state.items() if not k.endswith("loss_ema")}  # saved before it was kept
+    restored.load_state_dict(older)
+    assert torch.isnan(kasmina.layers(restored)[0].loss_ema)
+
+
 def test_corrupt_state_asks_for_rollback():
     model, _, source = wrapped(mlp())
     layer = kasmina.layers(model)[0]
