@@ -220,6 +220,51 @@ def test_culling_restores_the_parameter_count_and_the_identity():
 
 # --- batched execution ---------------------------------------------------------------------------
 
+
+@pytest.mark.parametrize("blueprint,interface,shape", [
+    ("low_rank_r4", "linear:12:3", (7, 12)),
+    ("mlp_gelu_w32_dropout", "linear:12:3", (2, 5, 12)),   # dropout: the RNG draws
+    ("bottleneck_bn_relu_w8", "conv2d:4:2", (3, 4, 5, 5)),  # batch norm: buffers updated in place
+])
+@pytest.mark.parametrize("seeds", [1, 3])
+def test_bank_runs_what_functional_call_under_vmap_runs_bit_for_bit(blueprint, interface, shape, seeds):
+    """SeedBank swaps the seeds' tensors into the template itself rather than through
+    functional_call: the same output, gradients, buffers and RNG draws, bit for bit, and the
+    template's own tensors back in place."""
+    from torch.func import functional_call, vmap
+
+    from esper.blueprints import build
+    from esper.contracts import KernelInterface
+    from kasmina.seeds import SeedBank
+
+    template = build(LIBRARY[blueprint], KernelInterface.parse(interface), seed=0)
+    own = {n: t for n, t in [*template.named_parameters(), *template.named_buffers()]}
+    results = []
+    for batched in (True, False):
+        bank = SeedBank.fresh(template, "k", S.GRAFTING, list(range(seeds)), torch.float32,
+                              torch.device("cpu"), trainable=True)
+        with torch.no_grad():
+            for i, p in enumerate(bank.parameters()):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(9)).requires_grad_()
+        torch.manual_seed(3)
+        if batched:
+            g = bank(x)
+        else:
+            state = bank.seed_state()
+            params = {n: state[n] for n in bank._param_names}
+            buffers = {n: state[n] for n in bank._buffer_names}
+            g = vmap(lambda p, b, x: functional_call(template, {**p, **b}, (x,)), in_dims=(0, 0, None),
+                     randomness="different")(params, buffers, x)
+        weights = torch.randn(g.shape, generator=torch.Generator().manual_seed(4))
+        grads = torch.autograd.grad((g * weights).sum(), [x, *bank.parameters()])
+        results.append([g.detach(), *grads, *(b.clone() for b in bank.buffers()), torch.get_rng_state()])
+    for got, want in zip(*results, strict=True):
+        assert got.dtype == want.dtype and got.stride() == want.stride()
+        assert torch.equal(got.flatten().view(torch.uint8), want.flatten().view(torch.uint8))
+    assert all(t is own[n] for n, t in [*template.named_parameters(), *template.named_buffers()])
+
+
 @pytest.mark.parametrize("blueprint,shape", [("mlp_gelu_w8", (7, 12)), ("swiglu_w32", (2, 5, 12)),
                                              ("low_rank_r2", (3, 12))])
 def test_batched_family_equals_the_seed_by_seed_loop(blueprint, shape):
