@@ -372,10 +372,10 @@ def task_kinds(bench: dict[str, Any]) -> dict[str, str]:
     return kinds
 
 
-def adapter_width(bench: dict[str, Any], task: str, budget: float, in_features: int) -> int:
-    """The adapter width whose adapters on every hidden layer add about `budget` parameters."""
-    sizes = [in_features, *bench["tasks"][task]["small"]]
-    pairs = list(itertools.pairwise(sizes))
+def adapter_width(widths: list[int], budget: float, in_features: int) -> int:
+    """The adapter width whose adapters on every hidden layer of an MLP with hidden `widths`
+    add about `budget` parameters."""
+    pairs = list(itertools.pairwise([in_features, *widths]))
     per_unit = sum(a + 1 + b for a, b in pairs)  # in*r + r + r*out per layer, plus out's bias
     return max(1, round((budget - sum(b for _, b in pairs)) / per_unit))
 
@@ -408,7 +408,8 @@ def sweep(bench: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any
                 if "static_adapters" in arms and esper and small:
                     budget = (statistics.mean(r["parameters"] for r in esper)
                               - statistics.mean(r["parameters"] for r in small))
-                    width = adapter_width(bench, task, budget, _in_features(bench, task))
+                    width = adapter_width(bench["tasks"][task]["small"], budget,
+                                          _in_features(bench["tasks"][task]["data"]))
                     second.append(job(task, "static_adapters", seed, adapter_width=width))
                 if "gromo" in arms:
                     second.append(job(task, "gromo", seed))
@@ -439,18 +440,16 @@ def continual_sweep(bench: dict[str, Any], args: argparse.Namespace, pool: Proce
     esper = [r for r in grown if r["arm"] == "esper" and "skipped" not in r]
     if "static_adapters" in spec["arms"] and esper and hosts:
         budget = statistics.mean(r["parameters"] for r in esper) - statistics.mean(r["parameters"] for r in hosts)
-        width = adapter_width({"tasks": {"continual": {"small": spec["widths"]}}}, "continual", budget,
-                              _in_features({"tasks": {"continual": {"data": spec["data"]}}}, "continual"))
+        width = adapter_width(spec["widths"], budget, _in_features(spec["data"]))
         done += _collect(pool, [job("static_adapters", seed, 2, init_from=start[seed], adapter_width=width)
                                 for seed in start])
     return done
 
 
-def _in_features(bench: dict[str, Any], task: str) -> int:
+def _in_features(data_spec: dict[str, Any]) -> int:
     from esper.tolaria.data import build_data
 
-    data = build_data(bench["tasks"][task]["data"], seed=0)
-    return math.prod(data.input_shape)
+    return math.prod(build_data(data_spec, seed=0).input_shape)
 
 
 def _collect(pool: ProcessPoolExecutor, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:

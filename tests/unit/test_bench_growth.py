@@ -116,3 +116,10 @@ def test_continual_summary_reads_both_protocols(bench_growth):
                                                         "widths": [4], "epochs": [1, 2]}},
                                  {}, {"hardware": "h", "torch": "t", "python": "p"}, Path("c.yaml"), 60, "s", summary)
     assert "| esper | 0.800 -> 0.784 (2%) | 0.800 -> 0.000 (100%) | 0.600 / 0.600 | 21.0 |" in text
+
+
+def test_adapter_width_meets_the_budget(bench_growth):
+    # [16, 16] on 40 inputs: width r adds r * (40 + 1 + 16) + 16 + r * (16 + 1 + 16) + 16.
+    width = bench_growth.adapter_width([16, 16], budget=16_952, in_features=40)
+    assert width == 188 and abs(width * 90 + 32 - 16_952) < 90
+    assert bench_growth.adapter_width([8], budget=0, in_features=2) == 1
