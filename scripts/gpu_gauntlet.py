@@ -11,8 +11,9 @@
    for one linear and one conv2d interface: several forge processes on the one workspace, as an
    operator would run them (claims keep them apart). `--no-forge` skips it;
 3. the bench: `--benches` concurrent `esper bench --once --device cuda` processes on the one
-   workspace and GPU (claims keep them apart; each gauntlet child gatekeeps and profiles under
-   the per-GPU lock, so only start-up and loading overlap). Past --bench-budget-s they are sent
+   workspace and GPU (claims keep them apart; each gauntlet child profiles alone on the GPU under
+   the per-GPU reader-writer lock, pipelines/urabrask/gpu_lock.py: start-up, loading and
+   gatekeeping overlap, never a measurement). Past --bench-budget-s they are sent
    SIGTERM (the current gauntlet finishes or its claim is released): the rest stay
    PENDING_BENCHMARKING for the next invocation on the same --workspace;
 4. variance across identical runs (HLD E.5 stage 1: < 5% for the key metrics). An identical run
@@ -210,7 +211,7 @@ def bench(ws: Workspace, args: argparse.Namespace, stop_at: float) -> dict[str, 
 def variance_runs(ws: Workspace, args: argparse.Namespace, state: dict, stop_at: float,
                   save) -> None:
     """Sweeps of fresh sandboxed children over the VALIDATED kernels, as the bench runs them,
-    `--parallel` at a time (the children take the GPU lock to gatekeep and profile)."""
+    `--parallel` at a time (the children take the GPU lock as the bench's do)."""
     with Urza.open(ws) as urza:
         validated = urza.list_kernels(status=KernelStatus.VALIDATED)
         if args.variance_same_machine:

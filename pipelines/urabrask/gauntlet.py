@@ -40,9 +40,12 @@ output is exactly zero, which would hide precision drift):
   `rounds` rounds of timed calls (as many as fit `round_seconds`, at most `max_calls`), each
   round after a full garbage collection (the collector stays on, as in training),
   `perf_counter` around each call; mean/p50/p99 over every call; CV% of the round means;
-- a GPU is measured by one gauntlet at a time: gatekeeping and profiling hold an exclusive lock
-  per GPU (a file lock named by the device's UUID in the temporary directory, released by the
-  kernel if the child dies), so benches sharing a GPU overlap only their start-up and loading;
+- a GPU is measured by one gauntlet at a time, and while it is, no other gauntlet's GPU work
+  runs: profiling holds a per-GPU reader-writer lock exclusively, while context creation,
+  loading, gatekeeping and the child's exit hold it shared (gpu_lock.py: on an H100 other
+  processes' context creation, copies and exit beside a measurement moved graph-replay timings
+  by 5-7% either way; alone, fresh processes agree to ~0.3%). Benches sharing a GPU overlap
+  their start-up, loading and gatekeeping, never a measurement;
 - forward+backward latency, throughput (calls/s and positions/s);
 - peak memory of one forward+backward: `torch.cuda.max_memory_allocated` above the baseline on
   GPU; on CPU, tensor-bytes accounting (parameters + gradients + input + output + every tensor
@@ -69,6 +72,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from esper.contracts import LATENCY_MS, MEMORY_MB
+from pipelines.urabrask.gpu_lock import GpuLock
 from pipelines.urabrask.tags import DRIFT_LIMITS
 
 if TYPE_CHECKING:
@@ -149,28 +153,33 @@ def run_gauntlet(urza: Urza, job: GauntletJob) -> GauntletResult:
     stages = {"process_before": _process_age_s()}
     clock = time.perf_counter()
     _no_compile_workers()
-    hardware = hardware_context(job.device)
-    if job.device.startswith("cuda"):
-        # The context is created outside the GPU lock: it uses no GPU time, and with several
-        # benches on one GPU it overlaps another's measurement.
-        torch.empty(1, device=job.device)
-        clock = _lap(stages, "cuda_init", clock)
+    lock = GpuLock.for_device(job.device)
     try:
-        kernel = load_kernel(urza, job.kernel_id, device=job.device, require_validated=False)
-    except EsperError as e:
-        return GauntletResult(job.kernel_id, False, "load", f"load: {e}", hardware=hardware)
-    interface = kernel.manifest.interface
-    ir = load_ir(urza.store.get(kernel.manifest.blueprint_id),
-                 source=f"blueprint {kernel.manifest.blueprint_id[:12]}")
-    form = input_form(ir, interface)
-    dtype = getattr(torch, kernel.manifest.dtype)
-    clock = _lap(stages, "load", clock)
-    try:
-        with gpu_exclusive(job.device):
-            clock = _lap(stages, "gpu_lock_wait", clock)
+        # Context creation, loading and gatekeeping share the GPU with other gauntlets' such work;
+        # none of it may run inside another's measurement (gpu_lock.py).
+        with _held(lock, "active"):
+            clock = _lap(stages, "gpu_active_wait", clock)
+            hardware = hardware_context(job.device)
+            if job.device.startswith("cuda"):
+                torch.empty(1, device=job.device)
+                clock = _lap(stages, "cuda_init", clock)
+            try:
+                kernel = load_kernel(urza, job.kernel_id, device=job.device,
+                                     require_validated=False)
+            except EsperError as e:
+                return GauntletResult(job.kernel_id, False, "load", f"load: {e}",
+                                      hardware=hardware, stage_seconds=stages)
+            interface = kernel.manifest.interface
+            ir = load_ir(urza.store.get(kernel.manifest.blueprint_id),
+                         source=f"blueprint {kernel.manifest.blueprint_id[:12]}")
+            form = input_form(ir, interface)
+            dtype = getattr(torch, kernel.manifest.dtype)
+            clock = _lap(stages, "load", clock)
             gate = gatekeep(kernel, kernel.module, interface, form, dtype, job.device,
                             seed=job.seed)
             clock = _lap(stages, "gatekeep", clock)
+        with _held(lock, "measuring"):
+            clock = _lap(stages, "gpu_lock_wait", clock)
             metrics, baseline = profile(kernel, kernel.module, interface, form, dtype, job,
                                         notes=hardware)
             _lap(stages, "profile", clock)
@@ -219,33 +228,13 @@ def _process_age_s() -> float:
 
 
 @contextmanager
-def gpu_exclusive(device: str):
-    """Hold the GPU alone while gatekeeping and profiling: an exclusive file lock per GPU (by
-    UUID, so CUDA_VISIBLE_DEVICES cannot make two names for one chip), in the temporary
-    directory or ESPER_GPU_LOCK_DIR. Another bench's kernels on the same GPU would be timed
-    inside this one's measurement. The kernel drops the lock when the holder dies. No-op on CPU."""
-    if not device.startswith("cuda"):
+def _held(lock: GpuLock | None, mode: str):
+    """`lock.active()` or `lock.measuring()`; nothing on CPU (lock None)."""
+    if lock is None:
         yield
         return
-    import fcntl
-    import tempfile
-
-    import torch
-
-    index = torch.device(device).index
-    index = torch.cuda.current_device() if index is None else index
-    try:
-        name = str(torch.cuda.get_device_properties(index).uuid)
-    except (AttributeError, RuntimeError):
-        name = f"index{index}"
-    folder = os.environ.get("ESPER_GPU_LOCK_DIR") or tempfile.gettempdir()
-    path = os.path.join(folder, f"esper-urabrask-gpu-{name}.lock")
-    with open(path, "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with getattr(lock, mode)():
+        yield
 
 
 # Inputs -----------------------------------------------------------------------------------------

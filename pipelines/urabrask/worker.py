@@ -8,6 +8,8 @@ blobs), runs stages 1 and 2 (`run_gauntlet`: the loader verifies the forge signa
 hash first), writes OUT_DIR/result.json atomically and exits 0, whether the kernel passed or
 failed a check. A crash, a hang or a runaway allocation is the parent's to see: it kills the
 process group and rejects the kernel. The child never holds the bench key: the parent signs.
+On a GPU it exits holding the GPU lock as active (gpu_lock.py), so that no measurement runs
+while its CUDA context is torn down.
 
 Before anything heavy is imported it caps its CPU time, disables core files and asks to die with
 the daemon (the forge worker's helpers, reused).
@@ -46,12 +48,18 @@ def main(argv: list[str] | None = None) -> int:
         from esper.urza import Urza
         from esper.workspace import Workspace
         from pipelines.urabrask.gauntlet import GauntletJob, run_gauntlet
+        from pipelines.urabrask.gpu_lock import GpuLock
 
         job = GauntletJob.from_jsonable(json.loads(args.job.read_text(encoding="utf-8")))
         with Urza.open(Workspace(args.workspace).require()) as urza:
             result = run_gauntlet(urza, job)
         args.out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out_dir / RESULT_FILE, json.dumps(result.to_jsonable()))
+        lock = GpuLock.for_device(job.device)
+        if lock is not None:
+            # This process's CUDA context is torn down as it exits: not inside another's
+            # measurement (gpu_lock.py). Held until the kernel closes it at exit.
+            lock.hold_active_until_exit()
     except Exception as e:  # noqa: BLE001 - the parent wants one line, whatever failed
         print(_describe(e), file=sys.stderr, flush=True)
         return 1

@@ -171,24 +171,120 @@ def test_repeats_summarise_to_median_spread_and_cv():
     assert timing["cv_pct"] == pytest.approx(100 * (0.004 ** 0.5) / 1.0)
 
 
-def test_the_gpu_lock_is_a_no_op_on_cpu(tmp_path, monkeypatch):
-    from pipelines.urabrask.gauntlet import gpu_exclusive
+def test_the_gpu_lock_is_none_on_cpu(tmp_path, monkeypatch):
+    from pipelines.urabrask.gpu_lock import GpuLock
 
     monkeypatch.setenv("ESPER_GPU_LOCK_DIR", str(tmp_path))
-    with gpu_exclusive("cpu"):
-        pass
+    assert GpuLock.for_device("cpu") is None
     assert list(tmp_path.iterdir()) == []
+
+
+def _can_lock(path, mode) -> bool:
+    """Whether another open file could take `mode` on `path` right now (never waits)."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def test_active_holders_share_the_gpu_and_a_measurement_has_it_alone(tmp_path):
+    import fcntl
+
+    from pipelines.urabrask.gpu_lock import GpuLock
+
+    lock = GpuLock(str(tmp_path), "gpu-uuid")
+    with lock.active(), lock.active():  # two at once: no wait
+        assert _can_lock(lock.room, fcntl.LOCK_SH)
+        assert not _can_lock(lock.room, fcntl.LOCK_EX)
+        assert _can_lock(lock.turnstile, fcntl.LOCK_EX)  # passed through, not held
+    with lock.measuring():
+        assert not _can_lock(lock.room, fcntl.LOCK_SH)
+        assert not _can_lock(lock.turnstile, fcntl.LOCK_EX)
+    assert _can_lock(lock.room, fcntl.LOCK_EX) and _can_lock(lock.turnstile, fcntl.LOCK_EX)
+
+
+def test_a_waiting_measurement_goes_before_work_that_arrives_after_it(tmp_path):
+    """Writer preference: children that keep starting cannot starve a measurement."""
+    import fcntl
+    import threading
+
+    from pipelines.urabrask.gpu_lock import GpuLock
+
+    lock = GpuLock(str(tmp_path), "gpu-uuid")
+    order: list[str] = []
+    release_first = threading.Event()
+
+    def first_active() -> None:
+        with lock.active():
+            order.append("active 1")
+            release_first.wait()
+
+    def measurement() -> None:
+        with lock.measuring():
+            order.append("measure")
+
+    def second_active() -> None:
+        with lock.active():
+            order.append("active 2")
+
+    threads = [threading.Thread(target=first_active)]
+    threads[0].start()
+    while not order:  # the first holder is in
+        threads[0].join(0.001)
+    threads.append(threading.Thread(target=measurement))
+    threads[1].start()
+    while _can_lock(lock.turnstile, fcntl.LOCK_EX):  # the measurement waits for the room
+        threads[1].join(0.001)
+    threads.append(threading.Thread(target=second_active))
+    threads[2].start()
+    release_first.set()
+    for thread in threads:
+        thread.join()
+    assert order == ["active 1", "measure", "active 2"]
+
+
+def test_a_child_holds_the_gpu_as_active_until_it_exits(tmp_path):
+    import fcntl
+    import subprocess
+    import sys
+
+    from pipelines.urabrask.gpu_lock import GpuLock
+
+    lock = GpuLock(str(tmp_path), "gpu-uuid")
+    code = ("import sys; from pipelines.urabrask.gpu_lock import GpuLock; "
+            f"GpuLock({str(tmp_path)!r}, 'gpu-uuid').hold_active_until_exit(); "
+            "print('held', flush=True); sys.stdin.readline()")
+    child = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    try:
+        assert child.stdout.readline().strip() == "held"
+        assert not _can_lock(lock.room, fcntl.LOCK_EX)
+        assert _can_lock(lock.room, fcntl.LOCK_SH)
+    finally:
+        child.communicate("\n")
+    assert child.returncode == 0
+    assert _can_lock(lock.room, fcntl.LOCK_EX)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_timing_of_forward_and_train_step(tmp_path, monkeypatch):
-    from pipelines.urabrask.gauntlet import gpu_exclusive
+    from pipelines.urabrask.gpu_lock import GpuLock
 
     monkeypatch.setenv("ESPER_GPU_LOCK_DIR", str(tmp_path))
     module = good_module().cuda()
     notes: dict[str, str] = {}
-    with gpu_exclusive("cuda"):
+    lock = GpuLock.for_device("cuda")
+    with lock.active():
         gatekeep(module, module, FACE, "rows", torch.float32, "cuda", seed=3)
+    with lock.measuring():
         metrics, _ = profile(module, module, FACE, "rows", torch.float32,
                              GauntletJob(kernel_id="x" * 12 + "-h100-fast-abcdef",
                                          device="cuda", round_seconds=0.01), notes=notes)
