@@ -385,6 +385,7 @@ class TolariaTrainer:
         self.model.train()
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         steps = 0
+        layers = kasmina.layers(self.model)  # once an epoch: a walk of every module, not per step
         for x, y in self.train_loader:
             self._timer.start()
             x = x.to(self.device, non_blocking=True)
@@ -396,7 +397,8 @@ class TolariaTrainer:
                 loss = loss * float("nan")  # injected fault: the run diverges from here
             if loss.requires_grad:  # a frozen host (`model.freeze`) with nothing training: no graph
                 loss.backward()
-            kasmina.observe_loss(self.model, loss)
+            for layer in layers:  # kasmina.observe_loss
+                layer.observe_loss(loss)
             if config.optimizer.grad_clip_norm is not None:
                 params = [p for g in self.optimizer.param_groups for p in g["params"]]
                 torch.nn.utils.clip_grad_norm_(params, config.optimizer.grad_clip_norm)
