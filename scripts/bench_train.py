@@ -260,21 +260,27 @@ def run_arm(arm: str, config: Any, ws: Any) -> dict[str, Any]:
     from esper.tolaria.run import run_training
     from esper.urza import Urza
 
-    events: list[tuple[str, int, int, float]] = []  # (kind, epoch, step, host seconds)
+    # (kind, epoch, step, host seconds, the training thread's (on-CPU ns, run-queue ns) or None)
+    events: list[tuple[str, int, int, float, tuple[int, int] | None]] = []
     where = {"epoch": 0}
     machine: dict[str, dict[str, float] | None] = {}
+    allocator_start: dict[str, int] = {}
     last = [cpu_jiffies()]
 
     def progress(event: Any) -> None:
         now = time.perf_counter()
         if event.kind in ("start", "step", "epoch"):
-            events.append((event.kind, event.epoch, event.step, now))
+            events.append((event.kind, event.epoch, event.step, now, thread_schedstat()))
             if event.kind == "step":
                 where["epoch"] = event.epoch
+        if event.kind == "start":
+            allocator_start.update(allocator_counts())
         if event.kind in ("start", "epoch"):  # at the boundary, outside the step times
             current = cpu_jiffies()
             if event.kind == "epoch":
                 machine[str(event.epoch)] = contention(last[0], current)
+                if machine[str(event.epoch)] is not None:
+                    machine[str(event.epoch)] |= allocator_counts()
             last[0] = current
 
     rebuilds: list[dict[str, Any]] = []
@@ -296,7 +302,8 @@ def run_arm(arm: str, config: Any, ws: Any) -> dict[str, Any]:
               "notices": result.history.notices, "epochs": result.history.epochs,
               "decisions": decisions, "rebuilds": rebuilds, "loads": loads,
               "gc": [c for c in collections if c["generation"] == 2 or c["end"] - c["start"] > 1e-3],
-              "host": host_times(events, started), "machine_by_epoch": machine, "lineage": [
+              "host": host_times(events, started), "machine_by_epoch": machine,
+              "allocator_start": allocator_start, "lineage": [
                   {k: a.get(k) for k in ("seed_id", "kernel_artifact_id", "germinated_epoch",
                                          "fossilized_epoch")}
                   for a in result.history.lineage.get("adaptations", [])],
@@ -320,6 +327,28 @@ def cpu_jiffies() -> tuple[int, int, int, int] | None:
     return steal, busy, busy + idle + iowait + steal, int(mine[11]) + int(mine[12])
 
 
+def thread_schedstat() -> tuple[int, int] | None:
+    """The calling thread's time on a CPU and waiting in the run queue, ns (/proc schedstat,
+    Linux). Over a step's host interval, the rest of the wall time is time the thread was off the
+    CPU by itself (a blocking call, the GIL held by another thread) or stolen by the hypervisor
+    (which a guest kernel with steal accounting leaves out of both)."""
+    try:
+        run, wait, _ = Path("/proc/thread-self/schedstat").read_text().split()
+        return int(run), int(wait)
+    except (OSError, ValueError):
+        return None
+
+
+def allocator_counts() -> dict[str, int]:
+    """CUDA caching allocator counters so far: segments it took from the driver (cudaMalloc) and
+    allocations it retried after freeing its cache (each one synchronizes the device)."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return {}
+    stats = torch.cuda.memory_stats()
+    return {"cuda_segments": int(stats.get("segment.all.allocated", 0)),
+            "cuda_alloc_retries": int(stats.get("num_alloc_retries", 0))}
+
+
 def contention(a: tuple[int, ...] | None, b: tuple[int, ...] | None) -> dict[str, float] | None:
     """Shares of the machine's CPU time between two readings: stolen, and used by other processes."""
     if a is None or b is None or b[2] <= a[2]:
@@ -329,21 +358,28 @@ def contention(a: tuple[int, ...] | None, b: tuple[int, ...] | None) -> dict[str
             "others": max(0, (b[1] - a[1]) - (b[3] - a[3])) / total}
 
 
-def host_times(events: list[tuple[str, int, int, float]], origin: float) -> dict[str, Any]:
+def host_times(events: list[tuple[str, int, int, float, tuple[int, int] | None]],
+               origin: float) -> dict[str, Any]:
     """From the progress events: per epoch, each step's host interval (from the previous step's
     end, or the previous epoch's end, to this step's end; seconds from `origin`) and its length
-    in ms, and the boundary's host ms (last step to the epoch event)."""
+    in ms, the training thread's ms on a CPU and in the run queue during it, and the boundary's
+    host ms (last step to the epoch event)."""
     intervals: dict[int, list[tuple[float, float]]] = {}
+    sched: dict[int, list[tuple[float, float] | None]] = {}
     boundary: dict[int, float] = {}
     previous = None
-    for kind, epoch, _, t in events:
+    for kind, epoch, _, t, stat in events:
         if kind == "step" and previous is not None:
             intervals.setdefault(epoch, []).append((previous[1] - origin, t - origin))
+            sched.setdefault(epoch, []).append(
+                None if stat is None or previous[2] is None
+                else ((stat[0] - previous[2][0]) / 1e6, (stat[1] - previous[2][1]) / 1e6))
         if kind == "epoch" and previous is not None and previous[0] == "step":
             boundary[epoch] = (t - previous[1]) * 1e3
-        previous = (kind, t)
+        previous = (kind, t, stat)
     return {"step_ms": {str(e): [(b - a) * 1e3 for a, b in v] for e, v in intervals.items()},
             "step_intervals": {str(e): v for e, v in intervals.items()},
+            "step_cpu_wait_ms": {str(e): v for e, v in sched.items()},
             "boundary_ms": {str(e): v for e, v in boundary.items()}}
 
 
@@ -353,8 +389,13 @@ def overlaps(run: dict[str, Any], epoch: int, step: int) -> list[str]:
     if step > len(spans):
         return []
     a, b = spans[step - 1]
-    found = [f"load {x['kernel'][:12]} {(x['end'] - x['start']) * 1e3:.1f} ms"
-             for x in run["loads"] if x["start"] < b and x["end"] > a]
+    found = [f"host {(b - a) * 1e3:.1f} ms"]
+    sched = run["host"].get("step_cpu_wait_ms", {}).get(str(epoch), [])
+    if step <= len(sched) and sched[step - 1] is not None:
+        cpu, wait = sched[step - 1]
+        found[0] += f" ({cpu:.1f} on a CPU, {wait:.1f} in the run queue, {(b - a) * 1e3 - cpu - wait:.1f} off)"
+    found += [f"load {x['kernel'][:12]} {(x['end'] - x['start']) * 1e3:.1f} ms"
+              for x in run["loads"] if x["start"] < b and x["end"] > a]
     found += [f"gc gen{x['generation']} {(x['end'] - x['start']) * 1e3:.1f} ms"
               for x in run["gc"] if x["start"] < b and x["end"] > a]
     machine = run["machine_by_epoch"].get(str(epoch))
@@ -362,6 +403,10 @@ def overlaps(run: dict[str, Any], epoch: int, step: int) -> list[str]:
         found.append(f"other processes {machine['others']:.0%} of the CPUs this epoch")
     if machine and machine["steal"] >= 0.01:
         found.append(f"steal {machine['steal']:.0%}")
+    before = run["machine_by_epoch"].get(str(epoch - 1)) or run.get("allocator_start") or {}
+    for key, what in (("cuda_segments", "cudaMalloc"), ("cuda_alloc_retries", "allocator retries")):
+        if machine and key in machine and machine[key] > before.get(key, 0):
+            found.append(f"{machine[key] - before.get(key, 0)} {what} this epoch")
     return found
 
 
