@@ -229,8 +229,9 @@ def test_culling_restores_the_parameter_count_and_the_identity():
 @pytest.mark.parametrize("seeds", [1, 3])
 def test_bank_runs_what_functional_call_under_vmap_runs_bit_for_bit(blueprint, interface, shape, seeds):
     """SeedBank swaps the seeds' tensors into the template itself rather than through
-    functional_call: the same output, gradients, buffers and RNG draws, bit for bit, and the
-    template's own tensors back in place."""
+    functional_call, and batches them with functorch's calls rather than torch.func.vmap: the
+    same output, gradients, buffers and RNG draws, bit for bit, and the template's own tensors
+    back in place."""
     from torch.func import functional_call, vmap
 
     from esper.blueprints import build
