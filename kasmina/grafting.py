@@ -26,10 +26,10 @@ def ramp(strategy: GraftingStrategy, alpha: torch.Tensor, config: GraftingConfig
     grad_norm_gated: `signal` = the chunk's output-gradient RMS, `reference` its value at graft
     start.
     """
+    if strategy is GraftingStrategy.FIXED_RAMP:  # the step as a scalar: the same float32 add, one op fewer
+        return (alpha + 1.0 / config.ramp_length).clamp(0.0, 1.0)
     step = torch.full_like(alpha, 1.0 / config.ramp_length)
-    if strategy is GraftingStrategy.FIXED_RAMP:
-        change = step
-    elif strategy is GraftingStrategy.PERFORMANCE_LINKED:
+    if strategy is GraftingStrategy.PERFORMANCE_LINKED:
         if loss is None:
             change = step
         else:  # no reference or no loss yet (NaN): the ramp goes on

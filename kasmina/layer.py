@@ -570,7 +570,7 @@ class KasminaLayer(nn.Module):
         """The bank's (A, rows, L) output, or None after isolating a failure (HLD K.6)."""
         try:
             g = bank(x)
-            rows = x.shape[0] if self.interface.kind is LayerKind.CONV2D else x[..., 0].numel()
+            rows = x.shape[0] if self.interface.kind is LayerKind.CONV2D else math.prod(x.shape[:-1])
             return g.reshape(bank.size, rows, -1)
         except Exception as e:  # noqa: BLE001 - one seed never halts the run
             for chunk in bank.chunks:
@@ -689,9 +689,9 @@ class KasminaLayer(nn.Module):
         out2, stats = kernels.blend_chunks(y2, g.to(y2.dtype), slot_alpha, plan.chunk_slot,
                                            plan.slot_chunk, probe, self.config.telemetry.dead_threshold)
         stats = stats.detach()  # telemetry is not part of the graph
-        if telemetry:
-            self.state.health[:, SUM:COUNT] += stats
-            self.state.health[:, COUNT] += y2.numel() // self.seeds
+        if telemetry:  # in place on views: `health[...] += ` would also copy each view onto itself
+            self.state.health[:, SUM:COUNT].add_(stats)
+            self.state.health[:, COUNT].add_(y2.numel() // self.seeds)
         if learning and plan.grafting:
             self._measure_grafting(plan, g.detach(), stats)
         out = out2.view(y.shape)
@@ -754,14 +754,19 @@ class KasminaLayer(nn.Module):
         seed_loss.index_copy_(0, chunks, ema)
 
     def _ramp_alpha(self, groups, per_epoch: bool) -> None:
+        """Move the GRAFTING seeds' alpha one ramp unit, each group by its strategy; the
+        reference, signal and loss are read only for the strategies that gate on them."""
         config = self.config.grafting
         state = self.state
         for strategy, chunks, _ in groups:
             alpha = state.alpha.index_select(0, chunks)
-            reference = state.graft_ref.index_select(0, chunks)
-            signal = state.graft_signal.index_select(0, chunks)
-            loss = self.loss_ema.float()
+            reference = signal = loss = None
+            if strategy in (GraftingStrategy.PERFORMANCE_LINKED, GraftingStrategy.GRAD_NORM_GATED):
+                reference = state.graft_ref.index_select(0, chunks)
+            if strategy in (GraftingStrategy.DRIFT_CONTROLLED, GraftingStrategy.GRAD_NORM_GATED):
+                signal = state.graft_signal.index_select(0, chunks)
             if strategy is GraftingStrategy.PERFORMANCE_LINKED:
+                loss = self.loss_ema.float()
                 reference = torch.where(torch.isnan(reference), loss, reference)
                 state.graft_ref.index_copy_(0, chunks, reference)
             new = grafting.ramp(strategy, alpha, config, loss=loss, reference=reference, signal=signal)
