@@ -719,7 +719,9 @@ class KasminaLayer(nn.Module):
     def _train_isolated(self, isolated, y: torch.Tensor, grad: torch.Tensor) -> None:
         """Output hook: each TRAINING seed's objective, backpropagated into its own weights."""
         y3 = self._rows(y).unflatten(1, (self.seeds, -1))        # (rows, chunks, L)
-        grad3 = self._rows(grad).unflatten(1, (self.seeds, -1))  # (rows, chunks, L)
+        # (rows, chunks, L); only gradient_match reads it
+        grad3 = (self._rows(grad).unflatten(1, (self.seeds, -1))
+                 if self.config.training.objective == "gradient_match" else None)
         with torch.enable_grad():
             for bank, g in isolated:
                 losses, energy = self._seed_losses(bank, g, y3, grad3)
@@ -729,7 +731,7 @@ class KasminaLayer(nn.Module):
                 self._record_seed_loss(bank.chunk_index, losses.detach(), energy)
 
     def _seed_losses(self, bank: SeedBank, g: torch.Tensor, y3: torch.Tensor,
-                     grad3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                     grad3: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(A,) the TRAINING objective of the bank's seeds: g (A, rows, L) against their chunks
         of the host output y3 (rows, chunks, L), or of its gradient grad3; and (A,) the target's
         energy, the loss a seed that outputs zero would have on the same rows."""

@@ -48,6 +48,8 @@ class SeedBank(nn.Module):
             self.stacked_buffers.register_buffer(_key(n), t)
         self._param_names = list(params)
         self._buffer_names = list(buffers)
+        self._param_keys = [_key(n) for n in params]
+        self._buffer_keys = [_key(n) for n in buffers]
         object.__setattr__(self, "template", template)
         # Where each stacked tensor goes in the template: (its module's parameter or buffer
         # table, the attribute name), parameters first, as `_run` receives them. None for a
@@ -85,27 +87,31 @@ class SeedBank(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.template.training != self.training:
             self.template.train(self.training)
-        params = {n: self.weights[_key(n)] for n in self._param_names}
-        buffers = {n: getattr(self.stacked_buffers, _key(n)) for n in self._buffer_names}
-        return self._run(params, buffers, x)
+        # The stacked tensors straight from the tables (module attribute lookups and key
+        # rewriting on every call cost more host time than the lookups themselves).
+        params, buffers = self.weights._parameters, self.stacked_buffers._buffers
+        return self._run([*(params[k] for k in self._param_keys), *(buffers[k] for k in self._buffer_keys)], x)
 
-    def _run(self, params: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor],
-             x: torch.Tensor) -> torch.Tensor:
-        """The template run once per seed, batched by `vmap` over the seed axis of `params` and
-        `buffers` (name -> (A, *shape)). What `functional_call` would do, with the same ops:
-        the template's tensors swapped for the seed's and put back, written straight into its
+    def _run(self, stacked: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """The template run once per seed, batched by `vmap` over the seed axis of `stacked`
+        (the parameters, then the buffers, each (A, *shape), in `_param_names` and
+        `_buffer_names` order). What `functional_call` would do, with the same ops: the
+        template's tensors swapped for the seed's and put back, written straight into its
         modules' tables, and the tensors passed to vmap as a flat tuple. functional_call's walk
         of the module tree and the dicts' pytree handling were ~0.2 ms of host time per bank
         per step on 2 EPYC cores, more than the blueprint's own ops."""
-        if not params and not buffers:  # a fixed-function kernel
+        if not stacked:  # a fixed-function kernel
             g = self.template(x)
             return g.unsqueeze(0).expand(self.size, *g.shape)  # stride 0 on the seed axis
         if self._slots is None:
+            count = len(self._param_names)
+            params = dict(zip(self._param_names, stacked[:count], strict=True))
+            buffers = dict(zip(self._buffer_names, stacked[count:], strict=True))
+
             def one_seed_tied(p, b, inputs):
                 return functional_call(self.template, {**p, **b}, (inputs,))
 
             return vmap(one_seed_tied, in_dims=(0, 0, None), randomness="different")(params, buffers, x)
-        stacked = [*(params[n] for n in self._param_names), *(buffers[n] for n in self._buffer_names)]
         slots = self._slots
         template = self.template
 
@@ -133,13 +139,13 @@ class SeedBank(nn.Module):
         detached). `objective`: the scalar differentiated, from the bank's output (default: its
         sum). The caller keeps the RNG state (dropout draws from it)."""
         self.template.train(True)
-        params = {n: self.weights[_key(n)].detach().requires_grad_(self.weights[_key(n)].requires_grad)
-                  for n in self._param_names}
-        buffers = {n: getattr(self.stacked_buffers, _key(n)).clone() for n in self._buffer_names}
+        state = self.seed_state()
+        params = [state[n].detach().requires_grad_(state[n].requires_grad) for n in self._param_names]
+        buffers = [state[n].clone() for n in self._buffer_names]
         x = x.detach().requires_grad_(input_grad)
         with torch.enable_grad():
-            g = self._run(params, buffers, x)
-            inputs = [p for p in params.values() if p.requires_grad] + ([x] if input_grad else [])
+            g = self._run(params + buffers, x)
+            inputs = [p for p in params if p.requires_grad] + ([x] if input_grad else [])
             loss = g.sum() if objective is None else objective(g)
             if inputs and loss.requires_grad:
                 torch.autograd.grad(loss, inputs, allow_unused=True)

@@ -1,8 +1,9 @@
 """Host time of one training step with seeds in each stage (issue 6: host-bound steps while a seed
 is GRAFTING and TRAINING; docs/bench-train.md).
 
-    python scripts/bench_seed_step.py                      # CPU, tiny widths: host overhead
-    python scripts/bench_seed_step.py --device cuda --width 4096 --batch 2048
+    python scripts/bench_seed_step.py                      # CPU, width 16, batch 8: host overhead
+    python scripts/bench_seed_step.py --device cuda        # bench_train's H100 sizes
+    python scripts/bench_seed_step.py --device cuda --width 16 --batch 8 --in-dim 16
 
 A step is what Tolaria's `_run_epoch` runs per batch: the batch moved to the device,
 `zero_grad`, forward, loss, backward (a TRAINING seed's isolated objective runs in its output
@@ -19,12 +20,15 @@ GRAFTING in `layers.2`). Each case keeps its own model; `--repeats` rounds run e
 turn for `--steps` steps (rounds interleave the cases, so machine noise hits them alike), after
 `--warmup` steps per case. Printed per case: the median over all rounds' steps of the host time
 (perf_counter around the step; on CUDA no sync inside a round, so it is the time to queue the
-work unless the GPU queue is full), its 90th percentile and its extra over `dormant`; the
+work unless the launch queue is full and the host waits for the GPU; `--sync-steps` waits for
+the GPU before each step, untimed, so that it is the queuing alone), its 90th percentile and its extra over `dormant`; the
 training thread's CPU time per step (thread_time: on a shared machine, unlike the wall time,
 not lengthened by other processes taking the cores); on CUDA the GPU time between
 two events around each step (read once per round), and the host time per step of a whole round
 (synchronized at both ends: whichever of host and GPU is slower); and the ATen ops a step
-dispatches (counted in one extra step under a dispatch mode, so not in the timings).
+dispatches and its Python function calls (each a mean over 16 extra steps, a dormant layer's
+telemetry period, so not in the timings: machine-independent measures of host work, for A/B
+runs on a noisy machine).
 `--profile CASE` prints that case's cProfile instead. Needs torch (triton on CUDA) and esper.
 """
 
@@ -35,6 +39,7 @@ import cProfile
 import platform
 import pstats
 import statistics
+import sys
 import time
 
 import torch
@@ -60,6 +65,11 @@ PLACEMENT: dict[str, list[tuple[int, int, S]]] = {
 }
 PATH = {S.TRAINING: [S.TRAINING], S.GRAFTING: [S.TRAINING, S.GRAFTING]}
 LIBRARY = {ir.name: ir for ir in standard_library()}
+# cpu: compute negligible, the step is host overhead; cuda: scripts/bench_train.py's H100 sizes
+# (4096-wide fp32 layers at batch 2048: a GPU-bound step with dormant seeds).
+COUNTED_STEPS = 16  # ops and calls are counted over one period of the dormant telemetry (every 16)
+DEFAULT_SIZES = {"cpu": {"width": 16, "in_dim": 16, "batch": 8},
+                 "cuda": {"width": 4096, "in_dim": 64, "batch": 2048}}
 
 
 class _OpCounter(TorchDispatchMode):
@@ -127,9 +137,12 @@ class Case:
                         for s in layer.stages if s is not S.DORMANT) or "-"
 
 
-def run_round(case: Case, steps: int, cuda: bool) -> tuple[list[float], list[float], list[float], float]:
+def run_round(case: Case, steps: int, cuda: bool, sync_steps: bool = False
+              ) -> tuple[list[float], list[float], list[float], float]:
     """`steps` steps: host ms of each, the training thread's CPU ms of each, GPU ms of each
-    (CUDA), and host ms per step of the round."""
+    (CUDA), and host ms per step of the round. `sync_steps`: wait for the GPU before each step
+    (outside its timing), so that a step's host time is its queuing alone, never a wait for a
+    full launch queue."""
     host: list[float] = []
     cpu: list[float] = []
     events = []
@@ -137,6 +150,8 @@ def run_round(case: Case, steps: int, cuda: bool) -> tuple[list[float], list[flo
         torch.cuda.synchronize()
     began = time.perf_counter()
     for _ in range(steps):
+        if sync_steps:
+            torch.cuda.synchronize()
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -149,14 +164,33 @@ def run_round(case: Case, steps: int, cuda: bool) -> tuple[list[float], list[flo
             events.append((start, end))
     if cuda:
         torch.cuda.synchronize()  # sync: once per round
-    round_ms = (time.perf_counter() - began) * 1e3 / steps
+    round_ms = (time.perf_counter() - began) * 1e3 / steps  # with sync_steps: host + GPU, serialized
     return host, cpu, [a.elapsed_time(b) for a, b in events], round_ms
 
 
-def count_ops(case: Case) -> int:
+def count_ops(case: Case) -> float:
     with _OpCounter() as counter:
-        case.step()
-    return counter.ops
+        for _ in range(COUNTED_STEPS):
+            case.step()
+    return counter.ops / COUNTED_STEPS
+
+
+def count_calls(case: Case) -> float:
+    """Python and builtin function calls of one step on this thread (on CUDA the backward's
+    hooks run on autograd's device thread and are not counted)."""
+    calls = 0
+
+    def count(frame, event, arg) -> None:
+        nonlocal calls
+        calls += event in ("call", "c_call")
+
+    sys.setprofile(count)
+    try:
+        for _ in range(COUNTED_STEPS):
+            case.step()
+    finally:
+        sys.setprofile(None)
+    return calls / COUNTED_STEPS
 
 
 def profile(case: Case, steps: int, cuda: bool, top: int) -> None:
@@ -172,21 +206,26 @@ def profile(case: Case, steps: int, cuda: bool, top: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--width", type=int, default=16, help="hidden width (CPU default: host-bound)")
-    parser.add_argument("--in-dim", type=int, default=16)
+    parser.add_argument("--width", type=int, help="hidden width (default: cpu 16, cuda 4096)")
+    parser.add_argument("--in-dim", type=int, help="input width (default: cpu 16, cuda 64)")
     parser.add_argument("--out-dim", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, help="batch size (default: cpu 8, cuda 2048)")
     parser.add_argument("--seeds", type=int, default=4, help="seeds per wrapped layer")
     parser.add_argument("--blueprint", default="low_rank_r4", help="standard library blueprint")
     parser.add_argument("--steps", type=int, default=50, help="steps per case per round")
     parser.add_argument("--repeats", type=int, default=6, help="rounds over all cases")
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps per case first")
     parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--sync-steps", action="store_true",
+                        help="CUDA: synchronize before each step (untimed): host ms is queuing alone")
     parser.add_argument("--profile", choices=CASES, help="print this case's cProfile and exit")
     parser.add_argument("--top", type=int, default=30)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
+    for name, value in DEFAULT_SIZES["cuda" if cuda else "cpu"].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     names = [args.profile] if args.profile else args.cases.split(",")
     cases: dict[str, Case] = {name: Case(name, args, device) for name in names}
     for case in cases.values():
@@ -201,19 +240,20 @@ def main(argv: list[str] | None = None) -> None:
     rounds: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(args.repeats):
         for name, case in cases.items():
-            h, c, g, r = run_round(case, args.steps, cuda)
+            h, c, g, r = run_round(case, args.steps, cuda, args.sync_steps)
             host[name] += h
             cpu[name] += c
             gpu[name] += g
             rounds[name].append(r)
     ops = {name: count_ops(case) for name, case in cases.items()}
+    calls = {name: count_calls(case) for name, case in cases.items()}
 
     machine = torch.cuda.get_device_name(device) if cuda else f"{platform.processor() or platform.machine()}"
     print(f"# {machine}, torch {torch.__version__}, width {args.width}, batch {args.batch}, "
           f"{args.seeds} seeds/layer, {args.blueprint}; {args.repeats} rounds x {args.steps} steps "
-          f"per case, interleaved; medians")
+          f"per case, interleaved; medians{'; synchronized before each step' if args.sync_steps else ''}")
     base = statistics.median(host["dormant"]) if "dormant" in host else None
-    header = f"{'case':<14} {'host ms':>8} {'p90':>7} {'vs dormant':>10} {'cpu ms':>7} {'ops':>5}"
+    header = f"{'case':<14} {'host ms':>8} {'p90':>7} {'vs dormant':>10} {'cpu ms':>7} {'ops':>6} {'calls':>7}"
     if cuda:
         header += f" {'GPU ms':>7} {'round ms':>8}"
     print(header + "  stages")
@@ -222,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
         p90 = statistics.quantiles(host[name], n=10)[-1]
         extra = f"{median - base:+.3f}" if base is not None else "-"
         line = (f"{name:<14} {median:8.3f} {p90:7.3f} {extra:>10} {statistics.median(cpu[name]):7.3f} "
-                f"{ops[name]:5d}")
+                f"{ops[name]:6.1f} {calls[name]:7.1f}")
         if cuda:
             line += f" {statistics.median(gpu[name]):7.3f} {statistics.median(rounds[name]):8.3f}"
         print(f"{line}  {case.stages()}")

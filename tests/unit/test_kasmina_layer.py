@@ -266,6 +266,40 @@ def test_bank_runs_what_functional_call_under_vmap_runs_bit_for_bit(blueprint, i
     assert all(t is own[n] for n, t in [*template.named_parameters(), *template.named_buffers()])
 
 
+class _TiedTemplate(nn.Module):
+    """One Linear under two names: the bank must run it through functional_call, which unties."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(12, 3)
+        self.second = self.first
+
+    def forward(self, x):
+        return self.first(x) * self.second(x)
+
+
+def test_a_bank_of_a_template_with_tied_weights_runs_what_vmap_of_functional_call_runs():
+    from torch.func import functional_call, vmap
+
+    from kasmina.seeds import SeedBank
+
+    template = _TiedTemplate()
+    bank = SeedBank.fresh(template, "k", S.GRAFTING, [0, 2], torch.float32, torch.device("cpu"),
+                          trainable=True)
+    assert bank._slots is None
+    with torch.no_grad():
+        for i, p in enumerate(bank.parameters()):
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+    x = torch.randn(5, 12, generator=torch.Generator().manual_seed(9))
+    got = bank(x)
+    state = bank.seed_state()
+    want = vmap(lambda p, x: functional_call(template, p, (x,)), in_dims=(0, None))(state, x)
+    assert same_bits(got, want)
+    got_grads = torch.autograd.grad(got.sum(), list(bank.parameters()))
+    want_grads = torch.autograd.grad(want.sum(), list(bank.parameters()))
+    assert all(same_bits(a, b) for a, b in zip(got_grads, want_grads, strict=True))
+
+
 @pytest.mark.parametrize("blueprint,shape", [("mlp_gelu_w8", (7, 12)), ("swiglu_w32", (2, 5, 12)),
                                              ("low_rank_r2", (3, 12))])
 def test_batched_family_equals_the_seed_by_seed_loop(blueprint, shape):
