@@ -413,6 +413,9 @@ class _Slot:
     shape: tuple[int, ...]
 
 
+_CONTAINERS = (dict, set)  # a module's attributes that each copy of it needs its own of
+
+
 @dataclass(frozen=True)
 class _Skeleton:
     """A blueprint's module at one interface on the meta device, and how to copy it and fill it:
@@ -433,17 +436,19 @@ class _Skeleton:
         def visit(prefix: str, module: nn.Module) -> int:
             index = len(plan)
             plan.append(None)
-            for attr, tensor in module._parameters.items():
+            state = vars(module)
+            for attr, tensor in state["_parameters"].items():
                 if tensor is not None:
                     slots[prefix + attr] = _Slot(index, attr, True, tensor.requires_grad,
                                                  tuple(tensor.shape))
-            for attr, tensor in module._buffers.items():
-                if tensor is not None and attr not in module._non_persistent_buffers_set:
+            skipped = state["_non_persistent_buffers_set"]
+            for attr, tensor in state["_buffers"].items():
+                if tensor is not None and attr not in skipped:
                     slots[prefix + attr] = _Slot(index, attr, False, False, tuple(tensor.shape))
-            children = tuple((name, visit(f"{prefix}{name}.", child))
-                             for name, child in module._modules.items() if child is not None)
-            plan[index] = (module, tuple(name for name, value in vars(module).items()
-                                         if isinstance(value, (dict, set))), children)
+            children = tuple([(name, visit(f"{prefix}{name}.", child))
+                              for name, child in state["_modules"].items() if child is not None])
+            plan[index] = (module, tuple([name for name, value in state.items()
+                                          if isinstance(value, _CONTAINERS)]), children)
             return index
 
         visit("", root)
@@ -455,17 +460,17 @@ class _Skeleton:
         attributes, each of its dicts and sets (parameters, buffers, submodules, hooks) copied,
         so that assigning tensors or registering hooks on the copy leaves the skeleton as it is.
         (Building anew on the meta device costs many times this, and `copy.deepcopy` as much.)"""
-        modules = []
-        for template, containers, _ in self.modules:
-            module = object.__new__(type(template))
+        modules: list = [None] * len(self.modules)
+        for index in range(len(modules) - 1, -1, -1):  # children (later in pre-order) first
+            template, containers, children = self.modules[index]
             state = vars(template).copy()
             for name in containers:
                 state[name] = state[name].copy()
-            vars(module).update(state)
-            modules.append(module)
-        for module, (_, _, children) in zip(modules, self.modules, strict=True):
-            for name, index in children:
-                module._modules[name] = modules[index]
+            submodules = state["_modules"]
+            for name, child in children:
+                submodules[name] = modules[child]
+            module = modules[index] = object.__new__(type(template))
+            object.__setattr__(module, "__dict__", state)  # the copy itself, not copied again
         return modules
 
 

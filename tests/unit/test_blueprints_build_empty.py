@@ -82,3 +82,128 @@ def test_build_draws_the_same_weights_as_torchs_own_layers():
     assert torch.equal(module.layers[0].weight, hidden.weight)
     assert torch.equal(module.layers[0].bias, hidden.bias)
     assert not module.layers[-1].weight.any()  # the op feeding the output starts at zero
+
+
+# `_construct`: every module the builder makes skips nn.Module's generic bookkeeping. It must make
+# the very module that the class's own constructor makes.
+
+def _reference_paths(monkeypatch) -> None:
+    """Make the builder construct every module the ordinary way: `cls(...)`, nn.Module.__init__
+    and nn.Module.__setattr__ throughout."""
+    from esper.blueprints import builder
+
+    def empty(cls, *args, **kwargs):
+        module = cls.__new__(cls)
+        object.__setattr__(module, "reset_parameters", builder._no_values)
+        cls.__init__(module, *args, device="meta", **kwargs)
+        del module.__dict__["reset_parameters"]
+        return module
+
+    monkeypatch.setattr(builder, "_construct", lambda cls, *args, **kwargs: cls(*args, **kwargs))
+    monkeypatch.setattr(builder, "_empty", empty)
+
+
+def _assert_same_module(fast: torch.nn.Module, reference: torch.nn.Module) -> None:
+    """The same class, the same attributes in the same order with equal values, the same
+    containers (type and keys), the same tensors (kind, shape, dtype, device, requires_grad),
+    recursively."""
+    assert type(fast) is type(reference)
+    state, expected = vars(fast), vars(reference)
+    assert list(state) == list(expected)
+    for name, value in expected.items():
+        got = state[name]
+        assert type(got) is type(value), name
+        if name == "_modules":
+            assert list(got) == list(value)
+            for child, ref in zip(got.values(), value.values(), strict=True):
+                _assert_same_module(child, ref)
+        elif name in ("_parameters", "_buffers"):
+            assert list(got) == list(value)
+            for t, ref in zip(got.values(), value.values(), strict=True):
+                assert type(t) is type(ref)
+                if ref is not None:
+                    assert (t.shape, t.dtype, t.device, t.requires_grad) == \
+                        (ref.shape, ref.dtype, ref.device, ref.requires_grad)
+        elif isinstance(value, torch.Tensor):
+            assert (got.shape, got.dtype, got.device) == (value.shape, value.dtype, value.device)
+        else:
+            assert got == value, name
+
+
+@pytest.mark.parametrize("case", CASES, ids=_name)
+def test_construct_makes_the_module_the_constructors_make(case, monkeypatch):
+    ir, face = case
+    interface = KernelInterface.parse(face)
+    fast = build_empty(ir, interface, blueprint_id(ir))
+    again = build_empty(ir, interface, blueprint_id(ir))
+    for a, b in zip(fast.modules(), again.modules(), strict=True):  # no container shared
+        assert not any(value is vars(b)[name] for name, value in vars(a).items()
+                       if isinstance(value, (dict, set)))
+    _reference_paths(monkeypatch)
+    reference = build_empty(ir, interface, blueprint_id(ir))
+    _assert_same_module(fast, reference)
+    assert repr(fast) == repr(reference)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_name)
+def test_construct_builds_the_same_function(case, monkeypatch):
+    """Built from one seed, both paths give bit-identical weights, outputs and gradients, in
+    train and eval mode."""
+    ir, face = case
+    interface = KernelInterface.parse(face)
+    fast = build(ir, interface, seed=3)
+    _reference_paths(monkeypatch)
+    reference = build(ir, interface, seed=3)
+    _assert_same_module(fast, reference)
+    state = reference.state_dict()
+    assert list(fast.state_dict()) == list(state)
+    assert all(torch.equal(t, state[name]) for name, t in fast.state_dict().items())
+    with torch.no_grad():  # the zero-initialised last op would hide every other gradient
+        for module in (fast, reference):
+            last = module.layers[module.node_ids.index(module.zero_init_node)]
+            for p in last.parameters():
+                p.copy_(torch.linspace(-1, 1, p.numel()).view_as(p))
+    if interface.kind.value == "linear":
+        shape = (2, 5, interface.in_features) if ir.needs_sequence else (6, interface.in_features)
+    else:
+        shape = (2, interface.in_features, 7, 9)
+    x = torch.randn(shape)
+    for train in (True, False):
+        results = []
+        for module in (fast, reference):
+            module.train(train)
+            module.zero_grad()
+            torch.manual_seed(11)  # dropout draws the same mask in both
+            xi = x.clone().requires_grad_()
+            y = module(xi)
+            y.square().sum().backward()
+            results.append((y, xi.grad, [p.grad for p in module.parameters()]))
+        (y, gx, grads), (y_ref, gx_ref, grads_ref) = results
+        assert torch.equal(y, y_ref) and torch.equal(gx, gx_ref)
+        assert all(torch.equal(g, r) for g, r in zip(grads, grads_ref, strict=True))
+
+
+def test_construct_leaves_torchs_classes_and_global_hooks_alone():
+    """The construction subclass never escapes, and global registration hooks still see every
+    parameter and submodule (with a hook registered, nn.Module's own __setattr__ runs)."""
+    from torch.nn.modules.module import (
+        register_module_module_registration_hook,
+        register_module_parameter_registration_hook,
+    )
+
+    ir = next(ir for ir in standard_library() if ir.name == "low_rank_r4")
+    interface = KernelInterface.parse("linear:37:11")
+    from esper.blueprints.builder import BlueprintModule, LowRank
+
+    module = build_empty(ir, interface, blueprint_id(ir))
+    assert [type(m) for m in module.modules()] == \
+        [BlueprintModule, torch.nn.ModuleList, LowRank, torch.nn.Linear, torch.nn.Linear]
+    seen: list[str] = []
+    handles = [register_module_parameter_registration_hook(lambda m, name, p: seen.append(name)),
+               register_module_module_registration_hook(lambda m, name, sub: seen.append(name))]
+    try:
+        build_empty(ir, interface, blueprint_id(ir))
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert seen.count("weight") == 2 and "down" in seen and "up" in seen
