@@ -27,6 +27,7 @@ import redis
 from esper.contracts import DaemonHeartbeat, Topic, VersionedContract
 from esper.errors import BusUnavailableError
 from esper.oona import Consumer, Oona
+from esper.workspace import Workspace
 
 # How long a wait on the bus blocks at once: a signal is noticed within this.
 WAIT_SLICE_S = 0.5
@@ -37,6 +38,24 @@ HEARTBEAT_S = 10.0
 # Heartbeats older than this are trimmed from the stream (checked about once an hour).
 HEARTBEAT_RETENTION = timedelta(hours=24)
 TRIM_EVERY_S = 3600.0
+
+
+def connect(workspace: Workspace, redis_url: str | None, *, worker_id: str, once: bool,
+            log: logging.Logger, poll_interval_s: float) -> Oona | None:
+    """The daemon's bus, or None when it cannot be reached (the daemon then only polls Urza).
+
+    A daemon starts the workspace's embedded bus if it is not running: it listens on it. A
+    `--once` run only uses a bus that is already up: anyone listening would have started it.
+    A malformed URL is bad input (exit 2), raised before anything is claimed.
+    """
+    try:
+        if once:
+            return Oona.connect_if_running(workspace, redis_url, sender_id=worker_id)
+        return Oona.connect(workspace, redis_url, sender_id=worker_id)
+    except BusUnavailableError as e:
+        log.warning("%s: %s; polling Urza every %g s instead", log.name.removeprefix("esper."),
+                    e, poll_interval_s)
+        return None
 
 
 class DaemonBus:

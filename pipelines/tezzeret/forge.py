@@ -33,16 +33,13 @@ import logging
 import os
 import re
 import shutil
-import signal
 import socket
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
-
 
 from esper.blueprints import BlueprintIR, BlueprintValidationError, load_ir, validate
 from esper.contracts import (
@@ -54,13 +51,21 @@ from esper.contracts import (
     KernelReady,
     Topic,
 )
-from esper.errors import BadInputError, BusUnavailableError, EsperError, IntegrityError
+from esper.errors import BadInputError, EsperError, IntegrityError
 from esper.oona import Oona
 from esper.urza import Urza
-from pipelines.daemon_bus import DaemonBus
 from esper.workspace import Workspace
+from pipelines import daemon_bus
+from pipelines.daemon_bus import DaemonBus
+from pipelines.stopping import GracefulStop
 from pipelines.tezzeret import ledger
-from pipelines.tezzeret.plan import DevicePlan, PlannedJob, Why, missing_jobs, wanted_jobs
+from pipelines.tezzeret.plan import (
+    DevicePlan,
+    PlannedJob,
+    Why,
+    missing_jobs,
+    wanted_jobs,
+)
 from pipelines.tezzeret.sandbox import Limits, SandboxOutcome, WarmWorker, run_sandboxed
 
 log = logging.getLogger("esper.tezzeret")
@@ -264,8 +269,7 @@ class Forge:
                          for d in options.devices]
         self._forge_key = workspace.private_key("forge")
         self._attempted: set[str] = set()
-        self._stop_requested_at: float | None = None
-        self._force_stop = False
+        self._stop = GracefulStop(options.grace_s, log=log, job="job")
         self._scratch: Path | None = None
         self._warm: WarmWorker | None = None
 
@@ -274,42 +278,39 @@ class Forge:
         """Work until stopped (or, with `once`, until no work is left); never raises for one
         blueprint's or one job's failure."""
         started = time.monotonic()
-        previous = self._install_signal_handlers()
         _sweep_dead_scratch()
         self._scratch = Path(tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-"))
         try:
-            if self.options.warm_fast and any(CompilationPipeline.FAST in d.pipelines
-                                              for d in self._devices):
-                self._warm = WarmWorker(scratch_dir=self._scratch / "warm")
-            while not self._stopping() and not self._max_jobs_reached():
-                blueprint = self.urza.claim_next_blueprint(self.options.worker_id,
-                                                           self.options.lease_seconds)
-                if blueprint is not None:
-                    self._work_on(blueprint)
-                    continue
-                if self._queue_waiting_work():
-                    continue
-                if once:
-                    break
-                self._bus.wait(self._stopping)
+            with self._stop.on_signals():
+                self._loop(once)
         finally:
             if self._warm is not None:
                 self._warm.close()
             shutil.rmtree(self._scratch, ignore_errors=True)
-            self._restore_signal_handlers(previous)
-            self.summary.stopped_by_signal = self._stop_requested_at is not None
+            self.summary.stopped_by_signal = self._stop.requested
             self.summary.seconds = time.monotonic() - started
         return self.summary
 
     def request_stop(self) -> None:
         """Ask the loop to stop (what SIGINT/SIGTERM do). A second request ends the current job
         at once instead of after the grace period."""
-        if self._stop_requested_at is None:
-            self._stop_requested_at = time.monotonic()
-            log.info("tezzeret: stopping; the current job has %g s to finish",
-                     self.options.grace_s)
-        else:
-            self._force_stop = True
+        self._stop.request()
+
+    def _loop(self, once: bool) -> None:
+        if self.options.warm_fast and any(CompilationPipeline.FAST in d.pipelines
+                                          for d in self._devices):
+            self._warm = WarmWorker(scratch_dir=self._scratch / "warm")
+        while not self._stopping() and not self._max_jobs_reached():
+            blueprint = self.urza.claim_next_blueprint(self.options.worker_id,
+                                                       self.options.lease_seconds)
+            if blueprint is not None:
+                self._work_on(blueprint)
+                continue
+            if self._queue_waiting_work():
+                continue
+            if once:
+                break
+            self._bus.wait(self._stopping)
 
     # One blueprint --------------------------------------------------------------------------
     def _work_on(self, blueprint: Blueprint) -> None:
@@ -451,7 +452,7 @@ class Forge:
         limits = self.options.limits[job.pipeline]
         controls = {"heartbeat": lambda: self._renew(blueprint),
                     "heartbeat_s": self.options.lease_seconds / 3,
-                    "should_stop": self._job_must_stop}
+                    "should_stop": self._stop.job_must_stop}
         if self._warm is not None and job.pipeline is CompilationPipeline.FAST:
             return self._warm.run(compile_job, out_dir, limits, **controls)
         return run_sandboxed(compile_job, out_dir, limits, **controls)
@@ -547,33 +548,12 @@ class Forge:
             return 0
         return max(0, self.options.daily_compile_budget - ledger.compiles_today(self.urza))
 
-    # Waiting and the bus --------------------------------------------------------------------
     # Stopping -------------------------------------------------------------------------------
     def _stopping(self) -> bool:
-        return self._stop_requested_at is not None
-
-    def _job_must_stop(self) -> bool:
-        """A running job is stopped on a second signal or once the grace period is over."""
-        if self._stop_requested_at is None:
-            return False
-        return (self._force_stop
-                or time.monotonic() - self._stop_requested_at > self.options.grace_s)
+        return self._stop.requested
 
     def _max_jobs_reached(self) -> bool:
         return self.options.max_jobs is not None and self.summary.jobs >= self.options.max_jobs
-
-    def _install_signal_handlers(self) -> dict[int, Any] | None:
-        if threading.current_thread() is not threading.main_thread():
-            return None  # only the main thread may set handlers; the caller stops us instead
-        previous = {}
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.signal(signum, lambda *_: self.request_stop())
-        return previous
-
-    @staticmethod
-    def _restore_signal_handlers(previous: dict[int, Any] | None) -> None:
-        for signum, handler in (previous or {}).items():
-            signal.signal(signum, handler)
 
 
 def _sweep_dead_scratch() -> None:
@@ -601,26 +581,10 @@ def run_forge(workspace: Workspace, redis_url: str | None, options: ForgeOptions
               progress: Callable[[str], None] | None = None) -> ForgeSummary:
     """What `esper forge` does: open the catalog and the bus, run a forge, close them."""
     with Urza.open(workspace) as urza:
-        bus = _connect_bus(workspace, redis_url, options, once=once)
+        bus = daemon_bus.connect(workspace, redis_url, worker_id=options.worker_id, once=once,
+                                 log=log, poll_interval_s=options.poll_interval_s)
         try:
             return Forge(workspace, urza, bus, options, progress=progress).run(once=once)
         finally:
             if bus is not None:
                 bus.close()
-
-
-def _connect_bus(workspace: Workspace, redis_url: str | None, options: ForgeOptions, *,
-                 once: bool) -> Oona | None:
-    """The bus, or None when it cannot be reached (the forge then only polls Urza).
-
-    A daemon starts the workspace's embedded bus if it is not running: it listens on it. A
-    `--once` run only uses a bus that is already up: anyone listening would have started it.
-    A malformed URL is bad input (exit 2), raised before anything is claimed.
-    """
-    try:
-        if once:
-            return Oona.connect_if_running(workspace, redis_url, sender_id=options.worker_id)
-        return Oona.connect(workspace, redis_url, sender_id=options.worker_id)
-    except BusUnavailableError as e:
-        log.warning("tezzeret: %s; polling Urza every %g s instead", e, options.poll_interval_s)
-        return None

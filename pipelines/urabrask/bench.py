@@ -30,16 +30,13 @@ import logging
 import os
 import re
 import shutil
-import signal
 import socket
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
 
 from esper.contracts import (
     LATENCY_MS,
@@ -50,11 +47,13 @@ from esper.contracts import (
     UrabraskTagRefresh,
     UrabraskValidationReport,
 )
-from esper.errors import BadInputError, BusUnavailableError, EsperError
+from esper.errors import BadInputError, EsperError
 from esper.oona import Oona
 from esper.urza import Urza
-from pipelines.daemon_bus import DaemonBus
 from esper.workspace import Workspace
+from pipelines import daemon_bus
+from pipelines.daemon_bus import DaemonBus
+from pipelines.stopping import GracefulStop
 from pipelines.tezzeret.sandbox import Limits
 from pipelines.urabrask import risk, tags
 from pipelines.urabrask.gauntlet import GauntletJob
@@ -170,40 +169,38 @@ class Bench:
             bus, group=CONSUMER_GROUP, wake_topic=Topic.COMPILATION_KERNEL_READY,
             worker_id=options.worker_id, log=log, poll_interval_s=options.poll_interval_s)
         self._bench_key = workspace.private_key("bench")
-        self._stop_requested_at: float | None = None
-        self._force_stop = False
+        self._stop = GracefulStop(options.grace_s, log=log, job="gauntlet")
         self._scratch: Path | None = None
 
     # The loop -------------------------------------------------------------------------------
     def run(self, once: bool) -> BenchSummary:
         started = time.monotonic()
-        previous = self._install_signal_handlers()
         self._scratch = Path(tempfile.mkdtemp(prefix=f"esper-bench-{os.getpid()}-"))
         try:
-            while not self._stopping() and not self._max_jobs_reached():
-                kernel = self.urza.claim_next_kernel(self.options.worker_id,
-                                                     self.options.lease_seconds,
-                                                     targets=[self.target])
-                if kernel is not None:
-                    self._judge(kernel)
-                    continue
-                if once:
-                    break
-                self._bus.wait(self._stopping)
+            with self._stop.on_signals():
+                self._loop(once)
         finally:
             shutil.rmtree(self._scratch, ignore_errors=True)
-            self._restore_signal_handlers(previous)
-            self.summary.stopped_by_signal = self._stop_requested_at is not None
+            self.summary.stopped_by_signal = self._stop.requested
             self.summary.seconds = time.monotonic() - started
         return self.summary
 
     def request_stop(self) -> None:
-        if self._stop_requested_at is None:
-            self._stop_requested_at = time.monotonic()
-            log.info("urabrask: stopping; the current gauntlet has %g s to finish",
-                     self.options.grace_s)
-        else:
-            self._force_stop = True
+        """Ask the loop to stop (what SIGINT/SIGTERM do). A second request ends the current
+        gauntlet at once instead of after the grace period."""
+        self._stop.request()
+
+    def _loop(self, once: bool) -> None:
+        while not self._stopping() and not self._max_jobs_reached():
+            kernel = self.urza.claim_next_kernel(self.options.worker_id,
+                                                 self.options.lease_seconds,
+                                                 targets=[self.target])
+            if kernel is not None:
+                self._judge(kernel)
+                continue
+            if once:
+                break
+            self._bus.wait(self._stopping)
 
     # One kernel -----------------------------------------------------------------------------
     def _judge(self, kernel: CompiledKernelArtifact) -> None:
@@ -214,7 +211,7 @@ class Bench:
         outcome = run_gauntlet_sandboxed(
             self.workspace.root, job, self.options.limits,
             heartbeat=lambda: self._renew(kernel), heartbeat_s=self.options.lease_seconds / 3,
-            should_stop=self._job_must_stop, scratch_dir=self._scratch)
+            should_stop=self._stop.job_must_stop, scratch_dir=self._scratch)
         if outcome.stopped:
             self._release(kernel)
             return
@@ -350,45 +347,20 @@ class Bench:
         except EsperError as e:
             log.warning("urabrask: could not release %s: %s", kernel.id, e)
 
-    # Waiting and the bus --------------------------------------------------------------------
     # Stopping -------------------------------------------------------------------------------
     def _stopping(self) -> bool:
-        return self._stop_requested_at is not None
-
-    def _job_must_stop(self) -> bool:
-        if self._stop_requested_at is None:
-            return False
-        return (self._force_stop
-                or time.monotonic() - self._stop_requested_at > self.options.grace_s)
+        return self._stop.requested
 
     def _max_jobs_reached(self) -> bool:
         return self.options.max_jobs is not None and len(self.summary.jobs) >= self.options.max_jobs
-
-    def _install_signal_handlers(self) -> dict[int, Any] | None:
-        if threading.current_thread() is not threading.main_thread():
-            return None
-        previous = {}
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            previous[signum] = signal.signal(signum, lambda *_: self.request_stop())
-        return previous
-
-    @staticmethod
-    def _restore_signal_handlers(previous: dict[int, Any] | None) -> None:
-        for signum, handler in (previous or {}).items():
-            signal.signal(signum, handler)
 
 
 def run_bench(workspace: Workspace, redis_url: str | None, options: BenchOptions, *, once: bool,
               progress: Callable[[str], None] | None = None) -> BenchSummary:
     """What `esper bench` does: open the catalog and the bus, run a bench, close them."""
     with Urza.open(workspace) as urza:
-        try:
-            bus = (Oona.connect_if_running(workspace, redis_url, sender_id=options.worker_id)
-                   if once else Oona.connect(workspace, redis_url, sender_id=options.worker_id))
-        except BusUnavailableError as e:
-            log.warning("urabrask: %s; polling Urza every %g s instead", e,
-                        options.poll_interval_s)
-            bus = None
+        bus = daemon_bus.connect(workspace, redis_url, worker_id=options.worker_id, once=once,
+                                 log=log, poll_interval_s=options.poll_interval_s)
         try:
             return Bench(workspace, urza, bus, options, progress=progress).run(once=once)
         finally:
