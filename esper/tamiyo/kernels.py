@@ -80,11 +80,8 @@ class UrzaKernelChooser:
 
     def note_choice(self, candidate: KernelCandidate) -> None:
         # tamiyo_interest counts the germinations that picked the blueprint (HLD 7.1.3): the
-        # forge recompiles high-interest blueprints first and curation keeps them. A read then
-        # a write: two runs choosing the same blueprint at the same moment may count once.
-        blueprint = self.urza.get_blueprint(candidate.blueprint_id)
-        self.urza.set_tamiyo_interest(blueprint.id, blueprint.tamiyo_interest + 1.0,
-                                      actor=self.actor)
+        # forge recompiles high-interest blueprints first and curation keeps them.
+        self.urza.add_tamiyo_interest(candidate.blueprint_id, 1.0, actor=self.actor)
 
 
 @dataclass

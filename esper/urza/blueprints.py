@@ -149,15 +149,26 @@ class BlueprintCatalog(CatalogBase):
     def set_tamiyo_interest(self, blueprint_id: str, value: float, *,
                             actor: str = "tamiyo") -> Blueprint:
         """How often the controller has wanted this design: a hint for Karn and the forge."""
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise BadInputError(f"tamiyo_interest must be a number >= 0, not {value!r}")
+        _require_interest(value, "tamiyo_interest")
+        with self.transaction():
+            return self._write_tamiyo_interest(self._resolve_blueprint(blueprint_id),
+                                               float(value), actor)
+
+    def add_tamiyo_interest(self, blueprint_id: str, amount: float = 1.0, *,
+                            actor: str = "tamiyo") -> Blueprint:
+        """Count `amount` more choices of this design. The read and the write are one write
+        transaction, so runs that choose it at the same moment each count."""
+        _require_interest(amount, "the tamiyo_interest increment")
         with self.transaction():
             row = self._resolve_blueprint(blueprint_id)
-            self._execute("UPDATE blueprints SET tamiyo_interest = ?, updated_at = ? WHERE id = ?",
-                          (float(value), now_iso(), row["id"]))
-            self.audit(actor, "blueprint.tamiyo_interest", row["id"],
-                       {"from": row["tamiyo_interest"], "to": float(value)})
-            return blueprint_from_row(self._blueprint_row(row["id"]))
+            return self._write_tamiyo_interest(row, row["tamiyo_interest"] + float(amount), actor)
+
+    def _write_tamiyo_interest(self, row, value: float, actor: str) -> Blueprint:
+        self._execute("UPDATE blueprints SET tamiyo_interest = ?, updated_at = ? WHERE id = ?",
+                      (value, now_iso(), row["id"]))
+        self.audit(actor, "blueprint.tamiyo_interest", row["id"],
+                   {"from": row["tamiyo_interest"], "to": value})
+        return blueprint_from_row(self._blueprint_row(row["id"]))
 
     # The forge's queue ------------------------------------------------------------------------
     def claim_next_blueprint(self, worker: str, lease_seconds: float) -> Blueprint | None:
@@ -239,3 +250,8 @@ class BlueprintCatalog(CatalogBase):
                 raise BadInputError(f"blueprint id prefix {id_or_prefix!r} is ambiguous: it "
                                     f"matches {shown}{', ...' if len(rows) > 5 else ''}")
         raise NotFoundError(f"no blueprint with id {id_or_prefix!r}")
+
+
+def _require_interest(value: float, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise BadInputError(f"{what} must be a number >= 0, not {value!r}")

@@ -41,6 +41,14 @@ def _claim_all(root: str, worker: str, start, results) -> None:
         results.put((worker, taken))
 
 
+def _choose_repeatedly(root: str, blueprint_id: str, times: int, start) -> None:
+    """A training run's kernel chooser noting that it picked this blueprint, again and again."""
+    with Urza.open(Workspace(Path(root))) as urza:
+        start.wait()
+        for _ in range(times):
+            urza.add_tamiyo_interest(blueprint_id, 1.0, actor=f"run-{os.getpid()}")
+
+
 def _claim_and_hang(root: str, worker: str, lease_seconds: float, results) -> None:
     """A worker that takes a job and then stops answering (until it is killed)."""
     with Urza.open(Workspace(Path(root))) as urza:
@@ -112,6 +120,24 @@ def test_racing_workers_claim_every_blueprint_exactly_once(workspace):
         assert all(r["subject"] in taken[r["actor"]] for r in claimed_rows)
         check = urza.verify_audit_chain()
         assert check.ok and check.rows == 40 * 3  # added, claimed, compiled
+
+
+def test_racing_runs_each_count_their_choice_of_a_blueprint(workspace):
+    with Urza.open(workspace) as urza:
+        blueprint = urza.add_blueprint(ir_bytes(0), name="d0", interface_kind=LayerKind.LINEAR,
+                                       actor="test")[0]
+    start = SPAWN.Event()
+    runs = [SPAWN.Process(target=_choose_repeatedly,
+                          args=(str(workspace.root), blueprint.id, 25, start)) for _ in range(3)]
+    for run in runs:
+        run.start()
+    start.set()
+    for run in runs:
+        run.join(60)
+        assert run.exitcode == 0
+    with Urza.open(workspace) as urza:
+        assert urza.get_blueprint(blueprint.id).tamiyo_interest == 75.0  # no choice lost
+        assert urza.verify_audit_chain().ok
 
 
 def test_a_dead_workers_claim_is_taken_over_after_its_lease(workspace):
