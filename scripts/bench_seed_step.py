@@ -73,7 +73,10 @@ DEFAULT_SIZES = {"cpu": {"width": 16, "in_dim": 16, "batch": 8},
 
 
 class _OpCounter(TorchDispatchMode):
-    """Counts the ATen ops dispatched inside the block (backward's included)."""
+    """Counts the ATen ops dispatched inside the block (backward's included), and higher-order
+    ops (a Triton launch through wrap_triton's tracing path is one)."""
+
+    supports_higher_order_operators = True
 
     def __init__(self) -> None:
         super().__init__()

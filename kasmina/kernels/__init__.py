@@ -14,7 +14,12 @@ accumulates it across backward passes with no side effect inside a backward form
 (`torch.ops.kasmina.*`). Eager code calls their launchers directly: the same kernels with the
 same arguments, so the same bits, without the registered op's Python dispatch (its autograd
 wrapper, argument defaults, alias checks), which cost ~0.6 ms of host time per blending layer
-per step on the H100 host (docs/bench-train.md), against a 14 ms step.
+per step on the H100 host (docs/bench-train.md), against a 14 ms step. It calls them with
+`wrap_triton` off, as the registered ops' eager bodies run: a launch then goes straight to the
+Triton kernel, where under `wrap_triton` it went through a higher-order op's tracing machinery
+(pytrees, signature binding): 1.2 ms of host time per launch on the H100 host under cProfile,
+0.13 ms of it Triton's own launch (scripts/bench_seed_step.py --profile), for launches that need
+no tracing.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from contextlib import contextmanager
 from typing import Literal
 
 import torch
+from torch._library.triton import set_wrap_triton_enabled
 
 from kasmina.kernels import reference
 
@@ -63,6 +69,12 @@ def _launchers():
     return blend
 
 
+def _eager(launcher, *args):
+    """`launcher(*args)` with `wrap_triton` off: the kernels launched directly (real tensors)."""
+    with set_wrap_triton_enabled(False):
+        return launcher(*args)
+
+
 def probe_gradient(energy: torch.Tensor, elements: int) -> torch.Tensor:
     """(C, 2) float64: the gradient that adds (energy, elements per chunk) to a telemetry probe."""
     per_chunk = float(elements // energy.numel())
@@ -92,7 +104,7 @@ def chunk_stats(y: torch.Tensor, chunks: int, row_step: int, dead_threshold: flo
         launchers = _launchers()
         if launchers is None:
             return _ops().sampled_stats(y, chunks, row_step, dead_threshold)
-        return launchers.sampled_stats(y, chunks, row_step, dead_threshold)
+        return _eager(launchers.sampled_stats, y, chunks, row_step, dead_threshold)
     return reference.chunk_stats(y, chunks, row_step, dead_threshold)
 
 
@@ -106,7 +118,8 @@ def accumulate_chunk_stats(y: torch.Tensor, chunks: int, row_step: int, dead_thr
         if launchers is None:
             _ops().accumulate_sampled_stats(y, chunks, row_step, dead_threshold, health, column, float(count))
         else:
-            launchers.accumulate_sampled_stats(y, chunks, row_step, dead_threshold, health, column, float(count))
+            _eager(launchers.accumulate_sampled_stats, y, chunks, row_step, dead_threshold, health, column,
+                   float(count))
         return
     health[:, column:column + 3] += reference.chunk_stats(y, chunks, row_step, dead_threshold)
     health[:, column + 3] += count
@@ -118,7 +131,7 @@ def chunk_energy(grad: torch.Tensor, chunks: int, row_step: int) -> torch.Tensor
         launchers = _launchers()
         if launchers is None:
             return _ops().sampled_energy(grad, chunks, row_step)
-        return launchers.sampled_energy(grad, chunks, row_step)
+        return _eager(launchers.sampled_energy, grad, chunks, row_step)
     return reference.chunk_energy(grad, chunks, row_step)
 
 
@@ -149,7 +162,7 @@ class _TritonBlend(torch.autograd.Function):
     def forward(ctx, y, g, slot_alpha, chunk_slot, slot_chunk, probe, dead_threshold):
         from kasmina.kernels import blend
 
-        out, stats = blend.blend_forward(y, g, slot_alpha, chunk_slot, dead_threshold)
+        out, stats = _eager(blend.blend_forward, y, g, slot_alpha, chunk_slot, dead_threshold)
         ctx.save_for_backward(slot_alpha, chunk_slot)
         ctx.num_slots = g.shape[0]
         ctx.has_probe = probe is not None
@@ -161,7 +174,7 @@ class _TritonBlend(torch.autograd.Function):
         from kasmina.kernels import blend
 
         slot_alpha, chunk_slot = ctx.saved_tensors
-        grad_g, energy = blend.blend_backward(grad_out, slot_alpha, chunk_slot, ctx.num_slots)
+        grad_g, energy = _eager(blend.blend_backward, grad_out, slot_alpha, chunk_slot, ctx.num_slots)
         probe_grad = probe_gradient(energy, grad_out.shape[0] * grad_out.shape[1]) if ctx.has_probe else None
         return grad_out, grad_g, None, None, None, probe_grad, None
 

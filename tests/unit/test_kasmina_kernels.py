@@ -187,6 +187,36 @@ def test_eager_telemetry_reads_equal_the_registered_ops():
     assert torch.equal(stats, torch.ops.kasmina.sampled_stats(y, 4, 3, 1e-6))
 
 
+def test_eager_launches_run_with_wrap_triton_off(monkeypatch):
+    """Eager blends and telemetry reads launch the Triton kernels directly: wrap_triton is off at
+    every launch, so a launch does not go through the higher-order op that wrap_triton routes it
+    through for tracing (its host cost; on CUDA only, the interpreter skips it anyway)."""
+    from torch._library.triton import is_wrap_triton_enabled
+
+    blend = _triton()
+    wrap_triton = blend.wrap_triton
+    states = []
+
+    def recording_wrap_triton(kernel):
+        states.append(is_wrap_triton_enabled())
+        return wrap_triton(kernel)
+
+    monkeypatch.setattr(blend, "wrap_triton", recording_wrap_triton)
+    generator = torch.Generator().manual_seed(6)
+    y, g, slot_alpha, chunk_slot, slot_chunk = (t.to(DEVICE) for t in _problem(9, 4, 5, 2, torch.float32,
+                                                                                generator))
+    health = torch.zeros(4, 6, dtype=torch.float64, device=DEVICE)
+    with kernels.backend("triton"):
+        y.requires_grad_()
+        out, _ = kernels.blend_chunks(y, g, slot_alpha, chunk_slot, slot_chunk, kernels.new_probe(4, DEVICE), 1e-6)
+        out.sum().backward()
+        kernels.accumulate_chunk_stats(y.detach(), 4, 2, 1e-6, health, 0, 5.0)
+        kernels.chunk_energy(y.detach(), 4, 2)
+        kernels.chunk_stats(y.detach(), 4, 2, 1e-6)
+    assert len(states) == 6 and not any(states)  # blend forward, backward, the reads (2 + 1 + 1)
+    assert is_wrap_triton_enabled()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="torch.compile of user Triton kernels needs CUDA")
 def test_compile_fullgraph_sees_through_the_blend():
