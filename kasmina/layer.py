@@ -794,10 +794,13 @@ class KasminaLayer(nn.Module):
             self.state.graft_signal.index_copy_(0, chunks, rms)
 
     def observe_loss(self, loss: torch.Tensor) -> None:
-        """Feed the task loss to `performance_linked` grafting (no sync: stays on the device)."""
-        value = loss.detach().reshape(()).to(self.loss_ema.dtype)
+        """Feed the task loss to `performance_linked` grafting (no sync: stays on the device).
+        Every step, in every layer: no detach or reshape op for a scalar loss, and the EMA is
+        written by `where` itself (its inputs are temporaries, so `out=ema` aliases none)."""
         ema = self.loss_ema
-        ema.copy_(torch.where(torch.isnan(ema), value, 0.9 * ema + 0.1 * value))
+        with torch.no_grad():
+            value = (loss if loss.dim() == 0 else loss.reshape(())).to(ema.dtype)
+            torch.where(torch.isnan(ema), value, 0.9 * ema + 0.1 * value, out=ema)
 
     # --- evaluation: with and without ---------------------------------------------------------
 

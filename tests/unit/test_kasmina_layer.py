@@ -406,6 +406,24 @@ def test_checkpoint_round_trip_is_bit_exact_with_grafted_seeds():
         assert torch.equal(a.grad, b.grad)
 
 
+def test_the_loss_ema_takes_the_first_loss_then_moves_a_tenth_and_restarts_after_a_nan():
+    """observe_loss, bit for bit: NaN until a loss, then 0.9 * ema + 0.1 * loss in the EMA's
+    float32, a NaN loss making it NaN and the next loss starting it again; losses of any dtype,
+    scalar or one-element, with or without a graph (the EMA never joins one)."""
+    model, _, _ = wrapped(mlp())
+    layer = kasmina.layers(model)[0]
+    want = torch.full((), float("nan"))
+    generator = torch.Generator().manual_seed(2)
+    for i in range(40):
+        loss = torch.rand((), generator=generator, dtype=torch.float64 if i % 3 else torch.float32) * 5
+        loss = torch.tensor(float("nan")) if i == 17 else loss
+        loss = (loss.reshape(1) if i % 4 == 0 else loss).requires_grad_(i % 2 == 0)
+        layer.observe_loss(loss)
+        value = loss.detach().reshape(()).float()
+        want = value if torch.isnan(want) else 0.9 * want + 0.1 * value
+        assert same_bits(layer.loss_ema, want) and not layer.loss_ema.requires_grad
+
+
 def test_the_loss_ema_of_performance_linked_grafting_is_in_the_state_dict():
     model, _, source = wrapped(mlp())
     layer = kasmina.layers(model)[0]
