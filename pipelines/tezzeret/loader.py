@@ -18,10 +18,11 @@ against the workspace's bench key.
 Every load reads every blob it uses and checks its sha256, and verifies both Ed25519
 signatures. What is not redone per load is parsing, each cached only under the very bytes it
 parsed: a public key by the key file's exact bytes (the file is read on every load, so a
-replaced key takes effect at once), a signed manifest or report by its exact verified body, a
-weights file's layout by the sha256 its bytes were just checked against, and the blueprint's IR
-parse, static check and meta-device skeleton by its blueprint id (the hash of its bytes), the
-interface and the bytes themselves. A load makes a fresh copy of the skeleton and gives it the
+replaced key takes effect at once), a signed manifest or report by its exact verified body (and
+the unverified manifest document's file digests, only a hint of what to read ahead, by its
+bytes), a weights file's layout by the sha256 its bytes were just checked against, and the
+blueprint's IR parse, static check and meta-device skeleton by its blueprint id (the hash of its
+bytes), the interface and the bytes themselves. A load makes a fresh copy of the skeleton and gives it the
 signed weights, sent to the device in one copy: no initial weights are drawn only to be
 overwritten. While a load checks the signatures, a helper thread reads and hashes the files.
 
@@ -262,18 +263,20 @@ def _verify(urza: Urza, record: KernelLoadRecord, require_validated: bool,
     return _Verified(record, manifest, files, ir, skeleton)
 
 
-def _named_files(manifest_document: bytes, wanted: tuple[str, ...]) -> list[str]:
+@functools.lru_cache(maxsize=256)
+def _named_files(manifest_document: bytes, wanted: tuple[str, ...]) -> tuple[str, ...]:
     """The digests that an unverified manifest document gives for the `wanted` files, or none
     where it does not parse: only what to read ahead, never trusted (`_verify` uses a file only
-    under the digest the verified manifest names)."""
+    under the digest the verified manifest names). Parsed once per distinct document: a re-load
+    parses its JSON twice fewer."""
     try:
         files = json.loads(json.loads(manifest_document)["body"])["files"]
-        return [files[name] for name in wanted if name in files]
-    except (ValueError, KeyError, TypeError):
-        return []
+        return tuple(files[name] for name in wanted if name in files)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return ()
 
 
-def _prefetch(store: ArtifactStore, digests: list[str], ir_digest: str) -> dict[str, Any]:
+def _prefetch(store: ArtifactStore, digests: tuple[str, ...], ir_digest: str) -> dict[str, Any]:
     """The files at `digests` (each a bytearray) and the blueprint IR (bytes), by digest, each
     read once and hash-checked by the store, before the manifest's signature is known to
     verify. Anything that does not read is left out: `_verify` reads it again and raises there,
@@ -496,7 +499,8 @@ def _checked_blueprint(blueprint_id: str, interface: str, ir_bytes: bytes):
 def clear_caches() -> None:
     """Forget parsed keys, documents and checked blueprints (benchmarks time a first load with
     this)."""
-    for cache in (_parse_public_key, _signed_manifest, _signed_report, _checked_blueprint):
+    for cache in (_parse_public_key, _named_files, _signed_manifest, _signed_report,
+                  _checked_blueprint):
         cache.cache_clear()
     _layouts.clear()
 
