@@ -795,12 +795,13 @@ class KasminaLayer(nn.Module):
 
     def observe_loss(self, loss: torch.Tensor) -> None:
         """Feed the task loss to `performance_linked` grafting (no sync: stays on the device).
-        Every step, in every layer: no detach or reshape op for a scalar loss, and the EMA is
-        written by `where` itself (its inputs are temporaries, so `out=ema` aliases none)."""
+        Every step, in every layer: no reshape op for a scalar loss, and the EMA is written by
+        `where` itself (its inputs are temporaries, so `out=ema` aliases none)."""
         ema = self.loss_ema
-        with torch.no_grad():
-            value = (loss if loss.dim() == 0 else loss.reshape(())).to(ema.dtype)
-            torch.where(torch.isnan(ema), value, 0.9 * ema + 0.1 * value, out=ema)
+        value = loss.detach().to(ema.dtype)
+        if value.dim():
+            value = value.reshape(())
+        torch.where(torch.isnan(ema), value, 0.9 * ema + 0.1 * value, out=ema)
 
     # --- evaluation: with and without ---------------------------------------------------------
 
