@@ -29,7 +29,7 @@ from torch.nn.modules import module as _torch_module
 from esper.blueprints.budget import DEFAULT_BUDGET, Budget
 from esper.blueprints.hashing import blueprint_id as ir_blueprint_id
 from esper.blueprints.ir import BlueprintIR
-from esper.blueprints.shapes import ResolvedNode
+from esper.blueprints.shapes import Resolved
 from esper.blueprints.validate import check
 from esper.contracts.assets import KernelInterface
 from esper.contracts.enums import LayerKind
@@ -182,8 +182,8 @@ class AttentionHead(nn.Module):
         return F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
 
 
-def _conv(taps: int, depthwise: bool = False) -> Callable[[ResolvedNode, bool], nn.Module]:
-    def make(node: ResolvedNode, feature_maps: bool) -> nn.Module:
+def _conv(taps: int, depthwise: bool = False) -> Callable[[Resolved, bool], nn.Module]:
+    def make(node: Resolved, feature_maps: bool) -> nn.Module:
         attrs = node.attrs
         out = node.in_channels if depthwise else attrs["out"]
         return _empty(nn.Conv2d, node.in_channels, out, taps, stride=attrs["stride"],
@@ -194,7 +194,7 @@ def _conv(taps: int, depthwise: bool = False) -> Callable[[ResolvedNode, bool], 
 
 # The only way an op becomes code. Every whitelisted op but input and output has an entry. Each
 # makes its layer empty, on the meta device.
-FACTORIES: dict[str, Callable[[ResolvedNode, bool], nn.Module]] = {
+FACTORIES: dict[str, Callable[[Resolved, bool], nn.Module]] = {
     "linear": lambda n, _: _empty(nn.Linear, n.in_channels, n.attrs["out"], bias=n.attrs["bias"]),
     "low_rank": lambda n, _: _construct(LowRank, n.in_channels, n.attrs["rank"], n.attrs["out"],
                                         n.attrs["bias"]),
@@ -222,7 +222,7 @@ class BlueprintModule(nn.Module):
     """A blueprint built for one interface. `layers[k]` is the node `node_ids[k]`. Constructed
     empty, on the meta device (`build` and `build_empty` make one)."""
 
-    def __init__(self, ir: BlueprintIR, interface: KernelInterface, nodes: dict[str, ResolvedNode],
+    def __init__(self, ir: BlueprintIR, interface: KernelInterface, nodes: dict[str, Resolved],
                  blueprint_id: str, zero_init_node: str) -> None:
         super().__init__()
         feature_maps = interface.kind is LayerKind.CONV2D
@@ -286,8 +286,8 @@ def build_empty(ir: BlueprintIR, interface: KernelInterface, blueprint_id: str,
     every parameter and buffer on the meta device: shapes, no values, nothing drawn. For a caller
     that assigns every tensor itself (the verifying loader, with the signed weights);
     `blueprint_id` is the IR's id as the caller has it (the loader read the IR by that hash)."""
-    structure, shapes = check(ir, interface, budget)
-    return _construct(BlueprintModule, ir, interface, shapes.nodes, blueprint_id,
+    structure, nodes = check(ir, interface, budget)
+    return _construct(BlueprintModule, ir, interface, nodes, blueprint_id,
                       structure.zero_init_node)
 
 

@@ -10,6 +10,7 @@ blueprint whose output has stride s.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 from esper.blueprints.attrs import resolve_attrs
 from esper.blueprints.budget import Budget
@@ -24,17 +25,21 @@ from esper.contracts.enums import LayerKind
 _NORM_FLOPS = 5  # per element: mean, variance, normalise, scale, shift (a rough count)
 
 
+def _describe(kind: LayerKind, channels: int, stride: int) -> str:
+    if kind is LayerKind.LINEAR:
+        return f"(..., {channels})"
+    if stride == 1:
+        return f"(B, {channels}, H, W)"
+    return f"(B, {channels}, H/{stride}, W/{stride})"
+
+
 class TensorShape(Contract):
     kind: LayerKind
     channels: int
     stride: int = 1  # feature maps only: the map is ceil(H/stride) x ceil(W/stride)
 
     def __str__(self) -> str:
-        if self.kind is LayerKind.LINEAR:
-            return f"(..., {self.channels})"
-        if self.stride == 1:
-            return f"(B, {self.channels}, H, W)"
-        return f"(B, {self.channels}, H/{self.stride}, W/{self.stride})"
+        return _describe(self.kind, self.channels, self.stride)
 
 
 class ResolvedNode(Contract):
@@ -58,25 +63,66 @@ class InterfaceCheck(Contract):
     flops_per_position: int
 
 
+class Shape(NamedTuple):
+    """A TensorShape as the inference computes it (a tuple: the contract's validation, per node,
+    was a third of a check; `infer` gives contracts, `resolve` these)."""
+
+    kind: LayerKind
+    channels: int
+    stride: int
+
+    def __str__(self) -> str:
+        return _describe(self.kind, self.channels, self.stride)
+
+    def with_channels(self, channels: int) -> Shape:
+        return Shape(self.kind, channels, self.stride)
+
+
+class Resolved(NamedTuple):
+    """A ResolvedNode as the inference computes it: what the builder reads."""
+
+    op: str
+    inputs: tuple[str, ...]
+    attrs: dict[str, bool | int | float]
+    in_channels: int
+    shape: Shape
+    params: int
+    flops_per_position: float
+
+
 def infer(ir: BlueprintIR, structure: Structure, interface: KernelInterface,
           budget: Budget) -> InterfaceCheck:
     """Rules `interface`, `shape`, `param_budget` and `flop_budget` at `interface`."""
+    nodes, params, flops = resolve(ir, structure, interface, budget)
+    return InterfaceCheck(
+        interface=interface, param_count=params, flops_per_position=flops,
+        nodes={node_id: ResolvedNode(
+            op=node.op, inputs=list(node.inputs), attrs=node.attrs, in_channels=node.in_channels,
+            shape=TensorShape(kind=node.shape.kind, channels=node.shape.channels,
+                              stride=node.shape.stride),
+            params=node.params, flops_per_position=node.flops_per_position)
+            for node_id, node in nodes.items()})
+
+
+def resolve(ir: BlueprintIR, structure: Structure, interface: KernelInterface,
+            budget: Budget) -> tuple[dict[str, Resolved], int, int]:
+    """`infer`'s rules, raised the same way, giving (every node resolved in topological order,
+    the parameter count, the FLOPs per position) without the contracts: for the builder."""
     where = str(interface)
     if interface.kind is not ir.interface_kind:
         raise BlueprintValidationError(
             "interface", f"a {ir.interface_kind.value} blueprint cannot plug into a "
                          f"{interface.kind.value} host", interface=where)
     by_id = {node.id: node for node in ir.nodes}
-    resolved: dict[str, ResolvedNode] = {}
+    resolved: dict[str, Resolved] = {}
     for node_id in structure.order:
         node = by_id[node_id]
         inputs = [resolved[ref].shape for ref in node.inputs]
         attrs = resolve_attrs(node, interface)
         shape, params, flops = _infer_node(node, inputs, attrs, interface, budget)
-        resolved[node_id] = ResolvedNode(
-            op=node.op, inputs=list(node.inputs), attrs=attrs,
-            in_channels=inputs[0].channels if inputs else 0, shape=shape, params=params,
-            flops_per_position=flops / shape.stride**2)
+        resolved[node_id] = Resolved(node.op, tuple(node.inputs), attrs,
+                                     inputs[0].channels if inputs else 0, shape, params,
+                                     flops / shape.stride**2)
     _check_output(resolved[structure.output_id].shape, structure.output_id, interface)
     params = sum(node.params for node in resolved.values())
     flops = math.ceil(sum(node.flops_per_position for node in resolved.values()))
@@ -88,16 +134,15 @@ def infer(ir: BlueprintIR, structure: Structure, interface: KernelInterface,
         raise BlueprintValidationError(
             "flop_budget", f"{flops} FLOPs per input position; the budget allows "
                            f"{budget.max_flops_per_position}", interface=where)
-    return InterfaceCheck(interface=interface, nodes=resolved, param_count=params,
-                          flops_per_position=flops)
+    return resolved, params, flops
 
 
-def _infer_node(node: Node, inputs: list[TensorShape], attrs: dict, interface: KernelInterface,
-                budget: Budget) -> tuple[TensorShape, int, float]:
+def _infer_node(node: Node, inputs: list[Shape], attrs: dict, interface: KernelInterface,
+                budget: Budget) -> tuple[Shape, int, float]:
     """The node's result shape, its parameter count, and its FLOPs per position of its result."""
     op = node.op
     if op == "input":
-        return TensorShape(kind=interface.kind, channels=interface.in_features), 0, 0.0
+        return Shape(interface.kind, interface.in_features, 1), 0, 0.0
     x = inputs[0]
     c = x.channels
     bias = int(attrs.get("bias", False))
@@ -111,25 +156,25 @@ def _infer_node(node: Node, inputs: list[TensorShape], attrs: dict, interface: K
         return x, 0, float(c)
     if op == "linear":
         out = attrs["out"]
-        return x.model_copy(update={"channels": out}), c * out + out * bias, 2.0 * c * out
+        return x.with_channels(out), c * out + out * bias, 2.0 * c * out
     if op == "low_rank":
         rank, out = attrs["rank"], attrs["out"]
-        return (x.model_copy(update={"channels": out}), c * rank + rank * out + out * bias,
+        return (x.with_channels(out), c * rank + rank * out + out * bias,
                 2.0 * rank * (c + out))
     if op in ("conv1x1", "conv3x3"):
         taps = 1 if op == "conv1x1" else 9
         out = attrs["out"]
-        shape = x.model_copy(update={"channels": out, "stride": x.stride * attrs["stride"]})
+        shape = Shape(x.kind, out, x.stride * attrs["stride"])
         return shape, taps * c * out + out * bias, 2.0 * taps * c * out
     if op == "depthwise_conv3x3":
-        shape = x.model_copy(update={"stride": x.stride * attrs["stride"]})
+        shape = Shape(x.kind, c, x.stride * attrs["stride"])
         return shape, 9 * c + c * bias, 18.0 * c
     if op == "attention_head":
         dim, seq = attrs["dim"], budget.reference_seq_len
         # Fused q, k, v projections with biases; then scores and the weighted sum over `seq`
         # tokens and a softmax, per token.
         flops = 2.0 * c * 3 * dim + 4.0 * seq * dim + 3.0 * seq
-        return x.model_copy(update={"channels": dim}), 3 * (c * dim + dim), flops
+        return x.with_channels(dim), 3 * (c * dim + dim), flops
     if op in ("layer_norm", "batch_norm"):
         return x, 2 * c, float(_NORM_FLOPS * c)
     if op == "rms_norm":
@@ -141,9 +186,9 @@ def _infer_node(node: Node, inputs: list[TensorShape], attrs: dict, interface: K
     raise AssertionError(f"op {op!r} is whitelisted but has no shape rule")
 
 
-def _check_output(shape: TensorShape, output_id: str, interface: KernelInterface) -> None:
+def _check_output(shape: Shape, output_id: str, interface: KernelInterface) -> None:
     stride = interface.stride if interface.kind is LayerKind.CONV2D else 1
-    wanted = TensorShape(kind=interface.kind, channels=interface.out_features, stride=stride)
+    wanted = Shape(interface.kind, interface.out_features, stride)
     if shape != wanted:
         raise BlueprintValidationError(
             "interface", f"the output is {shape}, the interface needs {wanted}", node=output_id,

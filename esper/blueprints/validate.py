@@ -8,7 +8,7 @@ from esper.blueprints.graph import Structure, check_structure
 from esper.blueprints.hashing import blueprint_id
 from esper.blueprints.ir import BlueprintIR
 from esper.blueprints.rules import BlueprintValidationError
-from esper.blueprints.shapes import InterfaceCheck, infer
+from esper.blueprints.shapes import InterfaceCheck, Resolved, infer, resolve
 from esper.contracts.assets import KernelInterface
 from esper.contracts.base import Contract
 from esper.contracts.enums import LayerKind
@@ -67,12 +67,13 @@ def validate(ir: BlueprintIR, interface: KernelInterface | None = None,
 
 
 def check(ir: BlueprintIR, interface: KernelInterface, budget: Budget = DEFAULT_BUDGET,
-          *, source: str = "") -> tuple[Structure, InterfaceCheck]:
+          *, source: str = "") -> tuple[Structure, dict[str, Resolved]]:
     """`validate` at one interface, every rule checked in the same order and raised the same way,
-    without the result contract and without hashing the IR: for the builder, whose callers
-    either know the IR's id already (the verifying loader reads the IR by it) or hash it once."""
+    without the result contracts (each node resolved as a tuple, `shapes.resolve`) and without
+    hashing the IR: for the builder, whose callers either know the IR's id already (the
+    verifying loader reads the IR by it) or hash it once."""
     try:
         structure = check_structure(ir, budget)
-        return structure, infer(ir, structure, interface, budget)
+        return structure, resolve(ir, structure, interface, budget)[0]
     except BlueprintValidationError as e:
         raise e.with_source(source) from None

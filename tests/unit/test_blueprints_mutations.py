@@ -141,3 +141,41 @@ def test_mutated_library_irs_are_refused_by_name_or_build_a_zero_module(data):
     assert tuple(y.shape) == wanted
     assert torch.equal(y, torch.zeros_like(y))
     y.sum().backward()  # the graph is differentiable end to end
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_the_builders_check_agrees_with_validate_on_mutated_irs(data):
+    """`check` (the builder's, resolving nodes as tuples) and `validate` (contracts) refuse the
+    same IRs with the same message, and resolve the rest to the same nodes."""
+    from esper.blueprints import check
+
+    parent = data.draw(st.sampled_from(LIBRARY), label="parent")
+    child = json.loads(json.dumps(parent))
+    for _ in range(data.draw(st.integers(1, 3), label="mutations")):
+        _mutate(child, data.draw)
+    try:
+        ir = load_ir(json.dumps(child), source="child.json")
+    except BlueprintValidationError:
+        return
+    for interface in BUILD_AT.values():
+        outcomes = []
+        for run in (lambda face: check(ir, face)[1], lambda face: validate(ir, face).checks[0]):
+            try:
+                outcomes.append(run(interface))
+            except BlueprintValidationError as e:
+                outcomes.append(str(e))
+        resolved, contract = outcomes
+        if isinstance(contract, str):
+            assert resolved == contract
+            continue
+        assert list(resolved) == list(contract.nodes)
+        for node_id, node in contract.nodes.items():
+            got = resolved[node_id]
+            assert (got.op, list(got.inputs), got.attrs, got.in_channels, got.params,
+                    got.flops_per_position) == (node.op, node.inputs, node.attrs,
+                                                node.in_channels, node.params,
+                                                node.flops_per_position)
+            assert tuple(got.shape) == (node.shape.kind, node.shape.channels, node.shape.stride)
+            assert str(got.shape) == str(node.shape)
+        assert sum(n.params for n in resolved.values()) == contract.param_count
