@@ -13,9 +13,17 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from torch._C import _functorch
-from torch._functorch.vmap import lazy_load_decompositions
 from torch.func import functional_call, vmap
+
+try:  # functorch's own calls under torch.func.vmap (private); absent: torch.func.vmap itself
+    from torch._C import _functorch
+    from torch._functorch.vmap import lazy_load_decompositions
+
+    _DIRECT_VMAP = all(hasattr(_functorch, name) for name in (
+        "_vmap_increment_nesting", "_vmap_decrement_nesting", "_add_batch_dim",
+        "_remove_batch_dim"))
+except ImportError:  # pragma: no cover - a torch that moved them
+    _DIRECT_VMAP = False
 
 from esper.contracts import SeedLifecycle
 
@@ -169,7 +177,7 @@ def _vmap_seeds(fn: Callable[..., torch.Tensor], stacked: list[torch.Tensor], x:
     dimension, the output's taken back as dimension 0), without torch.func.vmap's per-call
     argument validation and pytree handling: 0.15-0.25 ms of CPU time per bank call on 2 shared
     EPYC vCPUs (scripts/bench_seed_step.py). torch.compile traces torch.func.vmap itself."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not _DIRECT_VMAP:
         return vmap(fn, in_dims=(*(0 for _ in stacked), None), randomness="different")(*stacked, x)
     global _decompositions_loaded
     if not _decompositions_loaded:

@@ -227,16 +227,23 @@ def test_culling_restores_the_parameter_count_and_the_identity():
     ("bottleneck_bn_relu_w8", "conv2d:4:2", (3, 4, 5, 5)),  # batch norm: buffers updated in place
 ])
 @pytest.mark.parametrize("seeds", [1, 3])
-def test_bank_runs_what_functional_call_under_vmap_runs_bit_for_bit(blueprint, interface, shape, seeds):
+@pytest.mark.parametrize("direct", [True, False])
+def test_bank_runs_what_functional_call_under_vmap_runs_bit_for_bit(blueprint, interface, shape, seeds,
+                                                                     direct, monkeypatch):
     """SeedBank swaps the seeds' tensors into the template itself rather than through
-    functional_call, and batches them with functorch's calls rather than torch.func.vmap: the
-    same output, gradients, buffers and RNG draws, bit for bit, and the template's own tensors
-    back in place."""
+    functional_call, and batches them with functorch's calls rather than torch.func.vmap (or
+    with torch.func.vmap where a torch lacks those calls: `direct` False): the same output,
+    gradients, buffers and RNG draws, bit for bit, and the template's own tensors back in place."""
     from torch.func import functional_call, vmap
 
     from esper.blueprints import build
     from esper.contracts import KernelInterface
+    from kasmina import seeds as seeds_module
     from kasmina.seeds import SeedBank
+
+    if direct and not seeds_module._DIRECT_VMAP:
+        pytest.skip("this torch has no functorch calls to batch with directly")
+    monkeypatch.setattr(seeds_module, "_DIRECT_VMAP", direct)
 
     template = build(LIBRARY[blueprint], KernelInterface.parse(interface), seed=0)
     own = {n: t for n, t in [*template.named_parameters(), *template.named_buffers()]}
