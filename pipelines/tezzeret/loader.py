@@ -41,7 +41,7 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from esper.blueprints import load_ir
@@ -344,9 +344,9 @@ def _check_manifest_matches(manifest: Manifest, record: KernelLoadRecord) -> Non
         "dtype": (manifest.dtype, record.dtype),
         "pipeline": (manifest.pipeline.value, record.pipeline.value),
     }
-    for field, (signed, catalog) in pairs.items():
+    for fact, (signed, catalog) in pairs.items():
         if signed != catalog:
-            raise IntegrityError(f"kernel {record.id}: the signed manifest says {field} "
+            raise IntegrityError(f"kernel {record.id}: the signed manifest says {fact} "
                                  f"{signed}; the catalog says {catalog}")
     if not manifest.config_hash.startswith(record.toolchain_hash):
         raise IntegrityError(f"kernel {record.id}: the catalog's toolchain hash "
@@ -427,6 +427,9 @@ class _Skeleton:
 
     modules: list[tuple[nn.Module, tuple[str, ...], tuple[tuple[str, int], ...]]]
     slots: dict[str, _Slot]  # state-dict name -> slot
+    # How each weights file this skeleton was loaded with fills it (`_fill_plan`).
+    fills: dict[tuple[str, str], _FillPlan] = field(default_factory=dict, compare=False,
+                                                    repr=False)
 
     @classmethod
     def of(cls, root: nn.Module) -> _Skeleton:
@@ -575,9 +578,80 @@ def _rebuild(verified: _Verified, device: str, *, share_storage: bool = False) -
     import torch
     from torch import nn
 
-    what = f"kernel {verified.record.id}"
+    weights = verified.files[WEIGHTS_FILE]
+    fill = _fill_plan(verified)
+    device = torch.device(device)
+    modules = verified.skeleton.fresh()
+    if device.type == "cpu":  # each tensor made on the bytes read (this load's own buffer)
+        tensors = [torch.frombuffer(weights, dtype=t.dtype, offset=t.begin,
+                                    count=t.count).view(t.shape) if t.direct else
+                   _tensor(weights, t.begin, t.end, t.dtype, t.shape) for t in fill.tensors]
+        copy = False
+    else:
+        tensors = _device_tensors(weights, fill, device)
+        copy = not share_storage
+    for t, tensor in zip(fill.tensors, tensors, strict=True):
+        if t.cast:
+            tensor = tensor.to(fill.target)
+        elif copy:
+            tensor = tensor.clone()  # its own storage, not a view of the one copy
+        if t.parameter:
+            modules[t.owner]._parameters[t.attr] = nn.Parameter(tensor, t.requires_grad)
+        else:
+            modules[t.owner]._buffers[t.attr] = tensor
+    return modules[0]
+
+
+@dataclass(frozen=True)
+class _Fill:
+    """One tensor of the weights file and where it goes: bytes [begin, end) of the file as
+    `dtype` and `shape` (`direct`: a tensor can be made on them in place, neither empty nor
+    misaligned; `count` elements), cast to the manifest's dtype if `cast`, into the skeleton's
+    slot (`owner`, `attr`, ...)."""
+
+    owner: int
+    attr: str
+    parameter: bool
+    requires_grad: bool
+    dtype: Any  # torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+    count: int
+    direct: bool
+    cast: bool
+
+
+@dataclass(frozen=True)
+class _FillPlan:
+    """How a weights file fills a skeleton: its tensors in file order, the data section's start,
+    the one dtype they share (None if several) and the manifest's dtype."""
+
+    tensors: tuple[_Fill, ...]
+    start: int
+    dtype: Any
+    target: Any
+
+
+_MAX_FILLS = 64  # fill plans kept per skeleton (one per weights file and dtype it was loaded with)
+
+
+def _fill_plan(verified: _Verified) -> _FillPlan:
+    """The checked plan for filling this load's skeleton with its weights file: the file's layout
+    (parsed once per sha256, `_safetensors_layout`) must name exactly the skeleton's tensors, each
+    in its shape, or IntegrityError. Both are parses of bytes just verified, so the plan is kept
+    on the skeleton under the weights' sha256 and the manifest's dtype: a re-load checks and
+    derives nothing, it makes the tensors and assigns them."""
+    import torch
+
     weights = verified.files[WEIGHTS_FILE]
     digest = verified.manifest.files[WEIGHTS_FILE]  # what `weights` was just checked to hash to
+    key = (digest, verified.manifest.dtype)
+    fills = verified.skeleton.fills
+    plan = fills.get(key)
+    if plan is not None:
+        return plan
+    what = f"kernel {verified.record.id}"
     layout = _layouts.get(digest)
     if layout is None:
         if len(_layouts) >= _MAX_LAYOUTS:
@@ -595,41 +669,35 @@ def _rebuild(verified: _Verified, device: str, *, share_storage: bool = False) -
             raise IntegrityError(f"{what}: {WEIGHTS_FILE} does not fit the blueprint: {name} has "
                                  f"shape {list(shape)}, the blueprint's is {list(slots[name].shape)}")
     target = getattr(torch, verified.manifest.dtype)
-    device = torch.device(device)
-    copy = device.type != "cpu" and not share_storage
-    modules = verified.skeleton.fresh()
-    for name, tensor in _tensors(weights, start, entries, device).items():
-        if tensor.is_floating_point() and tensor.dtype != target:
-            tensor = tensor.to(target)
-        elif copy:
-            tensor = tensor.clone()  # its own storage, not a view of the one copy
-        slot = slots[name]
-        if slot.parameter:
-            modules[slot.owner]._parameters[slot.attr] = nn.Parameter(tensor, slot.requires_grad)
-        else:
-            modules[slot.owner]._buffers[slot.attr] = tensor
-    return modules[0]
+    tensors = []
+    for name, (dtype_name, shape, begin, end) in sorted(entries.items(), key=lambda e: e[1][2]):
+        slot, dtype = slots[name], getattr(torch, dtype_name)
+        tensors.append(_Fill(slot.owner, slot.attr, slot.parameter, slot.requires_grad, dtype,
+                             shape, start + begin, start + end, (end - begin) // dtype.itemsize,
+                             begin != end and (start + begin) % dtype.itemsize == 0,
+                             dtype.is_floating_point and dtype != target))
+    dtypes = {t.dtype for t in tensors}
+    plan = _FillPlan(tuple(tensors), start, dtypes.pop() if len(dtypes) == 1 else None, target)
+    if len(fills) >= _MAX_FILLS:
+        fills.clear()
+    fills[key] = plan
+    return plan
 
 
-def _tensors(weights: bytearray, start: int, entries: dict[str, tuple], device) -> dict[str, Any]:
-    """Every tensor of the weights file on `device`, in the file's dtypes. On the CPU each is
-    made on the bytes read (this load's own buffer, no copy); on another device they are views
-    of one copy of the whole data section."""
+def _device_tensors(weights: bytearray, fill: _FillPlan, device) -> list[Any]:
+    """The weights file's tensors on `device`, in the file's dtypes and `fill`'s order: views of
+    one copy of the whole data section."""
     import torch
 
-    if device.type == "cpu" or not entries:
-        return {name: _tensor(weights, start + begin, start + end, getattr(torch, dtype), shape)
-                for name, (dtype, shape, begin, end) in entries.items()}
-    section = torch.frombuffer(weights, dtype=torch.uint8, offset=start,
-                               count=len(weights) - start).to(device)  # the one copy
-    dtypes = {dtype for dtype, _, _, _ in entries.values()}
-    if len(dtypes) == 1:  # the usual case: one view as that dtype, split (two ops, not 3 a tensor)
-        ordered = sorted(entries.items(), key=lambda item: item[1][2])
-        parts = section.view(getattr(torch, dtypes.pop())).split(
-            [math.prod(shape) for _, (_, shape, _, _) in ordered])
-        return {name: part.view(shape) for (name, (_, shape, _, _)), part in zip(ordered, parts, strict=True)}
-    return {name: _tensor(section, begin, end, getattr(torch, dtype), shape)
-            for name, (dtype, shape, begin, end) in entries.items()}
+    if not fill.tensors:
+        return []
+    section = torch.frombuffer(weights, dtype=torch.uint8, offset=fill.start,
+                               count=len(weights) - fill.start).to(device)  # the one copy
+    if fill.dtype is not None:  # the usual case: one view as that dtype, split (two ops, not 3 a tensor)
+        parts = section.view(fill.dtype).split([math.prod(t.shape) for t in fill.tensors])
+        return [part.view(t.shape) for t, part in zip(fill.tensors, parts, strict=True)]
+    return [_tensor(section, t.begin - fill.start, t.end - fill.start, t.dtype, t.shape)
+            for t in fill.tensors]
 
 
 def _tensor(section, begin: int, end: int, dtype, shape: tuple[int, ...]):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load, save
 
+from esper.blueprints import standard_library
 from esper.errors import IntegrityError
 from pipelines.tezzeret.loader import _safetensors_layout, _tensor
 
@@ -77,3 +78,69 @@ def test_the_read_ahead_hint_is_whatever_parses_and_nothing_else(document, diges
 
     assert _named_files(document.encode(), ("weights.safetensors",)) == digests
     assert _named_files(document.encode(), ("weights.safetensors",)) == digests  # cached
+
+
+def _verified(ir, face: str, state: dict, dtype: str = "float32"):
+    """What `_rebuild` reads of a verified load: the manifest's weights digest and dtype, the
+    weights file's bytes, the blueprint's skeleton."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from esper.blueprints import blueprint_id, build_empty
+    from esper.contracts import KernelInterface
+    from pipelines.tezzeret.compile import WEIGHTS_FILE
+    from pipelines.tezzeret.loader import _Skeleton
+
+    data = bytearray(save(state))
+    skeleton = _Skeleton.of(build_empty(ir, KernelInterface.parse(face), blueprint_id(ir)))
+    return SimpleNamespace(
+        record=SimpleNamespace(id="k"), skeleton=skeleton, files={WEIGHTS_FILE: data},
+        manifest=SimpleNamespace(files={WEIGHTS_FILE: hashlib.sha256(data).hexdigest()},
+                                 dtype=dtype))
+
+
+@pytest.mark.parametrize("ir", standard_library(), ids=lambda ir: ir.name)
+def test_a_rebuilt_kernel_is_the_built_module_with_its_weights(ir):
+    """The skeleton filled by the cached plan computes what the module it was saved from
+    computes, bit for bit, every tensor in its slot as a Parameter or buffer; a second load
+    uses the plan the first made."""
+    from esper.blueprints import build
+    from esper.contracts import KernelInterface
+    from pipelines.tezzeret.loader import _rebuild
+
+    face = "linear:37:11" if ir.interface_kind.value == "linear" else "conv2d:6:10:2"
+    built = build(ir, KernelInterface.parse(face), seed=1).eval()
+    with torch.no_grad():  # the zero-initialised last op would make every output 0
+        for p in built.parameters():
+            p.copy_(torch.randn_like(p))
+    state = {k: t.contiguous() for k, t in built.state_dict().items()}
+    verified = _verified(ir, face, state)
+    for _ in range(2):
+        module = _rebuild(verified, "cpu").eval()
+        got = module.state_dict(keep_vars=True)
+        assert list(got) == list(built.state_dict())
+        for name, tensor in built.state_dict(keep_vars=True).items():
+            assert type(got[name]) is type(tensor) and got[name].requires_grad == tensor.requires_grad
+            assert torch.equal(got[name], tensor), name
+        x = (torch.randn(2, 5, 37) if ir.needs_sequence else torch.randn(4, 37)) \
+            if face.startswith("linear") else torch.randn(2, 6, 7, 7)
+        assert torch.equal(module(x), built(x))
+    assert len(verified.skeleton.fills) == 1
+
+
+def test_a_rebuild_casts_to_the_manifests_dtype_and_refuses_weights_that_do_not_fit():
+    from pipelines.tezzeret.loader import _rebuild
+
+    ir = next(ir for ir in standard_library() if ir.name == "mlp_gelu_w8")
+    state = {"layers.0.weight": torch.randn(8, 37), "layers.0.bias": torch.randn(8),
+             "layers.2.weight": torch.randn(11, 8), "layers.2.bias": torch.randn(11)}
+    half = {k: t.bfloat16() for k, t in state.items()}
+    module = _rebuild(_verified(ir, "linear:37:11", half, dtype="float32"), "cpu")
+    assert all(t.dtype is torch.float32 and torch.equal(t, half[k].float())
+               for k, t in module.state_dict().items())
+    missing = {k: t for k, t in state.items() if k != "layers.2.bias"}
+    with pytest.raises(IntegrityError, match=r"does not fit the blueprint: missing \['layers.2.bias'\]"):
+        _rebuild(_verified(ir, "linear:37:11", missing), "cpu")
+    wrong = state | {"layers.2.bias": torch.randn(12)}
+    with pytest.raises(IntegrityError, match="layers.2.bias has shape \\[12\\]"):
+        _rebuild(_verified(ir, "linear:37:11", wrong), "cpu")
