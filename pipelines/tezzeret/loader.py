@@ -20,11 +20,12 @@ signatures. What is not redone per load is parsing, each cached only under the v
 parsed: a public key by the key file's exact bytes (the file is read on every load, so a
 replaced key takes effect at once), a signed manifest or report by its exact verified body (and
 the unverified manifest document's file digests, only a hint of what to read ahead, by its
-bytes), a weights file's layout by the sha256 its bytes were just checked against, and the
+bytes), a weights file's layout by the sha256 its bytes were just checked against, the
 blueprint's IR parse, static check and meta-device skeleton by its blueprint id (the hash of its
-bytes), the interface and the bytes themselves. A load makes a fresh copy of the skeleton and gives it the
-signed weights, sent to the device in one copy: no initial weights are drawn only to be
-overwritten. While a load checks the signatures, a helper thread reads and hashes the files.
+bytes), the interface and the bytes themselves, and how a weights file fills a skeleton (checked
+once) on the skeleton by the weights' sha256. A load makes a fresh copy of the skeleton and
+gives it the signed weights, sent to the device in one copy: no initial weights are drawn only
+to be overwritten. While a load checks the signatures, a helper thread reads and hashes the files.
 
 torch, the catalog and the signing library are imported when a kernel is loaded: the CLI and the
 GPU check script import this module.
