@@ -144,3 +144,24 @@ def test_a_rebuild_casts_to_the_manifests_dtype_and_refuses_weights_that_do_not_
     wrong = state | {"layers.2.bias": torch.randn(12)}
     with pytest.raises(IntegrityError, match="layers.2.bias has shape \\[12\\]"):
         _rebuild(_verified(ir, "linear:37:11", wrong), "cpu")
+
+
+@pytest.mark.parametrize("mixed", [False, True], ids=["one dtype", "mixed dtypes"])
+def test_the_one_copy_path_gives_the_tensors_the_file_holds(mixed):
+    """The path a GPU load takes (one copy of the data section, then views: split when the
+    tensors share a dtype, one view each otherwise), run here on the CPU, gives each tensor the
+    file holds, in the plan's order."""
+    from pipelines.tezzeret.loader import _device_tensors, _fill_plan
+
+    ir = next(ir for ir in standard_library() if ir.name == "mlp_gelu_w8")
+    state = {"layers.0.weight": torch.randn(8, 37), "layers.0.bias": torch.randn(8),
+             "layers.2.weight": torch.randn(11, 8), "layers.2.bias": torch.randn(11)}
+    if mixed:  # safetensors puts it after the 4-byte ones (no view starts misaligned)
+        state["layers.0.bias"] = state["layers.0.bias"].bfloat16()
+    verified = _verified(ir, "linear:37:11", state)
+    plan = _fill_plan(verified)
+    assert [t.begin for t in plan.tensors] == sorted(t.begin for t in plan.tensors)
+    tensors = _device_tensors(verified.files["weights.safetensors"], plan, torch.device("cpu"))
+    slots = {(s.owner, s.attr): name for name, s in verified.skeleton.slots.items()}
+    for t, tensor in zip(plan.tensors, tensors, strict=True):
+        assert torch.equal(tensor, state[slots[(t.owner, t.attr)]])
