@@ -46,6 +46,12 @@ _MODULE_CONTAINERS = tuple(name for name, value in _MODULE_STATE.items()
                            if isinstance(value, (dict, set)))
 
 
+def _registration_hooks(name: str):
+    """torch's global registration hooks of that kind; a torch without the table counts as
+    having hooks, so its modules take nn.Module's own path."""
+    return getattr(_torch_module, name, True)
+
+
 class _Constructing(nn.Module):
     """Put between a layer class and nn.Module while `_construct` runs the layer's constructor:
     the layer's `super().__init__()` lands here and copies a template of nn.Module's state
@@ -56,7 +62,7 @@ class _Constructing(nn.Module):
     __setattr__."""
 
     def __init__(self, *args, **kwargs) -> None:
-        if args or kwargs or self.call_super_init:
+        if args or kwargs or getattr(self, "call_super_init", True):
             nn.Module.__init__(self, *args, **kwargs)
             return
         state = _MODULE_STATE.copy()
@@ -70,11 +76,11 @@ class _Constructing(nn.Module):
                 or name in d["_modules"] or name in d["_non_persistent_buffers_set"]):
             if type(value) is nn.Parameter:
                 if (value.grad_fn is None and not hasattr(type(self), name)
-                        and not _torch_module._global_parameter_registration_hooks):
+                        and not _registration_hooks("_global_parameter_registration_hooks")):
                     d["_parameters"][name] = value
                     return
             elif isinstance(value, nn.Module):
-                if not _torch_module._global_module_registration_hooks:
+                if not _registration_hooks("_global_module_registration_hooks"):
                     d["_modules"][name] = value
                     return
             elif not isinstance(value, torch.Tensor):
