@@ -22,8 +22,9 @@ Arms (each a `run_training` run, the function `esper train` calls, except gromo'
 The continual split (the config's `continual` section; `--tasks continual` alone): phase 1
 trains a host on the first classes; phase 2 starts each arm from it on the second classes
 (`model.init_from`, `data.classes`): `finetune` trains the whole host, `esper` freezes it
-(`model.freeze`) and grows seeds, `static_adapters` freezes it and trains adapters at esper's
-budget. Accuracy on the first classes before and after, read over all classes and within the
+(`model.freeze`) and grows seeds, `esper_head` likewise with seeds in the head only, one per
+class logit (a graft then writes only its own class's logit), `static_adapters` freezes it and
+trains adapters at esper's budget. Accuracy on the first classes before and after, read over all classes and within the
 first ones, gives the degradation after the germinations.
 
 Metrics per run: the final validation accuracy (classification) or loss (regression), the
@@ -113,8 +114,9 @@ def continual_config(bench: dict[str, Any], arm: str, seed: int, device: str, ou
                      phase: int, **extra: Any) -> dict[str, Any]:
     """The TrainConfig mapping of one run of the continual split: phase 1 trains the host on the
     first classes; phase 2 starts every arm from that host (`init_from`) on the second classes.
-    `finetune` trains the whole host; `esper` and `static_adapters` freeze it (`model.freeze`),
-    so only seeds or adapters learn."""
+    `finetune` trains the whole host; the esper arms and `static_adapters` freeze it
+    (`model.freeze`), so only seeds or adapters learn. An `esper_*` arm is `esper` with the
+    continual section's entry of that name merged over it."""
     spec = bench["continual"]
     model: dict[str, Any] = {"name": "mlp", "kwargs": {"widths": list(spec["widths"])}}
     config = merge(bench.get("common", {}), {
@@ -130,8 +132,9 @@ def continual_config(bench: dict[str, Any], arm: str, seed: int, device: str, ou
         model["freeze"] = ["layers.*", "head.*"]  # the host as phase 1 left it; adapters are new
     if arm == "static_adapters":
         model["kwargs"]["adapter_width"] = extra["adapter_width"]
-    if arm == "esper":
+    if arm.startswith("esper"):
         config = merge(merge(merge(config, {"kasmina": {"include": []}}), bench["esper"]), spec["esper"])
+        config = merge(config, spec.get(arm, {}) if arm != "esper" else {})
     return config
 
 
@@ -174,7 +177,8 @@ def interfaces(bench: dict[str, Any], device: str) -> list[str]:
     found: set[str] = set()
     mappings = [train_config(bench, task, "esper", 0, device, "runs") for task in bench["tasks"]]
     if "continual" in bench:
-        mappings.append(continual_config(bench, "esper", 0, device, "runs", phase=2, init_from=""))
+        mappings += [continual_config(bench, arm, 0, device, "runs", phase=2, init_from="")
+                     for arm in bench["continual"]["arms"] if arm.startswith("esper")]
     for mapping in mappings:
         config = TrainConfig.from_mapping(mapping)
         data = build_data(config.data, seed=config.data_seed)
@@ -601,11 +605,12 @@ def goals(table: dict[str, Any], continual: dict[str, Any] | None = None) -> lis
         worst = max(drifts, key=lambda d: d[2])
         lines.append(f"drift in unmodified layers: largest {worst[2]:.3f} ({worst[0]}, {worst[1]}) "
                      f"(goal < 0.05): **{'met' if worst[2] < 0.05 else 'missed'}**")
-    e = (continual or {}).get("arms", {}).get("esper", {})
-    if "within" in e:
+    for arm, e in (continual or {}).get("arms", {}).items():
+        if not arm.startswith("esper") or "within" not in e:
+            continue
         w, a = e["within"], e["all"]
         ok = e["germinations"] >= 20 and w["degradation"] < 0.05
-        lines.append(f"continual split: esper lost {fmt(w['degradation'], pct=True)} of its accuracy "
+        lines.append(f"continual split: {arm} lost {fmt(w['degradation'], pct=True)} of its accuracy "
                      f"on the first classes, read within them ({w['first_before']:.3f} -> "
                      f"{w['first_after']:.3f}; over all classes {fmt(a['degradation'], pct=True)}) "
                      f"after {e['germinations']:.1f} germinations a run, learning the second classes "
@@ -656,7 +661,7 @@ def markdown(bench: dict[str, Any], table: dict[str, Any], env: dict[str, Any],
             f"{spec['data']['name']}, host {spec['widths']}: phase 1 trains it on classes "
             f"{continual['first']} for {spec['epochs'][0]} epochs; phase 2 starts each arm from that "
             f"host on classes {continual['second']} for {spec['epochs'][1]} epochs. `finetune` "
-            "trains the whole host; `esper` and `static_adapters` freeze it, so only grafts or "
+            "trains the whole host; the esper arms and `static_adapters` freeze it, so only grafts or "
             "adapters learn. Accuracy is read two ways: over all ten classes (class-incremental: "
             "the model must also tell old from new) and within each phase's own classes "
             "(task-incremental: the task is known). Degradation: the relative loss of accuracy "

@@ -68,6 +68,10 @@ def test_continual_phases(bench_growth, full):
     assert esper.model.freeze == adapters.model.freeze == ["layers.*", "head.*"]
     assert esper.kasmina.include == ["layers.*", "head"] and esper.kasmina.chunk_width == 2
     assert adapters.model.kwargs["adapter_width"] == 4
+    head = config("esper_head", 2)  # esper with the split's esper_head section over it
+    assert head.model.freeze == esper.model.freeze and head.kasmina.include == ["head"]
+    assert head.kasmina.chunk_width == 1 and head.tamiyo == esper.tamiyo
+    assert head.kasmina.training == esper.kasmina.training
 
 
 def _run(task, arm, seed, metric, parameters, **extra):
