@@ -92,7 +92,7 @@ class DaemonBus:
                 continue
             woken: list[str] = []
             try:
-                consumer.process(lambda envelope: woken.append(envelope.event_id),
+                consumer.process(lambda envelope, woken=woken: woken.append(envelope.event_id),
                                  block_ms=max(1, int(min(WAIT_SLICE_S, remaining) * 1000)))
             except (BusUnavailableError, redis.ResponseError) as e:  # gone, or flushed (NOGROUP)
                 self._failed(e)

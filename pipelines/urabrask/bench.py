@@ -267,7 +267,7 @@ class Bench:
     def _report(self, kernel: CompiledKernelArtifact, outcome) -> UrabraskValidationReport:
         result = outcome.result
         hardware = {"bench_worker": self.options.worker_id, "target": self.target}
-        base = dict(kernel_artifact_id=kernel.id, blueprint_id=kernel.blueprint_id)
+        base = {"kernel_artifact_id": kernel.id, "blueprint_id": kernel.blueprint_id}
         if result is None:
             # A crash, a hang or a runaway allocation: the child's limits say which.
             return UrabraskValidationReport(
