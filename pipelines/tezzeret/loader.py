@@ -584,9 +584,7 @@ def _rebuild(verified: _Verified, device: str, *, share_storage: bool = False) -
     device = torch.device(device)
     modules = verified.skeleton.fresh()
     if device.type == "cpu":  # each tensor made on the bytes read (this load's own buffer)
-        tensors = [torch.frombuffer(weights, dtype=t.dtype, offset=t.begin,
-                                    count=t.count).view(t.shape) if t.direct else
-                   _tensor(weights, t.begin, t.end, t.dtype, t.shape) for t in fill.tensors]
+        tensors = [_tensor(weights, t.begin, t.end, t.dtype, t.shape) for t in fill.tensors]
         copy = False
     else:
         tensors = _device_tensors(weights, fill, device)
@@ -606,9 +604,8 @@ def _rebuild(verified: _Verified, device: str, *, share_storage: bool = False) -
 @dataclass(frozen=True)
 class _Fill:
     """One tensor of the weights file and where it goes: bytes [begin, end) of the file as
-    `dtype` and `shape` (`direct`: a tensor can be made on them in place, neither empty nor
-    misaligned; `count` elements), cast to the manifest's dtype if `cast`, into the skeleton's
-    slot (`owner`, `attr`, ...)."""
+    `dtype` and `shape`, cast to the manifest's dtype if `cast`, into the skeleton's slot
+    (`owner`, `attr`, ...)."""
 
     owner: int
     attr: str
@@ -618,8 +615,6 @@ class _Fill:
     shape: tuple[int, ...]
     begin: int
     end: int
-    count: int
-    direct: bool
     cast: bool
 
 
@@ -674,8 +669,7 @@ def _fill_plan(verified: _Verified) -> _FillPlan:
     for name, (dtype_name, shape, begin, end) in sorted(entries.items(), key=lambda e: e[1][2]):
         slot, dtype = slots[name], getattr(torch, dtype_name)
         tensors.append(_Fill(slot.owner, slot.attr, slot.parameter, slot.requires_grad, dtype,
-                             shape, start + begin, start + end, (end - begin) // dtype.itemsize,
-                             begin != end and (start + begin) % dtype.itemsize == 0,
+                             shape, start + begin, start + end,
                              dtype.is_floating_point and dtype != target))
     dtypes = {t.dtype for t in tensors}
     plan = _FillPlan(tuple(tensors), start, dtypes.pop() if len(dtypes) == 1 else None, target)
