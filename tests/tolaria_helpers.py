@@ -90,3 +90,13 @@ def tiny_config(**overrides: Any) -> TrainConfig:
             node = node.setdefault(part, {})
         node[last] = value
     return TrainConfig.from_mapping(config)
+
+
+def reversed_digits(*, seed: int, val_fraction: float):
+    """scikit-learn's digits with the labels reversed (y -> 9 - y): a task that contradicts
+    `digits`, for a guard that must catch grafts learning it
+    (`data.name: tolaria_helpers:reversed_digits`)."""
+    from esper.tolaria.data import digits
+
+    bundle = digits(seed=seed, val_fraction=val_fraction)
+    return tuple((x, 9 - y) for x, y in (part.tensors for part in (bundle.train, bundle.val)))

@@ -44,6 +44,7 @@ from esper.contracts.operational import (
     DaemonHeartbeat,
     EpochEvent,
     FieldReport,
+    GuardReading,
     HardwareContext,
     HealthSignal,
     HealthSummaryReport,

@@ -54,6 +54,28 @@ class HealthSignal(VersionedContract):
         return self
 
 
+class GuardReading(Contract):
+    """The guarded task (Tolaria's `guard`): an earlier task the run must not forget (HLD 2.4.4).
+    `metric` is its validation accuracy (read within its classes) or loss; `reference` was read
+    at the run's start, `value` now with every graft, `without` with one seed disabled, for each
+    seed that waits at a keep-or-cull gate."""
+
+    metric: Literal["accuracy", "loss"]
+    reference: float
+    value: float
+    without: dict[SeedId, float] = Field(default_factory=dict)
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric == "accuracy"
+
+    def degradation(self, value: float | None = None) -> float:
+        """How much worse than `reference` (relative; positive: worse) `value` (default: now) is."""
+        value = self.value if value is None else value
+        worse = self.reference - value if self.higher_is_better else value - self.reference
+        return worse / max(abs(self.reference), 1e-12)
+
+
 class SystemStatePacket(VersionedContract):
     """Snapshot passed from Tolaria to Tamiyo at each epoch boundary. Seeds keyed `layer:index`."""
 
@@ -66,6 +88,7 @@ class SystemStatePacket(VersionedContract):
     hardware_context: HardwareContext
     health_map: dict[SeedId, dict[str, float]] = Field(default_factory=dict)
     seed_states: dict[SeedId, SeedLifecycle] = Field(default_factory=dict)
+    guard: GuardReading | None = None
 
 
 class KasminaControlCommand(VersionedContract):

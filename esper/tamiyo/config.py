@@ -82,7 +82,12 @@ class GateConfig(_Strict):
     `max_evaluation_epochs`. After FINE_TUNING a graft is fossilized unless the metric is then
     worse than at germination by more than `cull_max_degradation`. A kernel not loaded within
     `max_loading_epochs` is cancelled; a graft whose alpha ramp has not completed after
-    `max_grafting_epochs` (None: no limit; the ramp length is in steps) is culled."""
+    `max_grafting_epochs` (None: no limit; the ramp length is in steps) is culled.
+
+    With a guarded task (Tolaria's `guard`: an earlier task the run must not forget), a graft
+    that blends and is not yet fossilized is culled at any epoch end where the guarded metric is
+    worse than at the run's start by more than `guard_max_degradation` (relative) and better
+    without that graft."""
 
     keep_min_improvement: float = 0.0
     cull_max_degradation: NonNegFloat = 0.0
@@ -90,6 +95,7 @@ class GateConfig(_Strict):
     max_evaluation_epochs: PositiveInt = 3
     max_loading_epochs: PositiveInt = 5
     max_grafting_epochs: PositiveInt | None = None
+    guard_max_degradation: NonNegFloat = 0.05
 
 
 class DivergenceConfig(_Strict):

@@ -32,6 +32,7 @@ from pydantic import ValidationError
 from esper.contracts import (
     AdaptationSignal,
     FieldReport,
+    GuardReading,
     HealthSignal,
     KasminaCommandType,
     KasminaControlCommand,
@@ -178,6 +179,7 @@ class TamiyoController:
         self._plateau = Plateau()
         self._best_validation_loss: float | None = None
         self._metrics: dict[str, float] = {}
+        self._guard: GuardReading | None = None  # this epoch's guarded task, when there is one
         self._germinations = 0
         self._last_end_step: int | None = None
         self._active: dict[str, Adaptation] = {}
@@ -260,6 +262,7 @@ class TamiyoController:
         if diverged is not None:
             return self._rollback_signal(diverged)
         self._metrics = metrics
+        self._guard = packet.guard
         best = self._best_validation_loss
         self._best_validation_loss = (metrics["validation_loss"] if best is None
                                       else min(best, metrics["validation_loss"]))
@@ -545,8 +548,11 @@ class TamiyoController:
             return
         gain = (improvement(self._metric, a.pre_metrics[self._metric], self._metrics[self._metric])
                 if self._metric in a.pre_metrics else None)
+        guard = self._guard
+        without = guard.without.get(a.seed_id) if guard is not None else None
         verdict = gate(a.stage, obs.ready, a.epochs_in_stage, trained=a.trained, gain=gain,
-                       metric=self._metric, gates=self.config.gates)
+                       metric=self._metric, gates=self.config.gates,
+                       guard=(guard, without) if without is not None else None)
         if verdict.action is None:
             return
         where = f"Seed {a.seed_id} ({a.stage.value}, {a.epochs_in_stage} epoch end(s) there"

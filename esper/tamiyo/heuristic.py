@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from esper.contracts import SeedLifecycle
+from esper.contracts import GuardReading, SeedLifecycle
 from esper.tamiyo.config import GateConfig, LocationConfig
 from esper.tamiyo.packets import SeedObservation, seed_key
 
@@ -155,6 +155,9 @@ def _ranks(values: np.ndarray) -> np.ndarray:
 
 # --- the lifecycle gates -------------------------------------------------------------------
 
+# Blending and not yet fossilized: the grafts the guarded task's loss can be blamed on.
+GUARDED = frozenset({S.GRAFTING, S.STABILIZATION, S.EVALUATING, S.FINE_TUNING})
+
 @dataclass(frozen=True)
 class Verdict:
     """What the gate says for one adaptation this epoch. `action` None: nothing to say."""
@@ -169,12 +172,20 @@ NOTHING = Verdict(None)
 
 
 def gate(stage: SeedLifecycle, ready: bool, epochs_in_stage: int, *, trained: bool,
-         gain: float | None, metric: str, gates: GateConfig) -> Verdict:
+         gain: float | None, metric: str, gates: GateConfig,
+         guard: tuple[GuardReading, float] | None = None) -> Verdict:
     """The lifecycle gate of an adaptation in `stage` after `epochs_in_stage` epoch ends there.
 
-    `gain`: the watched metric's improvement since germination (positive: better).
+    `gain`: the watched metric's improvement since germination (positive: better). `guard`: the
+    guarded task's reading and its value with this seed disabled, when there is one: a graft
+    that blends and is not yet fossilized is culled at any epoch end the guarded task's loss
+    can be blamed on it, ready or not.
     """
     n = epochs_in_stage
+    if stage in GUARDED and guard is not None:
+        verdict = _guard_gate(*guard, gates.guard_max_degradation)
+        if verdict is not None:
+            return verdict
     if stage is S.GERMINATED:
         if ready:
             return Verdict("advance", S.LOADING, "the kernel is fetched and verified")
@@ -227,6 +238,20 @@ def gate(stage: SeedLifecycle, ready: bool, epochs_in_stage: int, *, trained: bo
                            f"{gates.cull_max_degradation:g} after fine-tuning", scores)
         return Verdict("advance", S.FOSSILIZED, f"fine-tuning done and {measured}", scores)
     return NOTHING
+
+
+def _guard_gate(reading: GuardReading, without: float, limit: float) -> Verdict | None:
+    """Cull a graft that the guarded task's degradation can be blamed on: the task reads worse
+    than at the run's start by more than `limit`, and better with the graft disabled."""
+    lost = reading.degradation()
+    better_without = without > reading.value if reading.higher_is_better else without < reading.value
+    if lost <= limit or not better_without:
+        return None
+    return Verdict("cull", None, f"the guarded task's {reading.metric} is {reading.value:.6g}, "
+                   f"{lost:.2%} worse than {reading.reference:.6g} at the run's start (limit "
+                   f"guard_max_degradation={limit:g}), and {without:.6g} without this graft",
+                   {"guard_value": reading.value, "guard_reference": reading.reference,
+                    "guard_without": without, "guard_max_degradation": limit})
 
 
 def _signed(x: float) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from esper.contracts import (
+    GuardReading,
     HardwareContext,
     HealthSignal,
     SeedLifecycle,
@@ -166,7 +167,8 @@ def build_state_packet(run_id: str, epoch: int, health: Iterable[HealthSignal], 
                        validation_loss: float, validation_accuracy: float | None = None,
                        train_loss: float | None = None, global_step: int = 0,
                        hardware: HardwareContext | None = None,
-                       include_seeds: bool = True) -> SystemStatePacket:
+                       include_seeds: bool = True,
+                       guard: GuardReading | None = None) -> SystemStatePacket:
     """Tolaria's end-of-epoch packet: the run's metrics and, with `include_seeds`, every seed's
     stage and health (`seed_states`, `health_map` keyed `layer:index`) from the layers'
     HealthSignals. At thousands of seeds leave them out and pass the HealthSignals to
@@ -178,4 +180,4 @@ def build_state_packet(run_id: str, epoch: int, health: Iterable[HealthSignal], 
         validation_accuracy=None if validation_accuracy is None else float(validation_accuracy),
         validation_loss=float(validation_loss),
         hardware_context=hardware or HardwareContext(device_type="cpu", memory_available_gb=0.0),
-        health_map=stats, seed_states=states)
+        health_map=stats, seed_states=states, guard=guard)

@@ -204,6 +204,18 @@ class FaultConfig(_Strict):
     nan_loss_epochs: list[PositiveInt] = Field(default_factory=list)
 
 
+class GuardConfig(_Strict):
+    """An earlier task the run must not forget (HLD 2.4.4: under 5% degradation on the original
+    task). `data` is that task's data section (`classes` names its classes in a continual
+    split); only its validation split is read, never trained on: at the run's start (the
+    reference), at every epoch end, and, when it reads worse than the reference, with each graft
+    that blends and is not yet fossilized disabled in turn. The metric is accuracy read within
+    `data.classes` (over every class when it names none), or the loss of a regression. Tamiyo
+    culls a graft the degradation can be blamed on (`tamiyo.gates.guard_max_degradation`)."""
+
+    data: DataConfig
+
+
 class TrainConfig(_Strict):
     """One `esper train` run (DESIGN.md section 12)."""
 
@@ -222,6 +234,7 @@ class TrainConfig(_Strict):
     rollback: RollbackConfig = Field(default_factory=RollbackConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
     faults: FaultConfig = Field(default_factory=FaultConfig)
+    guard: GuardConfig | None = None
 
     @field_validator("device")
     @classmethod
@@ -482,4 +495,8 @@ def _check_components(config: TrainConfig) -> list[_Problem]:
     from esper.tolaria import data, models  # torch: only once the file itself is valid
 
     problems = [(("model", *loc), msg) for loc, msg in models.check_model_config(config.model)]
-    return problems + [(("data", *loc), msg) for loc, msg in data.check_data_config(config.data)]
+    problems += [(("data", *loc), msg) for loc, msg in data.check_data_config(config.data)]
+    if config.guard is not None:
+        problems += [(("guard", "data", *loc), msg)
+                     for loc, msg in data.check_data_config(config.guard.data)]
+    return problems

@@ -53,12 +53,15 @@ from esper._fs import atomic_write_text
 from esper.contracts import (
     EpochEvent,
     FieldReport,
+    GuardReading,
     HardwareContext,
+    HealthSignal,
     RunControlAction,
     SeedLifecycle,
     Topic,
 )
 from esper.errors import BadInputError, EsperError
+from esper.tamiyo.heuristic import GUARDED
 from esper.tamiyo.packets import build_state_packet, seed_key
 from esper.tolaria.checkpoint import (
     CheckpointStore,
@@ -229,6 +232,7 @@ class TolariaTrainer:
         self.tamiyo = controller
         self.device = resolve_device(device if device is not None else config.device)
         self.data = data if data is not None else build_data(config.data, seed=config.data_seed)
+        self.guard_data = None if config.guard is None else _guard_data(config, self.data)
         metric = config.tamiyo.plateau.metric
         if self.data.task == "regression" and metric == "validation_accuracy":
             raise BadInputError("invalid run config: field 'tamiyo.plateau.metric': a regression "
@@ -284,6 +288,7 @@ class TolariaTrainer:
         self._controls: list[Any] = []
         self._said: set[str] = set()
         self._froze_heap = False
+        self._guard_reference: float | None = None  # the guarded task's metric at the start
 
     # --- the run ------------------------------------------------------------------------
 
@@ -309,6 +314,9 @@ class TolariaTrainer:
             self.data, config.data.batch_size, seed=config.seed,
             eval_batch_size=config.data.eval_batch_size)
         self.steps_per_epoch = len(self.train_loader)
+        if self.guard_data is not None:
+            self.guard_loader = make_loaders(self.guard_data, config.data.batch_size, seed=config.seed,
+                                             eval_batch_size=config.data.eval_batch_size)[1]
         self._timer = _StepTimer(self.device)
         if self.origin is not None:
             remember_origin(self.model, self.origin)
@@ -324,6 +332,8 @@ class TolariaTrainer:
                 raise BadInputError(f"{self.run_dir} already holds a run; resume it or choose "
                                     "another run id")
             seed_everything(config.seed)
+            if self.guard_data is not None:
+                self._guard_reference = self._guard_metric()
             atomic_write_text(self.run_dir / CONFIG_FILE,
                               json.dumps(config.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
             self.optimizer = build_optimizer(self.model, config.optimizer)
@@ -426,9 +436,11 @@ class TolariaTrainer:
         forced = self._apply_controls()  # pause and resume count from this epoch end
         health = [layer.health_signal(self.run_id, epoch, self.global_step)  # sync: per layer
                   for layer in kasmina.layers(self.model)]
+        guard = self._read_guard(health) if self.guard_data is not None else None
         packet = build_state_packet(self.run_id, epoch, health, validation_loss=val_loss,
                                     validation_accuracy=val_accuracy, train_loss=train_loss,
-                                    global_step=self.global_step, hardware=self._hardware())
+                                    global_step=self.global_step, hardware=self._hardware(),
+                                    guard=guard)
         signal = self.tamiyo.step(packet, health)
         for message in health:
             self._publish(Topic.TELEMETRY_SEED_HEALTH, message)
@@ -470,6 +482,9 @@ class TolariaTrainer:
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "rollbacks": len(self.history.rollbacks),
         }
+        if guard is not None:
+            record["guard"] = {"metric": guard.metric, "reference": guard.reference,
+                               "value": guard.value, "without": guard.without}
         self.history.epochs.append(record)
         self.epoch = epoch
         self._write_metrics()
@@ -491,24 +506,50 @@ class TolariaTrainer:
         return F.mse_loss(output, target)
 
     @torch.no_grad()
-    def _evaluate(self) -> tuple[float, float | None]:
-        """Validation loss (mean over samples; MSE per element for regression) and accuracy."""
+    def _evaluate(self, loader: Any = None, classes: list[int] | None = None,
+                  ) -> tuple[float, float | None]:
+        """Validation loss (mean over samples; MSE per element for regression) and accuracy, on
+        `loader` (default: the validation set); with `classes`, accuracy is read within them
+        (the argmax over those classes' logits only)."""
         self.model.eval()
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         correct = torch.zeros((), device=self.device, dtype=torch.int64)
+        own = None if classes is None else torch.tensor(sorted(classes), device=self.device)
         n = 0
-        for x, y in self.val_loader:
+        for x, y in self.val_loader if loader is None else loader:
             x, y = x.to(self.device), y.to(self.device)
             out = self.model(x)
             if self.data.task == "classification":
                 total += F.cross_entropy(out, y, reduction="sum").double()
-                correct += (out.argmax(dim=1) == y).sum()
+                predicted = out.argmax(dim=1) if own is None else own[out[:, own].argmax(dim=1)]
+                correct += (predicted == y).sum()
             else:
                 total += F.mse_loss(out, y, reduction="sum").double() / max(out[0].numel(), 1)
             n += len(y)
         loss = (total / max(n, 1)).item()  # sync: once per evaluation
         accuracy = correct.item() / max(n, 1) if self.data.task == "classification" else None
         return loss, accuracy
+
+    def _guard_metric(self) -> float:
+        """The guarded task's metric: accuracy within its classes, or a regression's loss."""
+        loss, accuracy = self._evaluate(self.guard_loader, self.config.guard.data.classes)
+        return loss if accuracy is None else accuracy
+
+    def _read_guard(self, health: list[HealthSignal]) -> GuardReading:
+        """The guarded task now and, when it reads worse than at the start, without each graft
+        that blends and is not yet fossilized: the with/without comparison Tamiyo culls on."""
+        reading = GuardReading(metric="loss" if self.data.task == "regression" else "accuracy",
+                               reference=self._guard_reference, value=self._guard_metric())
+        if reading.degradation() <= 0:
+            return reading
+        without = {}
+        for signal in health:
+            for index, stage in enumerate(signal.lifecycle):
+                if stage in GUARDED:
+                    sid = f"{signal.layer_id}:{index}"
+                    with kasmina.seeds_disabled(self.model, [sid]):
+                        without[sid] = self._guard_metric()
+        return reading.model_copy(update={"without": without})
 
     def _report_failed_loads(self) -> None:
         """Say once why a germinated seed's kernel did not load (a refused signature or hash).
@@ -620,6 +661,7 @@ class TolariaTrainer:
             "germinated_at": self._germinated_at,
             "faults_fired": sorted(self._faults_fired),
             "paused": self._paused,
+            "guard_reference": self._guard_reference,
         }
         self.checkpoints.write(self.epoch, tensors, state)
 
@@ -636,6 +678,7 @@ class TolariaTrainer:
         self.global_step = int(state["global_step"])
         self.history.epochs = list(state["history"])
         self._germinated_at = {k: int(v) for k, v in state["germinated_at"].items()}
+        self._guard_reference = state.get("guard_reference")
         if resuming:
             # A new process: what a rollback must not forget comes from the checkpoint too.
             self.history.field_reports = [FieldReport.model_validate(r) for r in state["field_reports"]]
@@ -780,6 +823,18 @@ def _next_stages(stage: SeedLifecycle) -> frozenset[SeedLifecycle]:
     from esper.contracts import LIFECYCLE_TRANSITIONS
 
     return LIFECYCLE_TRANSITIONS[stage]
+
+
+def _guard_data(config: TrainConfig, data: DataBundle) -> DataBundle:
+    """The guarded task's data (`guard.data`, generated and split from the run's data seed
+    unless it names its own), checked against the run's task and output width."""
+    spec = config.guard.data
+    guard = build_data(spec, seed=config.data_seed if spec.seed is None else spec.seed)
+    if (guard.task, guard.out_dim) != (data.task, data.out_dim):
+        raise BadInputError(f"invalid run config: field 'guard.data': {guard.name!r} is a "
+                            f"{guard.task} task with {guard.out_dim} outputs; the run's data "
+                            f"{data.name!r} is a {data.task} task with {data.out_dim}")
+    return guard
 
 
 def _median(values: list[float]) -> float | None:

@@ -20,9 +20,11 @@ from tolaria_helpers import INTERFACE, forged_workspace, same_state, short_dir, 
 import esper
 import kasmina
 from esper.contracts import SeedLifecycle as S
+from esper.errors import BadInputError
 from esper.tolaria.checkpoint import CheckpointStore
 from esper.tolaria.run import run_training
 from esper.urza import Urza
+from kasmina.lifecycle import BLENDING
 
 
 @pytest.fixture(scope="module")
@@ -264,6 +266,52 @@ def test_a_frozen_host_from_a_saved_one_grows_seeds_and_keeps_its_weights(forged
     assert not any(p.requires_grad for p in host.values())
 
 
+def test_the_guard_reads_the_first_task_and_culls_the_grafts_that_forget_it(forged, tmp_path):
+    """Phase 2 learns the first task's labels reversed, on a frozen host, with the first task
+    guarded. While nothing blends, the guard reads exactly its reference (the host as phase 1
+    left it, which checkpoints keep for a resume); a blending graft is culled, with the guard's
+    reason, exactly when the task reads more than the limit worse than at the start and better
+    without that graft."""
+    ws, _ = forged
+    digits = {"name": "digits", "batch_size": 64}
+    first = run_training(tiny_config(**{"kasmina.include": ["no-layer"], "data": digits,
+                                        "out_dir": str(tmp_path)}), workspace=None)
+    limit = 0.05
+    second = run_training(tiny_config(**{
+        "model.init_from": str(first.run_dir), "model.freeze": ["*"], "name": "guarded",
+        "data": {**digits, "name": "tolaria_helpers:reversed_digits"}, "guard": {"data": digits},
+        "kasmina.training": {"min_steps": 5, "objective": "gradient_match", "ready_loss_ratio": 1.0},
+        "tamiyo.max_germinations": 2, "tamiyo.gates": {"guard_max_degradation": limit},
+        "epochs": 16}), workspace=ws)
+    assert second.status == "completed"
+    epochs = second.history.epochs
+    assert all(e["guard"]["metric"] == "accuracy" for e in epochs)
+    reference = epochs[0]["guard"]["reference"]
+    assert reference == first.history.epochs[-1]["validation_accuracy"]  # the same split, same host
+    for epoch in epochs:
+        if not set(epoch["stages_during"]) & {stage.value for stage in BLENDING}:
+            assert epoch["guard"]["value"] == reference, epoch["epoch"]
+    gated = {(e["epoch"], sid): (without, e["guard"]["value"]) for e in epochs
+             for sid, without in e["guard"]["without"].items()}
+    blamed = {key for key, (without, value) in gated.items()
+              if (reference - value) / reference > limit and without > value}
+    with Urza.open(ws) as urza:
+        culls = {(d.epoch, d.seed_id) for d in urza.list_decisions(run_id=second.run_id)
+                 if d.action == "cull" and "guarded task's accuracy" in d.explanation}
+    assert len(culls) == 2 and culls == blamed
+    assert second.summary["outcomes"] == {"CULLED": 2}
+    assert second.history.epochs[-1]["guard"]["value"] == reference  # nothing of them is left
+    _, state = CheckpointStore(second.run_dir / "checkpoints", 3).latest().read()
+    assert state["guard_reference"] == reference
+
+
+def test_a_guard_of_another_kind_of_task_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(BadInputError, match="field 'guard.data': 'digits' is a classification "
+                                            "task with 10 outputs; the run's data 'two_spirals'"):
+        run_training(tiny_config(**{"guard": {"data": {"name": "digits"}}, "out_dir": str(tmp_path)}))
+    assert not any(tmp_path.iterdir())
+
+
 def test_freeze_some_host_parameters_and_train_the_rest(tmp_path):
     config = {"kasmina.include": ["no-layer"], "epochs": 2, "out_dir": str(tmp_path)}
     first = run_training(tiny_config(**config), workspace=None)
@@ -275,8 +323,6 @@ def test_freeze_some_host_parameters_and_train_the_rest(tmp_path):
 
 
 def test_init_from_refuses_a_grafted_model_and_an_unfit_one(reference, tmp_path):
-    from esper.errors import BadInputError
-
     with pytest.raises(BadInputError, match="init_from.*1 grafted seed"):
         run_training(tiny_config(**{"model.init_from": str(reference.run_dir), "out_dir": str(tmp_path)}))
     plain = run_training(tiny_config(**{"kasmina.include": ["no-layer"], "epochs": 1, "out_dir": str(tmp_path)}))

@@ -25,6 +25,7 @@ from esper.contracts import (
     MEMORY_MB,
     CompilationPipeline,
     CompiledKernelArtifact,
+    GuardReading,
     HealthSignal,
     KasminaCommandType,
     KasminaControlCommand,
@@ -89,6 +90,7 @@ class Harness:
         self.observe = observe
         self.epoch = 0
         self.hold: set[str] = set()   # seeds that do not report readiness
+        self.guard: GuardReading | None = None  # the packet's guarded task
         self.stats: dict[str, dict[str, float]] = {}
         self.rejected: list[tuple[KasminaControlCommand, str]] = []
         self.decisions: list[TamiyoDecision] = []
@@ -121,7 +123,8 @@ class Harness:
         """One epoch end: Tamiyo decides, Kasmina applies the commands at the boundary."""
         self.epoch += 1
         health = self.health()
-        packet = build_state_packet("run", self.epoch, health, validation_loss=loss, **metrics)
+        packet = build_state_packet("run", self.epoch, health, validation_loss=loss,
+                                    guard=self.guard, **metrics)
         signal = self.tamiyo.step(packet, health)
         if not signal.emergency_rollback_required:
             if self.dispatch:
@@ -408,6 +411,41 @@ def test_gate_table_for_fixed_function_kernels_and_fine_tuning():
                 gates=GateConfig()).action is None  # no grafting limit by default
     assert gate(S.GRAFTING, False, 4, trained=True, gain=0.0, metric="validation_loss",
                 gates=GateConfig(max_grafting_epochs=4)).action == "cull"
+
+
+def test_the_guard_culls_a_graft_the_guarded_task_lost_to_and_only_that_one():
+    gates = GateConfig(guard_max_degradation=0.05)
+    kwargs = dict(trained=True, gain=0.3, metric="validation_loss", gates=gates)
+    lost = GuardReading(metric="accuracy", reference=0.80, value=0.70)  # 12.5% worse than at start
+    culled = gate(S.EVALUATING, True, 1, guard=(lost, 0.78), **kwargs)
+    assert culled.action == "cull"
+    assert "12.50% worse than 0.8 at the run's start" in culled.reason and "0.78 without" in culled.reason
+    assert culled.scores["guard_without"] == 0.78
+    assert gate(S.FINE_TUNING, True, 1, guard=(lost, 0.75), **kwargs).action == "cull"
+    # Not this graft's doing (no better without it): the task's gate decides, here keep.
+    assert gate(S.EVALUATING, True, 1, guard=(lost, 0.70), **kwargs).target is S.FINE_TUNING
+    # Within the limit, better without it or not: kept.
+    within = GuardReading(metric="accuracy", reference=0.80, value=0.77)
+    assert gate(S.EVALUATING, True, 1, guard=(within, 0.80), **kwargs).target is S.FINE_TUNING
+    # Ready or not, in any stage that blends before FOSSILIZED; never before blending.
+    for stage in (S.GRAFTING, S.STABILIZATION, S.EVALUATING, S.FINE_TUNING):
+        assert gate(stage, False, 1, guard=(lost, 0.78), **kwargs).action == "cull"
+    assert gate(S.TRAINING, False, 1, guard=(lost, 0.78), **kwargs).action is None
+    # A regression's loss: higher is worse.
+    loss = GuardReading(metric="loss", reference=1.0, value=1.2)
+    assert gate(S.FINE_TUNING, True, 1, guard=(loss, 1.1), **kwargs).action == "cull"
+    assert gate(S.FINE_TUNING, True, 1, guard=(loss, 1.3), **kwargs).target is S.FOSSILIZED
+    assert loss.degradation() == pytest.approx(0.2) and lost.degradation(0.8) == 0.0
+
+
+def test_the_controller_reads_the_guard_of_the_packet_for_the_seed_at_its_gate():
+    h = Harness(config(gates={"guard_max_degradation": 0.05}))
+    h.run([1.0] * 8)
+    h.guard = GuardReading(metric="accuracy", reference=0.9, value=0.5, without={"0:0": 0.85})
+    signal = h.end_epoch(0.5)  # at EVALUATING, ready, better on the task but the guard lost
+    assert commands(signal) == [(KasminaCommandType.CULL, "0:0", None)]
+    assert "guarded task's accuracy is 0.5" in h.decisions[-1].explanation
+    assert h.reports[0].outcome is S.CULLED
 
 
 def test_a_seed_stuck_in_training_is_culled():

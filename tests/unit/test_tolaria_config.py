@@ -163,6 +163,11 @@ def test_lr_written_1e_3_loads(tmp_path):
     ("rollback: {max_rollbacks: -1}", "rollback.max_rollbacks", "greater than or equal to 0"),
     ("telemetry: {redis_url: 'localhost:6379'}", "telemetry.redis_url", "redis://"),
     ("telemetry: {bus: 1}", "telemetry.bus", "valid boolean"),
+    ("guard: {data: imagenet}", "guard.data.name", "unknown data set 'imagenet'"),
+    ("guard: {data: {name: digits, kwargs: {seed: 1}}}", "guard.data.kwargs.seed", "sets this itself"),
+    ("guard: {}", "guard.data", "Field required"),
+    ("tamiyo: {gates: {guard_max_degradation: -0.1}}", "tamiyo.gates.guard_max_degradation",
+     "greater than or equal to 0"),
 ])
 def test_bad_values_name_file_and_field(tmp_path, extra, field, reason):
     path = write(tmp_path, MINIMAL + extra + "\n")
