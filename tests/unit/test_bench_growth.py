@@ -72,12 +72,16 @@ def test_continual_phases(bench_growth, full):
     assert head.model.freeze == esper.model.freeze and head.kasmina.include == ["head"]
     assert head.kasmina.chunk_width == 1 and head.tamiyo == esper.tamiyo
     assert head.kasmina.training == esper.kasmina.training
+    guard = config("esper_guard", 2)  # the first classes guarded, fossils frozen
+    assert guard.guard.data.classes == [0, 1, 2, 3, 4] and guard.guard.data.name == esper.data.name
+    assert guard.tamiyo.gates.guard_max_degradation == 0.04 and not guard.kasmina.train_fossils
+    assert esper.guard is None and esper.kasmina.train_fossils
 
 
 def _run(task, arm, seed, metric, parameters, **extra):
     return {"task": task, "arm": arm, "seed": seed, "metric": metric, "parameters": parameters,
             "germinations": extra.pop("germinations", 0), "outcomes": extra.pop("outcomes", {}),
-            "fossilized": 0, "rollbacks": 0, "wall_seconds": 1.0, "curve": [metric], **extra}
+            "fossilized": extra.pop("fossilized", 0), "rollbacks": 0, "wall_seconds": 1.0, "curve": [metric], **extra}
 
 
 def test_summary_gap_closed_goals_and_drift(bench_growth):
@@ -109,17 +113,22 @@ def test_continual_summary_reads_both_protocols(bench_growth):
 
     runs = [_run("continual", "phase_1", 0, 0.8, 100, class_accuracy=acc(0.8, 0.8, 0.0)),
             _run("continual", "finetune", 0, 0.7, 100, class_accuracy=acc(0.0, 0.4, 0.7)),
-            _run("continual", "esper", 0, 0.7, 400, germinations=21, class_accuracy=acc(0.0, 0.784, 0.6))]
+            _run("continual", "esper", 0, 0.7, 400, germinations=30, fossilized=21,
+                 class_accuracy=acc(0.0, 0.784, 0.6))]
     summary = bench_growth.summarise_continual(bench, runs)
     esper = summary["arms"]["esper"]
     assert esper["within"]["degradation"] == pytest.approx(0.02)
     assert esper["all"]["degradation"] == pytest.approx(1.0) and esper["added"] == 300
     (line,) = bench_growth.goals({}, summary)
-    assert "lost 2% of its accuracy" in line and "**met**" in line
+    assert "lost 2% of its accuracy" in line and "30.0 germinations a run, 21.0 of them" in line
+    assert "**met**" in line
+    runs[-1]["fossilized"] = 19  # 30 germinations, but under 20 of them successful
+    (line,) = bench_growth.goals({}, bench_growth.summarise_continual(bench, runs))
+    assert "**missed**" in line
     text = bench_growth.markdown(bench | {"continual": {**bench["continual"], "data": {"name": "x"},
                                                         "widths": [4], "epochs": [1, 2]}},
                                  {}, {"hardware": "h", "torch": "t", "python": "p"}, Path("c.yaml"), 60, "s", summary)
-    assert "| esper | 0.800 -> 0.784 (2%) | 0.800 -> 0.000 (100%) | 0.600 / 0.600 | 21.0 |" in text
+    assert "| esper | 0.800 -> 0.784 (2%) | 0.800 -> 0.000 (100%) | 0.600 / 0.600 | 30.0 |" in text
 
 
 def test_adapter_width_meets_the_budget(bench_growth):
