@@ -1,0 +1,80 @@
+"""How far residual capacity on the small host can go at the growth goal's budget: the growth
+benchmark's `static_adapters` arm sized to a share of the large host's extra parameters
+(default 25% and 50%) instead of to Esper's, trained exactly as the sweep trains it.
+
+    python scripts/growth_adapter_ceiling.py                # MNIST-1D and digits, 3 seeds
+    python scripts/growth_adapter_ceiling.py --shares 0.25 --tasks digits
+
+Adapters train from the first step at the whole budget, so their gap closed bounds what grafts
+of the same shape, which arrive later, can close (docs/growth.md). Tolaria's divergence rule is
+off for these runs: at 25-50% of the parameters digits overfits late, and a validation loss 3x
+its best is that here, not a divergence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import bench_growth
+
+from esper.tolaria.config import TrainConfig
+from esper.tolaria.data import DataBundle, build_data
+from esper.tolaria.models import build_model
+from esper.tolaria.run import run_training
+
+
+def run(bench: dict, task: str, share: float, seed: int, out: str) -> dict:
+    spec = bench["tasks"][task]
+    data = build_data(spec["data"], seed=seed)
+    small, large = (TrainConfig.from_mapping(bench_growth.train_config(bench, task, arm, seed, "cpu", out))
+                    for arm in ("static_small", "static_large"))
+    extra = _parameters(large, data) - _parameters(small, data)
+    width = bench_growth.adapter_width(spec["small"], share * extra, math.prod(data.input_shape))
+    config = bench_growth.merge(
+        bench_growth.train_config(bench, task, "static_adapters", seed, "cpu", out, adapter_width=width),
+        {"tamiyo": {"divergence": {"loss_ratio": 1e9}}})
+    result = run_training(TrainConfig.from_mapping(config), workspace=None)
+    last = result.history.epochs[-1]
+    return {"task": task, "share": share, "seed": seed, "width": width,
+            "added": last["parameters"] - _parameters(small, data), "extra": extra,
+            "accuracy": last["validation_accuracy"]}
+
+
+def _parameters(config: TrainConfig, data: DataBundle) -> int:
+    return sum(p.numel() for p in build_model(config.model, data.input_shape, data.out_dim).parameters())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=bench_growth.FULL)
+    parser.add_argument("--tasks", nargs="+", default=["mnist1d", "digits"])
+    parser.add_argument("--shares", type=float, nargs="+", default=[0.25, 0.5])
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the config's")
+    parser.add_argument("--work", default=str(ROOT / ".bench-growth/adapter-ceiling"))
+    parser.add_argument("--jobs", type=int, default=2)
+    args = parser.parse_args()
+    bench = bench_growth.parse_yaml(args.config.read_text())
+    seeds = args.seeds or bench["seeds"]
+    jobs = [(t, s, seed) for t in args.tasks for s in args.shares for seed in seeds]
+    with ProcessPoolExecutor(args.jobs) as pool:
+        rows = list(pool.map(run, *zip(*[(bench, *j, args.work) for j in jobs])))
+    print("task      share  width  added/extra  accuracy per seed            mean (std)")
+    for task in args.tasks:
+        for share in args.shares:
+            got = [r for r in rows if r["task"] == task and r["share"] == share]
+            acc = [r["accuracy"] for r in got]
+            print(f"{task:<9} {share:>5.0%}  {got[0]['width']:>5}  {got[0]['added']:>5}/{got[0]['extra']:<6} "
+                  f"{' '.join(f'{a:.4f}' for a in acc):<28} {statistics.mean(acc):.4f} "
+                  f"({statistics.stdev(acc) if len(acc) > 1 else 0.0:.4f})")
+
+
+if __name__ == "__main__":
+    main()
