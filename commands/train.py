@@ -158,6 +158,8 @@ def _epoch_line(record: dict[str, Any], epoch: int, epochs: int) -> str:
         value = record.get(key)
         if isinstance(value, (int, float)):
             parts.append(f"{label} {value:.4f}")
+    if record.get("guard"):
+        parts.append(f"guard {record['guard']['value']:.4f}")
     stages = {k: v for k, v in (record.get("stages_after") or {}).items() if k != "DORMANT"}
     if stages:
         parts.append("seeds " + " ".join(f"{k}:{v}" for k, v in sorted(stages.items())))
@@ -185,8 +187,12 @@ def _render(summary: dict[str, Any]) -> None:
             ("step ms, median", "step_ms_median"),
             ("step ms, max while growing", "step_ms_max_growing"),
             ("wall seconds", "wall_seconds")]
-    print_table("run", ["", "value"], [[label, fmt(summary.get(key))] for label, key in keys],
-                wrap=("value",))
+    rows = [[label, fmt(summary.get(key))] for label, key in keys]
+    guard = summary.get("guard")
+    if guard:  # after the validation accuracy: the earlier task, at the start and now
+        rows.insert(7, [f"guarded task {guard['metric']}",
+                        f"{fmt(guard['reference'])} -> {fmt(guard['value'])}"])
+    print_table("run", ["", "value"], rows, wrap=("value",))
     outputs = summary.get("outputs") or {}
     if outputs:
         out_console.print(f"outputs in {Path(next(iter(outputs.values()))).parent}",

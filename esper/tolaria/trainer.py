@@ -792,6 +792,8 @@ class TolariaTrainer:
             "train_loss": last.get("train_loss"), "validation_loss": last.get("validation_loss"),
             "validation_accuracy": last.get("validation_accuracy"),
             "best_validation_loss": best,
+            "guard": ({k: last["guard"][k] for k in ("metric", "reference", "value")}
+                      if "guard" in last else None),
             "germinations": sum(outcomes.values()) + len(self.tamiyo.active_seeds),
             "outcomes": dict(sorted(outcomes.items())),
             "fossilized": len(history.lineage.get("adaptations", [])),

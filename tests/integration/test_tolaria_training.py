@@ -301,6 +301,7 @@ def test_the_guard_reads_the_first_task_and_culls_the_grafts_that_forget_it(forg
     assert len(culls) == 2 and culls == blamed
     assert second.summary["outcomes"] == {"CULLED": 2}
     assert second.history.epochs[-1]["guard"]["value"] == reference  # nothing of them is left
+    assert second.summary["guard"] == {"metric": "accuracy", "reference": reference, "value": reference}
     _, state = CheckpointStore(second.run_dir / "checkpoints", 3).latest().read()
     assert state["guard_reference"] == reference
 
