@@ -13,7 +13,10 @@ Arms (each a `run_training` run, the function `esper train` calls, except gromo'
   `esper_*` arm is `esper` with the config's section of that name merged in (`esper_eager`:
   a seed germinated every epoch from the first, the lifecycle without the plateau's wait).
 - `random_placement`: as `esper`, but Tamiyo draws the seed at random (`location.strategy:
-  random`), capped at the number of germinations `esper` made at that seed.
+  random`), capped at the number of germinations `esper` made at that seed. An arm
+  `esper_X_random` is the control of `esper_X`: its own section sets `location.strategy:
+  random` (drawn from the run's seed) and the goals compare the two (`esper_placement`: more
+  seeds than grafts, so that where to grow is a real choice).
 - `static_adapters`: the small host with a zero-initialised parallel adapter on every hidden
   layer from the start (`mlp` `adapter_width`), sized to the mean parameters `esper` added on
   that task: the PEFT-style alternative at the same parameter budget.
@@ -107,6 +110,9 @@ def train_config(bench: dict[str, Any], task: str, arm: str, seed: int, device: 
             config = merge(config, {"tamiyo": {
                 "location": {"strategy": "random", "random_seed": seed},
                 "max_germinations": extra["max_germinations"]}})
+        location = config.get("tamiyo", {}).get("location", {})
+        if location.get("strategy") == "random" and "random_seed" not in location:
+            config = merge(config, {"tamiyo": {"location": {"random_seed": seed}}})  # a draw per seed
     return config
 
 
@@ -584,7 +590,7 @@ def goals(table: dict[str, Any], continual: dict[str, Any] | None = None) -> lis
     for task, t in table.items():
         arms = t["arms"]
         sign = 1 if t["kind"] == "classification" else -1
-        for arm in [a for a in arms if a.startswith("esper")]:
+        for arm in [a for a in arms if a.startswith("esper") and not a.endswith("_random")]:
             e = arms.get(arm, {})
             if "metric_mean" not in e:
                 continue
@@ -593,7 +599,7 @@ def goals(table: dict[str, Any], continual: dict[str, Any] | None = None) -> lis
             lines.append(f"{task}: {arm} closed {fmt(e['gap_closed'], pct=True)} of the gap adding "
                          f"{fmt(e['added_share_of_large_extra'], pct=True)} of the large host's extra "
                          f"parameters (goal >= 80% with <= 25%{goal}): **{'met' if ok else 'missed'}**")
-            for other in ("static_adapters", "random_placement"):
+            for other in ("static_adapters", "random_placement", f"{arm}_random"):
                 o = arms.get(other, {})
                 if "metric_mean" in o:
                     better = sign * (e["metric_mean"] - o["metric_mean"]) > 0

@@ -52,6 +52,14 @@ def test_arms_differ_only_where_they_should(bench_growth, full):
     random = config("random_placement", max_germinations=5)
     assert (random.tamiyo.location.strategy, random.tamiyo.max_germinations) == ("random", 5)
     assert config("static_adapters", adapter_width=7).model.kwargs["adapter_width"] == 7
+    assert random.tamiyo.location.random_seed == 1  # drawn from the run's seed
+    # The placement pair: the same seeds and grafts, chosen by the ranking or at random.
+    chosen, drawn = config("esper_placement"), config("esper_placement_random")
+    assert chosen.kasmina == drawn.kasmina and chosen.kasmina.seeds_per_layer == 4
+    assert chosen.tamiyo.max_germinations == drawn.tamiyo.max_germinations == 2
+    assert chosen.tamiyo.location.strategy == "bottleneck"
+    assert (drawn.tamiyo.location.strategy, drawn.tamiyo.location.random_seed) == ("random", 1)
+    assert chosen.tamiyo.model_copy(update={"location": drawn.tamiyo.location}) == drawn.tamiyo
 
 
 def test_continual_phases(bench_growth, full):
@@ -99,9 +107,22 @@ def test_summary_gap_closed_goals_and_drift(bench_growth):
     assert esper["added_share_of_large_extra"] == pytest.approx(0.2)
     assert esper["outcomes"] == {"FOSSILIZED": 3, "CULLED": 1} and esper["drift_max"] == 0.07
     lines = bench_growth.goals(table)
+    assert not any("esper_placement" in line for line in lines)  # arms not run: no line
     assert any("esper closed 70%" in line and "**missed**" in line for line in lines)
     assert any("does not beat" in line and "static_adapters" in line for line in lines)
     assert any("largest 0.070" in line and "**missed**" in line for line in lines)
+
+
+def test_an_esper_arm_is_compared_with_its_random_control(bench_growth):
+    bench = {"seeds": [0], "arms": ["static_small", "static_large", "esper_placement",
+                                    "esper_placement_random"],
+             "tasks": {"digits": {"data": {"name": "digits"}}}}
+    runs = [_run("digits", "static_small", 0, 0.90, 1000), _run("digits", "static_large", 0, 1.00, 11000),
+            _run("digits", "esper_placement", 0, 0.95, 2000, germinations=2),
+            _run("digits", "esper_placement_random", 0, 0.93, 2000, germinations=2)]
+    lines = bench_growth.goals(bench_growth.summarise(bench, runs))
+    assert "digits: esper_placement 0.9500 vs esper_placement_random 0.9300: **beats** it" in lines
+    assert not any(line.startswith("digits: esper_placement_random") for line in lines)
 
 
 def test_continual_summary_reads_both_protocols(bench_growth):
