@@ -181,7 +181,9 @@ def interfaces(bench: dict[str, Any], device: str) -> list[str]:
     from esper.tolaria.models import build_model
 
     found: set[str] = set()
-    mappings = [train_config(bench, task, "esper", 0, device, "runs") for task in bench["tasks"]]
+    growing = {"esper", *(arm for arm in bench["arms"] if grows(arm) and arm != "random_placement")}
+    mappings = [train_config(bench, task, arm, 0, device, "runs")
+                for task in bench["tasks"] for arm in sorted(growing)]
     if "continual" in bench:
         mappings += [continual_config(bench, arm, 0, device, "runs", phase=2, init_from="")
                      for arm in bench["continual"]["arms"] if arm.startswith("esper")]

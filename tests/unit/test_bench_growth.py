@@ -113,6 +113,14 @@ def test_summary_gap_closed_goals_and_drift(bench_growth):
     assert any("largest 0.070" in line and "**missed**" in line for line in lines)
 
 
+def test_the_workspace_forges_for_every_growing_arm_s_seed_interfaces(bench_growth, full):
+    bench = {**full, "tasks": {"digits": full["tasks"]["digits"]}}
+    bench.pop("continual")
+    # digits [8, 8] from 64 inputs: one seed a layer (8 wide), and esper_placement's 4 (2 wide).
+    assert bench_growth.interfaces(bench, "cpu") == ["linear:64:2", "linear:64:8", "linear:8:2",
+                                                     "linear:8:8"]
+
+
 def test_an_esper_arm_is_compared_with_its_random_control(bench_growth):
     bench = {"seeds": [0], "arms": ["static_small", "static_large", "esper_placement",
                                     "esper_placement_random"],
