@@ -44,9 +44,14 @@ class LocationConfig(_Strict):
 
     `strategy: random` is the control arm of the growth benchmark: a free seed drawn uniformly,
     from a generator seeded by (`random_seed`, germinations so far), so a run and its resume
-    draw the same seeds. Everything else (when to grow, which kernel, the gates) is unchanged."""
+    draw the same seeds. Everything else (when to grow, which kernel, the gates) is unchanged.
+
+    `spread: true` prefers a seed in the layer that holds the fewest grafts (germinated to
+    fossilized), and ranks by bottleneck score among those: the ranking alone put both of a
+    run's grafts in one layer in 11 of 12 growth-benchmark runs (docs/growth.md)."""
 
     strategy: Literal["bottleneck", "random"] = "bottleneck"
+    spread: bool = False
     random_seed: NonNegInt = 0
     gradient_energy_weight: NonNegFloat = 1.0
     variance_weight: NonNegFloat = 0.5

@@ -83,19 +83,24 @@ class Ranking:
 
 def rank_bottlenecks(gradient_energy: np.ndarray, activation_variance: np.ndarray,
                      dead_ratio: np.ndarray, layer: np.ndarray, index: np.ndarray,
-                     weights: LocationConfig) -> Ranking:
+                     weights: LocationConfig, held: np.ndarray | None = None) -> Ranking:
     """A chunk is a bottleneck when the loss pushes hard on it (high gradient energy), when it
     carries little signal (low activation variance), or when its units are dead (high dead
     ratio). Each statistic is ranked among the candidates and scaled to [0, 1] (1: the
     strongest sign); the score is the weighted sum. Ranks, not raw values: the statistics of
-    different layers are on different scales."""
+    different layers are on different scales.
+
+    With `weights.spread`, `held` (per candidate: the grafts its layer holds already) orders
+    first, fewest first, and the score only within a layer count: grafts spread over layers."""
     energy = _ranks(gradient_energy)
     low_variance = _ranks(-activation_variance)
     dead = _ranks(dead_ratio)
     score = (weights.gradient_energy_weight * energy + weights.variance_weight * low_variance
              + weights.dead_ratio_weight * dead)
-    order = np.lexsort((index, layer, -score))  # last key first: score, then seed id
-    return Ranking(order, score, energy, low_variance, dead)
+    keys = (index, layer, -score)  # np.lexsort sorts by the last key first: score, then seed id
+    if weights.spread and held is not None:
+        keys = (*keys, held)
+    return Ranking(np.lexsort(keys), score, energy, low_variance, dead)
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,9 @@ def test_arms_differ_only_where_they_should(bench_growth, full):
     assert chosen.tamiyo.location.strategy == "bottleneck"
     assert (drawn.tamiyo.location.strategy, drawn.tamiyo.location.random_seed) == ("random", 1)
     assert chosen.tamiyo.model_copy(update={"location": drawn.tamiyo.location}) == drawn.tamiyo
+    spread = config("esper_placement_spread")
+    assert spread.tamiyo.location.spread and not chosen.tamiyo.location.spread
+    assert spread.kasmina == chosen.kasmina
 
 
 def test_continual_phases(bench_growth, full):

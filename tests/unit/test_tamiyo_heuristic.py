@@ -236,6 +236,19 @@ def test_the_strongest_bottleneck_is_germinated_with_its_layers_kernel():
     assert h.stage("1:1") is S.GERMINATED
 
 
+def test_spread_takes_the_strongest_seed_of_the_layer_that_holds_the_fewest_grafts():
+    stats = {"1:1": {"gradient_energy": 3.0, "dead_ratio": 0.4}, "1:0": {"gradient_energy": 2.0},
+             "0:0": {"gradient_energy": 1.0}, "0:1": {"gradient_energy": 0.5}}
+    chosen = {}
+    for spread in (False, True):
+        h = Harness(config(max_concurrent=2, location={"spread": spread}))
+        h.stats = stats
+        h.run([1.0] * 8)  # plateaus: a germination, then a second while the first grows
+        chosen[spread] = [d.seed_id for d in h.decisions if d.action == "germinate"][:2]
+    assert chosen[False] == ["1:1", "1:0"]  # the ranking alone: both in layer 1
+    assert chosen[True] == ["1:1", "0:0"]   # layer 1 holds a graft: layer 0's strongest next
+
+
 def test_plateau_threshold_can_be_relative_to_the_best():
     p = Plateau()
     p.update(2.0, lower_is_better=True, min_delta=0.0, min_delta_relative=0.05)
