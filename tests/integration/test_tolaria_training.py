@@ -15,7 +15,13 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from tolaria_helpers import INTERFACE, forged_workspace, same_state, short_dir, tiny_config
+from tolaria_helpers import (
+    INTERFACE,
+    forged_workspace,
+    same_state,
+    short_dir,
+    tiny_config,
+)
 
 import esper
 import kasmina
@@ -309,7 +315,7 @@ def test_the_guard_reads_the_first_task_and_culls_the_grafts_that_forget_it(forg
 def test_a_guard_of_another_kind_of_task_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(BadInputError, match="field 'guard.data': 'digits' is a classification "
                                             "task with 10 outputs; the run's data 'two_spirals'"):
-        run_training(tiny_config(**{"guard": {"data": {"name": "digits"}}, "out_dir": str(tmp_path)}))
+        run_training(tiny_config(guard={"data": {"name": "digits"}}, out_dir=str(tmp_path)))
     assert not any(tmp_path.iterdir())
 
 

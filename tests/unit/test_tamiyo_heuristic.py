@@ -428,7 +428,7 @@ def test_gate_table_for_fixed_function_kernels_and_fine_tuning():
 
 def test_the_guard_culls_a_graft_the_guarded_task_lost_to_and_only_that_one():
     gates = GateConfig(guard_max_degradation=0.05)
-    kwargs = dict(trained=True, gain=0.3, metric="validation_loss", gates=gates)
+    kwargs = {"trained": True, "gain": 0.3, "metric": "validation_loss", "gates": gates}
     lost = GuardReading(metric="accuracy", reference=0.80, value=0.70)  # 12.5% worse than at start
     culled = gate(S.EVALUATING, True, 1, guard=(lost, 0.78), **kwargs)
     assert culled.action == "cull"
