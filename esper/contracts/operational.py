@@ -57,8 +57,9 @@ class HealthSignal(VersionedContract):
 class GuardReading(Contract):
     """The guarded task (Tolaria's `guard`): an earlier task the run must not forget (HLD 2.4.4).
     `metric` is its validation accuracy (read within its classes) or loss; `reference` was read
-    at the run's start, `value` now with every graft, `without` with one seed disabled, for each
-    seed that waits at a keep-or-cull gate."""
+    at the run's start, `value` now with every graft. `without`: while `value` is worse than
+    `reference`, the task with one seed disabled, for each graft that blends and is not yet
+    fossilized."""
 
     metric: Literal["accuracy", "loss"]
     reference: float

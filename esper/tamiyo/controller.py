@@ -624,13 +624,15 @@ class TamiyoController:
                            f"({len(embargoed)} under embargo, {len(self._quarantined)} "
                            "quarantined).")
             return
-        holding = ((~TERMINAL_CODES[seen.stage] & (seen.stage != S.DORMANT.code))
-                   | (seen.stage == S.FOSSILIZED.code))  # the grafts each layer holds
-        held = np.bincount(seen.layer[holding], minlength=int(seen.layer.max()) + 1)
+        held = None
+        if self.config.location.spread:  # the grafts each layer holds: growing or fossilized
+            holding = growing | (seen.stage == S.FOSSILIZED.code)
+            held = np.bincount(seen.layer[holding], minlength=int(seen.layer.max()) + 1)
+            held = held[seen.layer[candidates]]
         ranking = rank_bottlenecks(
             seen.gradient_energy[candidates], seen.activation_variance[candidates],
             seen.dead_ratio[candidates], seen.layer[candidates], seen.index[candidates],
-            self.config.location, held=held[seen.layer[candidates]])
+            self.config.location, held=held)
         if self.config.location.strategy == "random":
             draw = np.random.default_rng([self.config.location.random_seed, self._germinations])
             ranking = replace(ranking, order=draw.permutation(len(candidates)))

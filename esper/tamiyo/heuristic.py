@@ -14,6 +14,7 @@ import numpy as np
 from esper.contracts import GuardReading, SeedLifecycle
 from esper.tamiyo.config import GateConfig, LocationConfig
 from esper.tamiyo.packets import SeedObservation, seed_key
+from kasmina.lifecycle import BLENDING
 
 S = SeedLifecycle
 
@@ -161,7 +162,7 @@ def _ranks(values: np.ndarray) -> np.ndarray:
 # --- the lifecycle gates -------------------------------------------------------------------
 
 # Blending and not yet fossilized: the grafts the guarded task's loss can be blamed on.
-GUARDED = frozenset({S.GRAFTING, S.STABILIZATION, S.EVALUATING, S.FINE_TUNING})
+GUARDED = BLENDING - {S.FOSSILIZED}
 
 @dataclass(frozen=True)
 class Verdict:

@@ -229,17 +229,19 @@ def check_data_config(spec: DataConfig) -> list[tuple[tuple[str | int, ...], str
     return check_component(spec.name, spec.kwargs, BUILTIN, SUPPLIED, "data set")
 
 
-def build_data(spec: DataConfig | Mapping[str, Any] | str, seed: int) -> DataBundle:
-    """Make the train and validation sets. `seed` is the run's; `spec.seed`, when set, wins."""
+def build_data(spec: DataConfig | Mapping[str, Any] | str, seed: int, *,
+               field: str = "data") -> DataBundle:
+    """Make the train and validation sets. `seed` is the run's; `spec.seed`, when set, wins.
+    `field`: where the section is in the run config, for error messages (`guard.data`)."""
     if not isinstance(spec, DataConfig):
         try:
             spec = DataConfig.model_validate(spec)
         except ValidationError as e:
-            problems = [(("data", *loc), msg) for loc, msg in validation_problems(e)]
+            problems = [((field, *loc), msg) for loc, msg in validation_problems(e)]
             raise BadInputError(describe_problems(problems)) from None
     problems = check_data_config(spec)
     if problems:
-        raise BadInputError(describe_problems([(("data", *loc), msg) for loc, msg in problems]))
+        raise BadInputError(describe_problems([((field, *loc), msg) for loc, msg in problems]))
     fn = resolve_data(spec.name)
     seed = seed if spec.seed is None else spec.seed
     given: dict[str, Any] = {"seed": seed, "val_fraction": spec.val_fraction}
@@ -251,15 +253,15 @@ def build_data(spec: DataConfig | Mapping[str, Any] | str, seed: int) -> DataBun
         except (TypeError, ValueError):
             accepted = set()
         result = fn(**{k: v for k, v in given.items() if k in accepted}, **spec.kwargs)
-        bundle = _as_bundle(result, spec.name)
-    return bundle if spec.classes is None else select_classes(bundle, spec.classes)
+        bundle = _as_bundle(result, spec.name, field)
+    return bundle if spec.classes is None else select_classes(bundle, spec.classes, field=field)
 
 
-def select_classes(bundle: DataBundle, classes: Sequence[int]) -> DataBundle:
+def select_classes(bundle: DataBundle, classes: Sequence[int], *, field: str = "data") -> DataBundle:
     """`bundle` with only the samples whose label is in `classes`, in training and validation.
     The output width stays the whole set's: a model trained on one phase of a continual split
     can go on to the next."""
-    where = "field 'data.classes'"
+    where = f"field '{field}.classes'"
     if bundle.task != "classification":
         raise BadInputError(f"{where}: {bundle.name!r} is a regression data set; classes select "
                             "samples of a classification set")
@@ -290,11 +292,11 @@ def _labels(part: Dataset) -> torch.Tensor:
 
 # --- user data ------------------------------------------------------------------------------
 
-def _as_bundle(result: Any, name: str) -> DataBundle:
+def _as_bundle(result: Any, name: str, field: str = "data") -> DataBundle:
     if isinstance(result, DataBundle):
         return result
     if not (isinstance(result, (tuple, list)) and len(result) == 2):
-        raise BadInputError(f"field 'data.name': {name!r} returned a {type(result).__name__}; "
+        raise BadInputError(f"field '{field}.name': {name!r} returned a {type(result).__name__}; "
                             "expected a DataBundle or (train, val)")
     train, val = (_as_dataset(part, name, which) for part, which in zip(result, ("train", "val")))
     x, y = train[0]

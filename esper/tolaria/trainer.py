@@ -829,9 +829,9 @@ def _next_stages(stage: SeedLifecycle) -> frozenset[SeedLifecycle]:
 
 def _guard_data(config: TrainConfig, data: DataBundle) -> DataBundle:
     """The guarded task's data (`guard.data`, generated and split from the run's data seed
-    unless it names its own), checked against the run's task and output width."""
-    spec = config.guard.data
-    guard = build_data(spec, seed=config.data_seed if spec.seed is None else spec.seed)
+    unless it names its own: build_data lets `spec.seed` win), checked against the run's task
+    and output width."""
+    guard = build_data(config.guard.data, seed=config.data_seed, field="guard.data")
     if (guard.task, guard.out_dim) != (data.task, data.out_dim):
         raise BadInputError(f"invalid run config: field 'guard.data': {guard.name!r} is a "
                             f"{guard.task} task with {guard.out_dim} outputs; the run's data "

@@ -316,6 +316,9 @@ def test_a_guard_of_another_kind_of_task_is_refused_before_anything_is_written(t
     with pytest.raises(BadInputError, match="field 'guard.data': 'digits' is a classification "
                                             "task with 10 outputs; the run's data 'two_spirals'"):
         run_training(tiny_config(guard={"data": {"name": "digits"}}, out_dir=str(tmp_path)))
+    with pytest.raises(BadInputError, match="field 'guard.data.classes': 'two_spirals' has classes 0-1"):
+        run_training(tiny_config(guard={"data": {"name": "two_spirals", "classes": [5]}},
+                                 out_dir=str(tmp_path)))
     assert not any(tmp_path.iterdir())
 
 
