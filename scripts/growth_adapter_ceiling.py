@@ -36,7 +36,8 @@ def run(bench: dict, task: str, share: float, seed: int, out: str) -> dict:
     data = build_data(spec["data"], seed=seed)
     small, large = (TrainConfig.from_mapping(bench_growth.train_config(bench, task, arm, seed, "cpu", out))
                     for arm in ("static_small", "static_large"))
-    extra = _parameters(large, data) - _parameters(small, data)
+    base = _parameters(small, data)
+    extra = _parameters(large, data) - base
     width = bench_growth.adapter_width(spec["small"], share * extra, math.prod(data.input_shape))
     config = bench_growth.merge(
         bench_growth.train_config(bench, task, "static_adapters", seed, "cpu", out, adapter_width=width),
@@ -44,7 +45,7 @@ def run(bench: dict, task: str, share: float, seed: int, out: str) -> dict:
     result = run_training(TrainConfig.from_mapping(config), workspace=None)
     last = result.history.epochs[-1]
     return {"task": task, "share": share, "seed": seed, "width": width,
-            "added": last["parameters"] - _parameters(small, data), "extra": extra,
+            "added": last["parameters"] - base, "extra": extra,
             "accuracy": last["validation_accuracy"]}
 
 
