@@ -75,11 +75,12 @@ class SeedTrainingConfig(_Strict):
 
 class BlockSpec(_Strict):
     """A named block with a fixed interface: one tensor in, one out, chunked on the feature
-    (linear: last) or channel (conv2d: dim 1) axis."""
+    (linear: last) or channel (conv2d: dim 1) axis. Sizes left out are read from the block's own
+    `in_features` / `out_features` (linear) or `in_channels` / `out_channels` (conv2d)."""
 
     kind: Literal["linear", "conv2d"]
-    in_features: PositiveInt
-    out_features: PositiveInt
+    in_features: PositiveInt | None = None
+    out_features: PositiveInt | None = None
     stride: PositiveInt = 1
 
 

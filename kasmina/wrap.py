@@ -87,9 +87,18 @@ def _weight_read_directly(parent: nn.Module | None, name: str) -> str | None:
     return None
 
 
-def _block_interface(spec: BlockSpec) -> KernelInterface:
-    return KernelInterface(kind=LayerKind(spec.kind), in_features=spec.in_features,
-                           out_features=spec.out_features, stride=spec.stride)
+def _block_interface(path: str, module: nn.Module, spec: BlockSpec) -> KernelInterface:
+    sizes = {}
+    for field_name, attribute in (("in_features", "in"), ("out_features", "out")):
+        size = getattr(spec, field_name)
+        if size is None:
+            owned = f"{attribute}_features" if spec.kind == "linear" else f"{attribute}_channels"
+            size = getattr(module, owned, None)
+            if not isinstance(size, int) or size <= 0:
+                raise BadInputError(f"kasmina: block {path}: give its {field_name} (the "
+                                    f"{type(module).__name__} has no {owned} to read it from)")
+        sizes[field_name] = size
+    return KernelInterface(kind=LayerKind(spec.kind), stride=spec.stride, **sizes)
 
 
 def wrap(model: nn.Module, config: KasminaConfig | dict[str, Any] | None = None, *,
@@ -113,7 +122,7 @@ def wrap(model: nn.Module, config: KasminaConfig | dict[str, Any] | None = None,
         excluded = any(_matches(path, p) for p in config.exclude)
         block = next((spec for pattern, spec in config.blocks.items() if _matches(path, pattern)), None)
         if block is not None and not excluded:
-            chosen.append((path, module, _block_interface(block)))
+            chosen.append((path, module, _block_interface(path, module, block)))
             claimed.append(path)
             continue
         if not isinstance(module, tuple(types[t] for t in config.targets)) or excluded:

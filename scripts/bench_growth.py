@@ -487,9 +487,11 @@ def drift(results: list[dict[str, Any]]) -> None:
         ref = small.get((r["task"], r["seed"]))
         if not grows(r["arm"]) or ref is None:
             continue
+        modified = set(r["grafted_layers"]) | {  # a graft on spans.i feeds layers.i+1
+            f"layers.{int(path.split('.')[1]) + 1}" for path in r["grafted_layers"] if path.startswith("spans.")}
         per_layer = {}
         for path, rep in r["representations"].items():
-            if path in r["grafted_layers"] or path not in ref["representations"]:
+            if path in modified or path not in ref["representations"]:
                 continue
             a, b = torch.tensor(rep), torch.tensor(ref["representations"][path])
             per_layer[path] = float((1 - torch.nn.functional.cosine_similarity(a, b, dim=1)).mean())

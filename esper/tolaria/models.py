@@ -58,11 +58,17 @@ class MLP(nn.Module):
     width` with its last layer zero (the model starts as the plain MLP). It is what a grafted
     seed adds to one chunk (DESIGN.md section 7), placed everywhere at once: the growth
     benchmark's PEFT-style arm at a matched parameter budget.
+
+    `spans=True` adds `spans.i` after every hidden layer: a `Span` that reads the input of
+    `layers.i` and adds into the pre-activation of the next layer (or `head`). It outputs zeros,
+    so the model computes what it did without it; a seed on a span (`kasmina.blocks:
+    {"spans.*": {kind: linear}}`) is a graft that widens hidden layer i: new units that read the
+    layer's input and feed the next layer, as gromo's and TINY's growth add them.
     """
 
     def __init__(self, input_shape: Sequence[int], out_dim: int, widths: Sequence[PositiveInt] = (64, 64),
                  activation: Activation = "relu", dropout: Fraction = 0.0,
-                 adapter_width: NonNegInt = 0) -> None:
+                 adapter_width: NonNegInt = 0, spans: bool = False) -> None:
         super().__init__()
         sizes = [math.prod(input_shape), *widths]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in itertools.pairwise(sizes))
@@ -70,18 +76,43 @@ class MLP(nn.Module):
             _adapter(a, adapter_width, b, activation) for a, b in itertools.pairwise(sizes)
         ) if adapter_width else None
         self.head = nn.Linear(sizes[-1], out_dim)
+        # span i: the input of layers.i -> the pre-activation of the layer after it
+        self.spans = nn.ModuleList(
+            Span(a, b) for a, b in zip(sizes[:-1], [*sizes[2:], out_dim])
+        ) if spans else None
         self.activation = activation
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.flatten(1)
         act = _ACTIVATIONS[self.activation]
+        widened = None  # what span i-1 adds to layer i's pre-activation
         for i, layer in enumerate(self.layers):
             h = layer(x)
             if self.adapters is not None:
                 h = h + self.adapters[i](x)
+            if widened is not None:
+                h = h + widened
+            widened = self.spans[i](x) if self.spans is not None else None
             x = self.dropout(act(h))
-        return self.head(x)
+        out = self.head(x)
+        return out if widened is None else out + widened
+
+
+class Span(nn.Module):
+    """The host side of a widening seed: reads a layer's input (`in_features`), outputs zeros of
+    the next layer's pre-activation width (`out_features`). Wrapped by Kasmina as a linear
+    block, its grafts are new hidden units between the two layers."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
 def _adapter(in_features: int, width: int, out_features: int, activation: Activation) -> nn.Sequential:

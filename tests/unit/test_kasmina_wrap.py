@@ -83,6 +83,21 @@ def test_patterns_glob_regex_exclude_and_named_blocks():
     assert torch.equal(model(x), want)
 
 
+def test_a_block_without_declared_sizes_takes_its_own():
+    from esper.tolaria.models import MLP
+    torch.manual_seed(0)
+    model = MLP((40,), 10, widths=[16, 12], spans=True)
+    x = torch.randn(3, 40)
+    want = model(x)
+    model, report = kasmina.wrap(model, {"include": ["layers.*"], "seeds_per_layer": 1,
+                                         "blocks": {"spans.*": {"kind": "linear"}}})
+    assert _paths(report) == ["layers.0", "layers.1", "spans.0", "spans.1"]
+    assert [(w.interface.in_features, w.interface.out_features) for w in report.layers[2:]] == [(40, 12), (16, 10)]
+    assert torch.equal(model(x), want)
+    with pytest.raises(BadInputError, match="block blocks.0: give its in_features .the Block has no in_features"):
+        kasmina.wrap(Net(), {"blocks": {"blocks.0": {"kind": "linear"}}})
+
+
 def test_config_errors_name_the_field_and_bad_chunking_is_refused():
     with pytest.raises(BadInputError, match="field 'telemetry.every'"):
         kasmina.wrap(Net(), {"telemetry": {"every": 0}})

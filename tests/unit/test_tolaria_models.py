@@ -13,7 +13,7 @@ from torch import nn
 
 import kasmina
 from esper.errors import BadInputError
-from esper.tolaria.models import ZOO, SmallCNN, build_model
+from esper.tolaria.models import ZOO, SmallCNN, Span, build_model
 
 # (zoo name, kwargs, input shape): MNIST-1D (40,), digits (1, 8, 8), two spirals (2,), and more.
 CASES = [
@@ -77,6 +77,35 @@ def test_mlp_adapters_start_as_the_plain_mlp_and_then_learn():
     # kasmina.wrap takes the host's layers; the adapters are not seeds.
     _, report = kasmina.wrap(copy.deepcopy(adapted), {"include": ["layers.*"]})
     assert [layer.path for layer in report.layers] == ["layers.0", "layers.1"]
+
+
+def test_mlp_spans_start_as_the_plain_mlp_and_a_span_branch_is_a_wider_layer():
+    shape, widths, k = (40,), [16, 12], 5
+    torch.manual_seed(0)
+    plain = build_model({"name": "mlp", "kwargs": {"widths": widths}}, shape, 10)
+    torch.manual_seed(0)
+    spanned = build_model({"name": "mlp", "kwargs": {"widths": widths, "spans": True}}, shape, 10)
+    assert [(s.in_features, s.out_features) for s in spanned.spans] == [(40, 12), (16, 10)]
+    x = torch.randn(6, *shape)
+    assert torch.equal(spanned(x), plain(x))  # spans own no weights and add zeros
+
+    class Branch(Span):  # what a graft on spans.0 computes: k new units between layers 0 and 1
+        def __init__(self):
+            super().__init__(40, 12)
+            self.up, self.down = nn.Linear(40, k), nn.Linear(k, 12)
+
+        def forward(self, x):
+            return self.down(torch.relu(self.up(x)))
+
+    spanned.spans[0] = branch = Branch()
+    wide = build_model({"name": "mlp", "kwargs": {"widths": [16 + k, 12]}}, shape, 10)
+    with torch.no_grad():
+        wide.layers[0].weight.copy_(torch.cat([plain.layers[0].weight, branch.up.weight]))
+        wide.layers[0].bias.copy_(torch.cat([plain.layers[0].bias, branch.up.bias]))
+        wide.layers[1].weight.copy_(torch.cat([plain.layers[1].weight, branch.down.weight], dim=1))
+        wide.layers[1].bias.copy_(plain.layers[1].bias + branch.down.bias)
+        wide.head.load_state_dict(plain.head.state_dict())
+    torch.testing.assert_close(spanned(x), wide(x))
 
 
 def test_one_dimensional_cnn_uses_conv2d_with_row_kernels():
