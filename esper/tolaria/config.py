@@ -211,9 +211,18 @@ class GuardConfig(_Strict):
     reference), at every epoch end, and, when it reads worse than the reference, with each graft
     that blends and is not yet fossilized disabled in turn. The metric is accuracy read within
     `data.classes` (over every class when it names none), or the loss of a regression. Tamiyo
-    culls a graft the degradation can be blamed on (`tamiyo.gates.guard_max_degradation`)."""
+    culls a graft the degradation can be blamed on (`tamiyo.gates.guard_max_degradation`).
+
+    `distill > 0` also holds grafts off the guarded task's outputs while they learn (Learning
+    without Forgetting, Li & Hoiem 2016, on the grafts alone): every training step adds
+    `distill * temperature**2 * KL(host || model)` over the guarded classes' softmax at
+    `temperature` (a regression: `distill * MSE(model, host)`), where `host` is the same batch
+    through the model with every blending graft disabled. It costs one more forward pass a step
+    while a graft blends."""
 
     data: DataConfig
+    distill: NonNegFloat = 0.0
+    temperature: PositiveFloat = 2.0
 
 
 class TrainConfig(_Strict):

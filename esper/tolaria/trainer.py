@@ -289,6 +289,7 @@ class TolariaTrainer:
         self._said: set[str] = set()
         self._froze_heap = False
         self._guard_reference: float | None = None  # the guarded task's metric at the start
+        self._guard_classes: torch.Tensor | None = None  # guard.data.classes on the device
 
     # --- the run ------------------------------------------------------------------------
 
@@ -396,17 +397,20 @@ class TolariaTrainer:
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         steps = 0
         layers = kasmina.layers(self.model)  # once an epoch: a walk of every module, not per step
+        distilled = self._distilled(layers)  # stages change only at epoch boundaries
         for x, y in self.train_loader:
             self._timer.start()
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             self.optimizer.zero_grad(set_to_none=True)
-            loss = self._loss(self.model(x), y)
+            output = self.model(x)
+            loss = self._loss(output, y)
             if steps == 0 and epoch in config.faults.nan_loss_epochs and epoch not in self._faults_fired:
                 self._faults_fired.add(epoch)
                 loss = loss * float("nan")  # injected fault: the run diverges from here
-            if loss.requires_grad:  # a frozen host (`model.freeze`) with nothing training: no graph
-                loss.backward()
+            objective = loss + self._distillation(x, output, distilled) if distilled else loss
+            if objective.requires_grad:  # a frozen host (`model.freeze`) with nothing training: no graph
+                objective.backward()
             for layer in layers:  # kasmina.observe_loss
                 layer.observe_loss(loss)
             if config.optimizer.grad_clip_norm is not None:
@@ -529,6 +533,29 @@ class TolariaTrainer:
         loss = (total / max(n, 1)).item()  # sync: once per evaluation
         accuracy = correct.item() / max(n, 1) if self.data.task == "classification" else None
         return loss, accuracy
+
+    def _distilled(self, layers: list[kasmina.KasminaLayer]) -> list[str]:
+        """The grafts `guard.distill` holds off the guarded task's outputs: every blending one."""
+        guard = self.config.guard
+        if guard is None or guard.distill == 0:
+            return []
+        return [f"{layer.layer_id}:{index}" for layer in layers
+                for index, stage in enumerate(layer.stages) if stage in BLENDING]
+
+    def _distillation(self, x: torch.Tensor, output: torch.Tensor, grafts: list[str]) -> torch.Tensor:
+        """`guard.distill`'s penalty on how far `grafts` move the guarded task's outputs of this
+        batch from the host's own (GuardConfig)."""
+        guard = self.config.guard
+        self.model.eval()  # no telemetry, no seed step: a read of the host alone
+        try:
+            with torch.no_grad(), kasmina.seeds_disabled(self.model, grafts):
+                host = self.model(x)
+        finally:
+            self.model.train()
+        if guard.data.classes is not None and self._guard_classes is None:
+            self._guard_classes = torch.tensor(sorted(guard.data.classes), device=output.device)
+        return distillation(output, host, self.data.task, self._guard_classes, guard.distill,
+                            guard.temperature)
 
     def _guard_metric(self) -> float:
         """The guarded task's metric: accuracy within its classes, or a regression's loss."""
@@ -825,6 +852,20 @@ def _next_stages(stage: SeedLifecycle) -> frozenset[SeedLifecycle]:
     from esper.contracts import LIFECYCLE_TRANSITIONS
 
     return LIFECYCLE_TRANSITIONS[stage]
+
+
+def distillation(output: torch.Tensor, host: torch.Tensor, task: str, classes: torch.Tensor | None,
+                 weight: float, temperature: float) -> torch.Tensor:
+    """`guard.distill`'s penalty: `weight * temperature**2 * KL(host || output)` over the softmax
+    of `classes`' logits (all of them when None) at `temperature`; for a regression
+    `weight * MSE(output, host)`."""
+    if task == "regression":
+        return weight * F.mse_loss(output, host)
+    if classes is not None:
+        output, host = output[:, classes], host[:, classes]
+    t = temperature
+    return weight * t * t * F.kl_div(F.log_softmax(output / t, dim=1), F.log_softmax(host / t, dim=1),
+                                     log_target=True, reduction="batchmean")
 
 
 def _guard_data(config: TrainConfig, data: DataBundle) -> DataBundle:

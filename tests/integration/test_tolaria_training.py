@@ -312,6 +312,36 @@ def test_the_guard_reads_the_first_task_and_culls_the_grafts_that_forget_it(forg
     assert state["guard_reference"] == reference
 
 
+def test_distillation_holds_the_grafts_off_the_guarded_task(forged, tmp_path):
+    """The same reversed-digits phase 2 with the guard's gate off (limit 100%), without and with
+    `guard.distill`: identical until a graft blends, then the distilled grafts move the guarded
+    task less, and the task loss they train on is reported without the penalty."""
+    ws, _ = forged
+    digits = {"name": "digits", "batch_size": 64}
+    first = run_training(tiny_config(**{"kasmina.include": ["no-layer"], "data": digits,
+                                        "out_dir": str(tmp_path)}), workspace=None)
+
+    def phase_two(name, **guard):
+        return run_training(tiny_config(**{
+            "model.init_from": str(first.run_dir), "model.freeze": ["*"], "name": name,
+            "data": {**digits, "name": "tolaria_helpers:reversed_digits"},
+            "guard": {"data": digits, **guard}, "kasmina.train_fossils": True,
+            "kasmina.training": {"min_steps": 5, "objective": "gradient_match", "ready_loss_ratio": 1.0},
+            "tamiyo.max_germinations": 2, "tamiyo.gates": {"guard_max_degradation": 1.0},
+            "epochs": 12}), workspace=ws)
+
+    plain, held = phase_two("plain"), phase_two("held", distill=4.0)
+    blending = {stage.value for stage in BLENDING}
+    first_blend = next(e["epoch"] for e in plain.history.epochs if set(e["stages_during"]) & blending)
+    for a, b in zip(plain.history.epochs, held.history.epochs):
+        if a["epoch"] < first_blend:
+            assert (a["train_loss"], a["guard"]) == (b["train_loss"], b["guard"]), a["epoch"]
+    reference = plain.history.epochs[0]["guard"]["reference"]
+    lowest = [min(e["guard"]["value"] for e in run.history.epochs) for run in (plain, held)]
+    assert lowest[0] < reference and lowest[1] > lowest[0]
+    assert held.history.epochs[-1]["guard"]["value"] > plain.history.epochs[-1]["guard"]["value"]
+
+
 def test_a_guard_of_another_kind_of_task_is_refused_before_anything_is_written(tmp_path):
     with pytest.raises(BadInputError, match="field 'guard.data': 'digits' is a classification "
                                             "task with 10 outputs; the run's data 'two_spirals'"):
