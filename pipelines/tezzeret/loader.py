@@ -21,7 +21,7 @@ parsed: a public key by the key file's exact bytes (the file is read on every lo
 replaced key takes effect at once), a signed manifest or report by its exact verified body (and
 the unverified manifest document's file digests, only a hint of what to read ahead, by its
 bytes), a weights file's layout by the sha256 its bytes were just checked against, the
-blueprint's IR parse, static check and meta-device skeleton by its blueprint id (the hash of its
+blueprint's IR parse, static check and skeleton by its blueprint id (the hash of its
 bytes), the interface and the bytes themselves, and how a weights file fills a skeleton (checked
 once) on the skeleton by the weights' sha256. A load makes a fresh copy of the skeleton and
 gives it the signed weights, sent to the device in one copy: no initial weights are drawn only
@@ -206,7 +206,7 @@ def attach_compiled(module: nn.Module, form: InputForm, bundle: bytes) -> Compil
 @dataclass
 class _Verified:
     """Everything a load checked: the catalog record, the signed manifest, every file it names
-    (hash-checked), and the blueprint's parsed IR and meta skeleton."""
+    (hash-checked), and the blueprint's parsed IR and skeleton."""
 
     record: KernelLoadRecord
     manifest: Manifest
@@ -422,8 +422,9 @@ _CONTAINERS = (dict, set)  # a module's attributes that each copy of it needs it
 
 @dataclass(frozen=True)
 class _Skeleton:
-    """A blueprint's module at one interface on the meta device, and how to copy it and fill it:
-    its modules in pre-order (each with the names of its container attributes and its children's
+    """A blueprint's module at one interface, without values (`build_empty` unfilled: torch's
+    layers hold `Unfilled` placeholders, any other module meta tensors), and how to copy it and
+    fill it: its modules in pre-order (each with the names of its container attributes and its children's
     indices) and where each tensor of its state dict goes."""
 
     modules: list[tuple[nn.Module, tuple[str, ...], tuple[tuple[str, int], ...]]]
@@ -466,7 +467,7 @@ class _Skeleton:
         pre-order), sharing no container with it: each module a new instance with the skeleton's
         attributes, each of its dicts and sets (parameters, buffers, submodules, hooks) copied,
         so that assigning tensors or registering hooks on the copy leaves the skeleton as it is.
-        (Building anew on the meta device costs many times this, and `copy.deepcopy` as much.)"""
+        (Building anew costs many times this, and `copy.deepcopy` as much.)"""
         modules: list = [None] * len(self.modules)
         for index in range(len(modules) - 1, -1, -1):  # children (later in pre-order) first
             template, containers, children = self.modules[index]
@@ -483,18 +484,18 @@ class _Skeleton:
 
 @functools.lru_cache(maxsize=256)
 def _checked_blueprint(blueprint_id: str, interface: str, ir_bytes: bytes):
-    """(IR, skeleton): the parsed IR and the blueprint's module at `interface` on the meta device
-    (no weights drawn, no initialiser run), the module `esper.blueprints.build` makes before its
-    initialisation. `ir_bytes` hashed to `blueprint_id` when read from the store, so that is the
-    module's id (not hashed again); an IR that does not pass the static check raises (and is not
-    cached)."""
+    """(IR, skeleton): the parsed IR and the blueprint's module at `interface`, the module
+    `esper.blueprints.build` makes before its initialisation, with no weights drawn and torch's
+    layers holding placeholders, not tensors (`build_empty(..., unfilled=True)`). `ir_bytes`
+    hashed to `blueprint_id` when read from the store, so that is the module's id (not hashed
+    again); an IR that does not pass the static check raises (and is not cached)."""
     from esper.blueprints import build_empty
     from esper.blueprints.rules import BlueprintValidationError
 
     source = f"blueprint {blueprint_id[:12]}"
     ir = load_ir(ir_bytes, source=source)
     try:
-        module = build_empty(ir, KernelInterface.parse(interface), blueprint_id)
+        module = build_empty(ir, KernelInterface.parse(interface), blueprint_id, unfilled=True)
     except BlueprintValidationError as e:
         raise e.with_source(source) from None
     return ir, _Skeleton.of(module)
@@ -572,7 +573,7 @@ def _safetensors_layout(data: bytearray, what: str) -> tuple[int, dict[str, tupl
 
 
 def _rebuild(verified: _Verified, device: str, *, share_storage: bool = False) -> nn.Module:
-    """A fresh copy of the meta skeleton given the signed weights, on `device` in the manifest's
+    """A fresh copy of the skeleton given the signed weights, on `device` in the manifest's
     dtype. The weights file's data section goes to the device in one copy; each tensor is then
     its own storage (as `load_state_dict` leaves it), or, with `share_storage`, a view of that
     one copy (Kasmina's templates, whose weights are only ever copied into seed banks)."""

@@ -53,12 +53,79 @@ def test_the_loaders_plan_names_every_state_dict_entry(case):
     skeleton = _Skeleton.of(module)
     state = module.state_dict(keep_vars=True)
     assert list(skeleton.slots) == list(state)
+    unfilled = build_empty(ir, KernelInterface.parse(face), blueprint_id(ir), unfilled=True)
+    assert _Skeleton.of(unfilled).slots == skeleton.slots
     modules = skeleton.fresh()
     for name, slot in skeleton.slots.items():
         assert slot.shape == tuple(state[name].shape)
         owner = modules[slot.owner]
         assert (slot.attr in owner._parameters) is slot.parameter
         assert (slot.attr in owner._buffers) is not slot.parameter
+
+
+def _assert_unfilled_is_meta(unfilled: torch.nn.Module, meta: torch.nn.Module) -> None:
+    """The same module tree, attributes (in order, equal values) and state-dict slots, with an
+    `Unfilled` of the meta tensor's shape and requires_grad in each layer that `_LAYER_STATES`
+    describes (and the meta tensor itself in any other module)."""
+    from esper.blueprints.builder import _LAYER_STATES, Unfilled
+
+    assert type(unfilled) is type(meta)
+    state, expected = vars(unfilled), vars(meta)
+    assert list(state) == list(expected)
+    described = type(meta) in _LAYER_STATES
+    for name, value in expected.items():
+        got = state[name]
+        if name == "_modules":
+            assert list(got) == list(value)
+            for child, ref in zip(got.values(), value.values(), strict=True):
+                _assert_unfilled_is_meta(child, ref)
+        elif name in ("_parameters", "_buffers"):
+            assert list(got) == list(value)
+            for t, ref in zip(got.values(), value.values(), strict=True):
+                if ref is None:
+                    assert t is None
+                    continue
+                assert isinstance(t, Unfilled) if described else t.is_meta
+                assert (tuple(t.shape), t.requires_grad) == (tuple(ref.shape), ref.requires_grad)
+        else:
+            assert type(got) is type(value) and got == value, name
+
+
+@pytest.mark.parametrize("case", CASES, ids=_name)
+def test_an_unfilled_module_is_the_empty_module_with_placeholders(case):
+    """`unfilled=True` writes torch's layers from the builder's description of their
+    constructors: the very attributes and slots the constructors give, no tensor made."""
+    from esper.blueprints.builder import _states_hold
+
+    ir, face = case
+    interface = KernelInterface.parse(face)
+    unfilled = build_empty(ir, interface, blueprint_id(ir), unfilled=True)
+    _assert_unfilled_is_meta(unfilled, build_empty(ir, interface, blueprint_id(ir)))
+    assert all(_states_hold.values())  # this torch's constructors are as described
+    again = build_empty(ir, interface, blueprint_id(ir), unfilled=True)
+    for a, b in zip(unfilled.modules(), again.modules(), strict=True):  # no container shared
+        assert not any(value is vars(b)[name] for name, value in vars(a).items()
+                       if isinstance(value, (dict, set)))
+
+
+def test_a_layer_whose_constructor_differs_from_its_description_is_constructed(monkeypatch):
+    """A torch whose constructor gives a layer something the description does not: that class
+    is made by its constructor (on the meta device), checked once per process."""
+    from esper.blueprints import builder
+
+    def linear_with_an_extra(in_features, out_features, bias=True):
+        attributes, parameters, buffers = builder._linear_state(in_features, out_features, bias)
+        return {**attributes, "extra": 1}, parameters, buffers
+
+    monkeypatch.setitem(builder._LAYER_STATES, torch.nn.Linear, linear_with_an_extra)
+    monkeypatch.setattr(builder, "_states_hold", {})
+    ir = next(ir for ir in standard_library() if ir.name == "mlp_gelu_w8")
+    interface = KernelInterface.parse("linear:37:11")
+    for _ in range(2):
+        module = build_empty(ir, interface, blueprint_id(ir), unfilled=True)
+        assert all(p.is_meta for p in module.parameters())
+        assert not any("extra" in vars(m) for m in module.modules())
+    assert builder._states_hold == {torch.nn.Linear: False}
 
 
 def test_build_empty_checks_the_blueprint_at_the_interface():

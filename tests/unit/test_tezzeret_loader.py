@@ -92,7 +92,8 @@ def _verified(ir, face: str, state: dict, dtype: str = "float32"):
     from pipelines.tezzeret.loader import _Skeleton
 
     data = bytearray(save(state))
-    skeleton = _Skeleton.of(build_empty(ir, KernelInterface.parse(face), blueprint_id(ir)))
+    skeleton = _Skeleton.of(build_empty(ir, KernelInterface.parse(face), blueprint_id(ir),
+                                        unfilled=True))
     return SimpleNamespace(
         record=SimpleNamespace(id="k"), skeleton=skeleton, files={WEIGHTS_FILE: data},
         manifest=SimpleNamespace(files={WEIGHTS_FILE: hashlib.sha256(data).hexdigest()},
