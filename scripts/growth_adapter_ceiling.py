@@ -1,12 +1,13 @@
-"""How far residual capacity on the small host can go at the growth goal's budget: the growth
-benchmark's `static_adapters` arm sized to a share of the large host's extra parameters
-(default 25% and 50%) instead of to Esper's, trained exactly as the sweep trains it.
+"""How far a static model of the growth goal's size can go: the growth benchmark's
+`static_adapters` arm sized to a share of the large host's extra parameters (default 25% and
+50%) instead of to Esper's, and a plain static host whose hidden layers are widened alike (the
+widest whose parameters fit the same share), each trained exactly as the sweep trains its arms.
 
     python scripts/growth_adapter_ceiling.py                # MNIST-1D and digits, 3 seeds
-    python scripts/growth_adapter_ceiling.py --shares 0.25 --tasks digits
+    python scripts/growth_adapter_ceiling.py --shares 0.25 --tasks digits --kinds static
 
-Adapters train from the first step at the whole budget, so their gap closed bounds what grafts
-of the same shape, which arrive later, can close (docs/growth.md). Tolaria's divergence rule is
+Both train from the first step with the whole budget, so their gap closed is what the goal asks
+growth to match with capacity that arrives later (docs/growth.md). Tolaria's divergence rule is
 off for these runs: at 25-50% of the parameters digits overfits late, and a validation loss 3x
 its best is that here, not a divergence.
 """
@@ -31,22 +32,38 @@ from esper.tolaria.models import build_model
 from esper.tolaria.run import run_training
 
 
-def run(bench: dict, task: str, share: float, seed: int, out: str) -> dict:
+def run(bench: dict, task: str, kind: str, share: float, seed: int, out: str) -> dict:
     spec = bench["tasks"][task]
     data = build_data(spec["data"], seed=seed)
     small, large = (TrainConfig.from_mapping(bench_growth.train_config(bench, task, arm, seed, "cpu", out))
                     for arm in ("static_small", "static_large"))
     base = _parameters(small, data)
     extra = _parameters(large, data) - base
-    width = bench_growth.adapter_width(spec["small"], share * extra, math.prod(data.input_shape))
-    config = bench_growth.merge(
-        bench_growth.train_config(bench, task, "static_adapters", seed, "cpu", out, adapter_width=width),
-        {"tamiyo": {"divergence": {"loss_ratio": 1e9}}})
+    if kind == "adapters":
+        width = bench_growth.adapter_width(spec["small"], share * extra, math.prod(data.input_shape))
+        config = bench_growth.train_config(bench, task, "static_adapters", seed, "cpu", out, adapter_width=width)
+    else:
+        width = _static_width(bench, task, seed, out, data, base + share * extra)
+        config = bench_growth.train_config({**bench, "tasks": {task: {**spec, "large": [width] * len(spec["small"])}}},
+                                           task, "static_large", seed, "cpu", out)
+    config = bench_growth.merge(config, {"tamiyo": {"divergence": {"loss_ratio": 1e9}}})
     result = run_training(TrainConfig.from_mapping(config), workspace=None)
     last = result.history.epochs[-1]
-    return {"task": task, "share": share, "seed": seed, "width": width,
+    return {"task": task, "kind": kind, "share": share, "seed": seed, "width": width,
             "added": last["parameters"] - base, "extra": extra,
             "accuracy": last["validation_accuracy"]}
+
+
+def _static_width(bench: dict, task: str, seed: int, out: str, data: DataBundle, budget: float) -> int:
+    """The widest hidden layers (all alike) whose static host has at most `budget` parameters."""
+    spec = bench["tasks"][task]
+    width = max(spec["small"])
+    while True:
+        wider = {**bench, "tasks": {task: {**spec, "large": [width + 1] * len(spec["small"])}}}
+        config = TrainConfig.from_mapping(bench_growth.train_config(wider, task, "static_large", seed, "cpu", out))
+        if _parameters(config, data) > budget:
+            return width
+        width += 1
 
 
 def _parameters(config: TrainConfig, data: DataBundle) -> int:
@@ -58,23 +75,23 @@ def main() -> None:
     parser.add_argument("--config", type=Path, default=bench_growth.FULL)
     parser.add_argument("--tasks", nargs="+", default=["mnist1d", "digits"])
     parser.add_argument("--shares", type=float, nargs="+", default=[0.25, 0.5])
+    parser.add_argument("--kinds", nargs="+", choices=["adapters", "static"], default=["adapters", "static"])
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="default: the config's")
     parser.add_argument("--work", default=str(ROOT / ".bench-growth/adapter-ceiling"))
     parser.add_argument("--jobs", type=int, default=2)
     args = parser.parse_args()
     bench = bench_growth.parse_yaml(args.config.read_text())
     seeds = args.seeds or bench["seeds"]
-    jobs = [(t, s, seed) for t in args.tasks for s in args.shares for seed in seeds]
+    jobs = [(t, k, s, seed) for t in args.tasks for k in args.kinds for s in args.shares for seed in seeds]
     with ProcessPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(run, *zip(*[(bench, *j, args.work) for j in jobs])))
-    print("task      share  width  added/extra  accuracy per seed            mean (std)")
-    for task in args.tasks:
-        for share in args.shares:
-            got = [r for r in rows if r["task"] == task and r["share"] == share]
-            acc = [r["accuracy"] for r in got]
-            print(f"{task:<9} {share:>5.0%}  {got[0]['width']:>5}  {got[0]['added']:>5}/{got[0]['extra']:<6} "
-                  f"{' '.join(f'{a:.4f}' for a in acc):<28} {statistics.mean(acc):.4f} "
-                  f"({statistics.stdev(acc) if len(acc) > 1 else 0.0:.4f})")
+    print("task      kind      share  width  added/extra  accuracy per seed            mean (std)")
+    for task, kind, share in dict.fromkeys((t, k, s) for t, k, s, _ in jobs):
+        got = [r for r in rows if (r["task"], r["kind"], r["share"]) == (task, kind, share)]
+        acc = [r["accuracy"] for r in got]
+        print(f"{task:<9} {kind:<9} {share:>5.0%}  {got[0]['width']:>5}  {got[0]['added']:>5}/{got[0]['extra']:<6} "
+              f"{' '.join(f'{a:.4f}' for a in acc):<28} {statistics.mean(acc):.4f} "
+              f"({statistics.stdev(acc) if len(acc) > 1 else 0.0:.4f})")
 
 
 if __name__ == "__main__":

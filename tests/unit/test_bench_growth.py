@@ -119,9 +119,21 @@ def test_summary_gap_closed_goals_and_drift(bench_growth):
 def test_the_workspace_forges_for_every_growing_arm_s_seed_interfaces(bench_growth, full):
     bench = {**full, "tasks": {"digits": full["tasks"]["digits"]}}
     bench.pop("continual")
-    # digits [8, 8] from 64 inputs: one seed a layer (8 wide), and esper_placement's 4 (2 wide).
-    assert bench_growth.interfaces(bench, "cpu") == ["linear:64:2", "linear:64:8", "linear:8:2",
-                                                     "linear:8:8"]
+    # digits [8, 8] from 64 inputs: one seed a layer (8 wide), esper_placement's 4 (2 wide), and
+    # the spans of esper_spans / esper_widen: 64 inputs -> layers.1 (8), 8 -> the head (10).
+    assert bench_growth.interfaces(bench, "cpu") == ["linear:64:2", "linear:64:8", "linear:8:10",
+                                                     "linear:8:2", "linear:8:8"]
+
+
+def test_drift_skips_the_layers_a_graft_changes_a_span_graft_the_layer_it_feeds(bench_growth):
+    reps = {"layers.0": [[1.0, 0.0]], "layers.1": [[1.0, 0.0]], "layers.2": [[1.0, 0.0]]}
+    turned = {"layers.0": [[0.0, 1.0]], "layers.1": [[0.0, 1.0]], "layers.2": [[1.0, 1.0]]}
+    runs = [_run("digits", "static_small", 0, 0.9, 1000, representations=reps, grafted_layers=[]),
+            _run("digits", "esper_spans", 0, 0.9, 2000, representations=turned, grafted_layers=["spans.0"]),
+            _run("digits", "esper", 0, 0.9, 2000, representations=turned, grafted_layers=["layers.0"])]
+    bench_growth.drift(runs)
+    assert runs[1]["drift"] == {"layers.0": 1.0, "layers.2": pytest.approx(1 - 2 ** -0.5)}
+    assert runs[2]["drift"] == {"layers.1": 1.0, "layers.2": pytest.approx(1 - 2 ** -0.5)}
 
 
 def test_an_esper_arm_is_compared_with_its_random_control(bench_growth):
