@@ -7,7 +7,14 @@ from typing import Annotated, Literal, Self
 from pydantic import Field, model_validator
 
 from esper.contracts.assets import KernelArtifactId, Tag
-from esper.contracts.base import Contract, Sha256Hex, SeedId, Timestamp, VersionedContract, utcnow
+from esper.contracts.base import (
+    Contract,
+    SeedId,
+    Sha256Hex,
+    Timestamp,
+    VersionedContract,
+    utcnow,
+)
 from esper.contracts.enums import (
     TERMINAL_STAGES,
     GraftingStrategy,
@@ -75,6 +82,26 @@ class GuardReading(Contract):
         value = self.value if value is None else value
         worse = self.reference - value if self.higher_is_better else value - self.reference
         return worse / max(abs(self.reference), 1e-12)
+
+    def blamed(self, limit: float) -> list[SeedId]:
+        """The fewest grafts whose removal makes up the excess over `limit`: while the task reads
+        more than `limit` worse than `reference`, the grafts it reads better without, most
+        recovered first, until their recoveries (each read alone) add up to what brings it back
+        under `limit`; all of them if they never do. Empty within the limit."""
+        if self.degradation() <= limit:
+            return []
+        sign = 1.0 if self.higher_is_better else -1.0
+        allowed = self.reference - sign * limit * abs(self.reference)  # the limit's edge
+        excess = sign * (allowed - self.value)
+        recovery = sorted(((sign * (without - self.value), sid) for sid, without in self.without.items()),
+                          key=lambda item: (-item[0], item[1]))
+        chosen: list[SeedId] = []
+        for recovered, sid in recovery:
+            if recovered <= 0 or excess <= 0:
+                break
+            chosen.append(sid)
+            excess -= recovered
+        return chosen
 
 
 class SystemStatePacket(VersionedContract):

@@ -89,10 +89,11 @@ class GateConfig(_Strict):
     `max_loading_epochs` is cancelled; a graft whose alpha ramp has not completed after
     `max_grafting_epochs` (None: no limit; the ramp length is in steps) is culled.
 
-    With a guarded task (Tolaria's `guard`: an earlier task the run must not forget), a graft
-    that blends and is not yet fossilized is culled at any epoch end where the guarded metric is
-    worse than at the run's start by more than `guard_max_degradation` (relative) and better
-    without that graft."""
+    With a guarded task (Tolaria's `guard`: an earlier task the run must not forget), grafts
+    that blend and are not yet fossilized are culled at any epoch end where the guarded metric is
+    worse than at the run's start by more than `guard_max_degradation` (relative): the fewest of
+    those it reads better without, most to blame first, whose recoveries make up the excess
+    (`GuardReading.blamed`). The next epoch end reads the task again."""
 
     keep_min_improvement: float = 0.0
     cull_max_degradation: NonNegFloat = 0.0

@@ -180,6 +180,7 @@ class TamiyoController:
         self._best_validation_loss: float | None = None
         self._metrics: dict[str, float] = {}
         self._guard: GuardReading | None = None  # this epoch's guarded task, when there is one
+        self._blamed: set[str] = set()  # the grafts this epoch's guard reading culls
         self._germinations = 0
         self._last_end_step: int | None = None
         self._active: dict[str, Adaptation] = {}
@@ -263,6 +264,8 @@ class TamiyoController:
             return self._rollback_signal(diverged)
         self._metrics = metrics
         self._guard = packet.guard
+        self._blamed = set() if packet.guard is None else set(
+            packet.guard.blamed(self.config.gates.guard_max_degradation))
         best = self._best_validation_loss
         self._best_validation_loss = (metrics["validation_loss"] if best is None
                                       else min(best, metrics["validation_loss"]))
@@ -549,10 +552,10 @@ class TamiyoController:
         gain = (improvement(self._metric, a.pre_metrics[self._metric], self._metrics[self._metric])
                 if self._metric in a.pre_metrics else None)
         guard = self._guard
-        without = guard.without.get(a.seed_id) if guard is not None else None
+        blamed = guard is not None and a.seed_id in self._blamed
         verdict = gate(a.stage, obs.ready, a.epochs_in_stage, trained=a.trained, gain=gain,
                        metric=self._metric, gates=self.config.gates,
-                       guard=(guard, without) if without is not None else None)
+                       guard=(guard, guard.without[a.seed_id]) if blamed else None)
         if verdict.action is None:
             return
         where = f"Seed {a.seed_id} ({a.stage.value}, {a.epochs_in_stage} epoch end(s) there"

@@ -183,9 +183,9 @@ def gate(stage: SeedLifecycle, ready: bool, epochs_in_stage: int, *, trained: bo
     """The lifecycle gate of an adaptation in `stage` after `epochs_in_stage` epoch ends there.
 
     `gain`: the watched metric's improvement since germination (positive: better). `guard`: the
-    guarded task's reading and its value with this seed disabled, when there is one: a graft
-    that blends and is not yet fossilized is culled at any epoch end the guarded task's loss
-    can be blamed on it, ready or not.
+    guarded task's reading and its value with this seed disabled, given for a graft the reading
+    blames (`GuardReading.blamed`): one that blends and is not yet fossilized is culled at any
+    epoch end the guarded task's loss can be blamed on it, ready or not.
     """
     n = epochs_in_stage
     if stage in GUARDED and guard is not None:

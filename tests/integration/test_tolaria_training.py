@@ -25,6 +25,7 @@ from tolaria_helpers import (
 
 import esper
 import kasmina
+from esper.contracts import GuardReading
 from esper.contracts import SeedLifecycle as S
 from esper.errors import BadInputError
 from esper.tolaria.checkpoint import CheckpointStore
@@ -297,10 +298,10 @@ def test_the_guard_reads_the_first_task_and_culls_the_grafts_that_forget_it(forg
     for epoch in epochs:
         if not set(epoch["stages_during"]) & {stage.value for stage in BLENDING}:
             assert epoch["guard"]["value"] == reference, epoch["epoch"]
-    gated = {(e["epoch"], sid): (without, e["guard"]["value"]) for e in epochs
-             for sid, without in e["guard"]["without"].items()}
-    blamed = {key for key, (without, value) in gated.items()
-              if (reference - value) / reference > limit and without > value}
+    blamed = {(e["epoch"], sid) for e in epochs
+              for sid in GuardReading.model_validate(e["guard"]).blamed(limit)}
+    assert all(without > e["guard"]["value"] and (reference - e["guard"]["value"]) / reference > limit
+               for e in epochs for sid, without in e["guard"]["without"].items() if (e["epoch"], sid) in blamed)
     with Urza.open(ws) as urza:
         culls = {(d.epoch, d.seed_id) for d in urza.list_decisions(run_id=second.run_id)
                  if d.action == "cull" and "guarded task's accuracy" in d.explanation}

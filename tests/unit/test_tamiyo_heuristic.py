@@ -451,6 +451,19 @@ def test_the_guard_culls_a_graft_the_guarded_task_lost_to_and_only_that_one():
     assert loss.degradation() == pytest.approx(0.2) and lost.degradation(0.8) == 0.0
 
 
+def test_the_guard_blames_the_fewest_grafts_that_make_up_the_excess():
+    # 0.80 at the start, limit 5%: the edge is 0.76, so 0.70 is 0.06 short of it.
+    reading = GuardReading(metric="accuracy", reference=0.80, value=0.70,
+                           without={"0:0": 0.72, "0:1": 0.75, "1:0": 0.69, "1:1": 0.74, "2:0": 0.75})
+    assert reading.blamed(0.05) == ["0:1", "2:0"]  # +0.05 each, ties by seed id: 0.10 >= 0.06
+    assert reading.blamed(0.10) == ["0:1"]        # edge 0.72: +0.05 covers 0.02
+    assert reading.blamed(0.15) == []             # 12.5% worse: within the limit
+    short = reading.model_copy(update={"without": {"0:0": 0.71, "1:0": 0.69, "1:1": 0.72}})
+    assert short.blamed(0.0) == ["1:1", "0:0"]    # never enough: every graft it reads better without
+    loss = GuardReading(metric="loss", reference=1.0, value=1.5, without={"0:0": 1.2, "0:1": 1.4, "0:2": 1.6})
+    assert loss.blamed(0.1) == ["0:0", "0:1"]     # edge 1.1: -0.3, then -0.1 covers 0.4
+
+
 def test_the_controller_reads_the_guard_of_the_packet_for_the_seed_at_its_gate():
     h = Harness(config(gates={"guard_max_degradation": 0.05}))
     h.run([1.0] * 8)
