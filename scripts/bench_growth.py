@@ -17,6 +17,9 @@ Arms (each a `run_training` run, the function `esper train` calls, except gromo'
   `esper_X_random` is the control of `esper_X`: its own section sets `location.strategy:
   random` (drawn from the run's seed) and the goals compare the two (`esper_placement`: more
   seeds than grafts, so that where to grow is a real choice).
+- `esper_spans` / `esper_widen` (configs): the small host built with `spans` (mlp `spans: true`),
+  zero-output blocks from each hidden layer's input to the next layer's pre-activation, and
+  seeds on them (`kasmina.blocks`), alone or with the layers' own: grafts that widen a layer.
 - `static_adapters`: the small host with a zero-initialised parallel adapter on every hidden
   layer from the start (`mlp` `adapter_width`), sized to the mean parameters `esper` added on
   that task: the PEFT-style alternative at the same parameter budget.
@@ -26,7 +29,8 @@ The continual split (the config's `continual` section; `--tasks continual` alone
 trains a host on the first classes; phase 2 starts each arm from it on the second classes
 (`model.init_from`, `data.classes`): `finetune` trains the whole host, `esper` freezes it
 (`model.freeze`) and grows seeds, `esper_head` likewise with seeds in the head only, one per
-class logit (a graft then writes only its own class's logit), `static_adapters` freezes it and
+class logit (a graft then writes only its own class's logit), `esper_guard` and `esper_distill`
+with the first classes guarded (`guard`, and `guard.distill`), `static_adapters` freezes it and
 trains adapters at esper's budget. Accuracy on the first classes before and after, read over all classes and within the
 first ones, gives the degradation after the germinations.
 
