@@ -8,9 +8,10 @@ One epoch, top to bottom (`_run_epoch`):
 
 1. schedule: the epoch's lr (a function of the epoch alone) and the data order (of the seed and
    the epoch alone, EpochShuffle);
-2. train steps: forward, task loss, backward (TRAINING seeds learn their own objective from a
-   hook on their layer's output), gradient clipping, optimizer step, step time;
-3. evaluate: validation loss, and accuracy for classification;
+2. train steps: forward, task loss (plus `guard.distill`'s penalty while grafts blend),
+   backward (TRAINING seeds learn their own objective from a hook on their layer's output),
+   gradient clipping, optimizer step, step time;
+3. evaluate: validation loss, and accuracy for classification (and the guarded task's);
 4. end-of-epoch hook: the layers' HealthSignals (one host sync per layer), the
    SystemStatePacket, `tamiyo.step`; then either an emergency rollback (Tamiyo's divergence
    check, an operator's force_rollback, or a corrupt seed state Kasmina reports) or the
