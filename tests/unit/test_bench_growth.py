@@ -180,3 +180,19 @@ def test_adapter_width_meets_the_budget(bench_growth):
     width = bench_growth.adapter_width([16, 16], budget=16_952, in_features=40)
     assert width == 188 and abs(width * 90 + 32 - 16_952) < 90
     assert bench_growth.adapter_width([8], budget=0, in_features=2) == 1
+
+
+def test_the_ceiling_s_static_host_is_the_widest_that_fits(full):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import growth_adapter_ceiling as ceiling
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    from esper.tolaria.data import build_data
+
+    data = build_data(full["tasks"]["digits"]["data"], seed=0)
+    # [w, w] on 64 inputs, 10 classes: 65w + (w + 1)w + 10(w + 1) = w^2 + 76w + 10 parameters.
+    width = ceiling._static_width(full, "digits", 0, "runs", data, budget=7_042)
+    assert width == 54 and 54 ** 2 + 76 * 54 + 10 <= 7_042 < 55 ** 2 + 76 * 55 + 10
