@@ -97,6 +97,31 @@ def test_a_seed_grows_to_fossilized_and_its_lineage_is_recorded(forged, referenc
     assert kasmina.layers(loaded)[0].stages == kasmina.layers(result.model)[0].stages
 
 
+def test_a_graft_on_a_span_widens_the_layer_and_the_export_keeps_it():
+    """A seed on `spans.1` (the input of layers.1 -> the head's pre-activation): germinated,
+    grafted and kept like any seed, it changes the model's function, and the exported model
+    (rebuilt from the config, with its spans) computes the same."""
+    root = short_dir("tolaria-span-")
+    try:
+        ws, kernels = forged_workspace(root, interface="linear:32:2")
+        config = tiny_config(**{"model.kwargs": {"widths": [32, 32], "spans": True},
+                                "kasmina.include": ["no-layer"], "kasmina.seeds_per_layer": 1,
+                                "kasmina.blocks": {"spans.1": {"kind": "linear"}}})
+        result = run_training(config, workspace=ws)
+        (layer,) = kasmina.layers(result.model)
+        assert layer.layer_name == "spans.1" and layer.stages == [S.FOSSILIZED]
+        assert layer.kernel_of(0) == kernels["mlp_gelu_w8"]
+        x = torch.randn(9, 2)
+        model = result.model.eval()
+        with kasmina.seeds_disabled(model, ["0:0"]):
+            host = model(x)
+        assert not torch.equal(model(x), host)  # the new units feed the head
+        loaded = esper.load_model(result.run_dir)
+        assert torch.equal(loaded(x), model(x))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def test_a_graft_that_misses_its_gate_is_culled(forged):
     ws, _ = forged
     config = tiny_config(**{"tamiyo.gates.keep_min_improvement": 100.0,
