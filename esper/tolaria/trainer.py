@@ -290,7 +290,9 @@ class TolariaTrainer:
         self._said: set[str] = set()
         self._froze_heap = False
         self._guard_reference: float | None = None  # the guarded task's metric at the start
-        self._guard_classes: torch.Tensor | None = None  # guard.data.classes on the device
+        classes = None if config.guard is None else config.guard.data.classes
+        # guard.distill's classes on the device (None: all of them)
+        self._guard_classes = None if classes is None else torch.tensor(sorted(classes), device=self.device)
 
     # --- the run ------------------------------------------------------------------------
 
@@ -553,8 +555,6 @@ class TolariaTrainer:
                 host = self.model(x)
         finally:
             self.model.train()
-        if guard.data.classes is not None and self._guard_classes is None:
-            self._guard_classes = torch.tensor(sorted(guard.data.classes), device=output.device)
         return distillation(output, host, self.data.task, self._guard_classes, guard.distill,
                             guard.temperature)
 

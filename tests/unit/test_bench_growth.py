@@ -183,14 +183,12 @@ def test_adapter_width_meets_the_budget(bench_growth):
 
 
 def test_the_ceiling_s_static_host_is_the_widest_that_fits(full):
-    import sys
-
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import growth_adapter_ceiling as ceiling
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
     from esper.tolaria.data import build_data
+
+    spec = importlib.util.spec_from_file_location("growth_adapter_ceiling",
+                                                  ROOT / "scripts/growth_adapter_ceiling.py")
+    ceiling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ceiling)  # it puts scripts/ on the path for bench_growth itself
 
     data = build_data(full["tasks"]["digits"]["data"], seed=0)
     # [w, w] on 64 inputs, 10 classes: 65w + (w + 1)w + 10(w + 1) = w^2 + 76w + 10 parameters.
