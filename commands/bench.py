@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -19,13 +19,13 @@ def bench(
     device: Annotated[str, typer.Option(
         help="cpu, cuda or cuda:N: where kernels are measured; only kernels built for this "
         "device's target are claimed.")] = "cpu",
-    max_jobs: Annotated[Optional[int], typer.Option(
+    max_jobs: Annotated[int | None, typer.Option(
         min=1, help="Stop after judging this many kernels.")] = None,
     lease_seconds: Annotated[float, typer.Option(
         min=1, help="Claim lease; renewed while the gauntlet runs.")] = 120.0,
     wall_limit_s: Annotated[float, typer.Option(
         min=0.01, help="Wall-clock limit of one gauntlet, torch's import included.")] = 300.0,
-    cpu_limit_s: Annotated[Optional[float], typer.Option(
+    cpu_limit_s: Annotated[float | None, typer.Option(
         min=1, help="CPU-time limit of one gauntlet (RLIMIT_CPU). Default: twice the "
         "wall-clock limit.")] = None,
     memory_limit_mb: Annotated[float, typer.Option(
@@ -39,7 +39,7 @@ def bench(
     grace_s: Annotated[float, typer.Option(
         min=0, help="On SIGINT/SIGTERM, how long the current gauntlet may still run before it "
         "is stopped and the claim released.")] = 30.0,
-    worker_id: Annotated[Optional[str], typer.Option(
+    worker_id: Annotated[str | None, typer.Option(
         help="This bench's name in claims and the audit log. Default: bench-HOST-PID.")] = None,
 ) -> None:
     """Characterize compiled kernels and sign the verdict (Urabrask, a daemon).

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -48,34 +48,34 @@ def _load_config(ctx: typer.Context, param, path: Path | None) -> Path | None:
 @app.callback(invoke_without_command=True)
 def forge(
     ctx: typer.Context,
-    config: Annotated[Optional[Path], typer.Option(
+    config: Annotated[Path | None, typer.Option(
         "--config", is_eager=True, callback=_load_config, show_default=False,
         help="YAML file of option values (see configs/forge.yaml); flags given here win.")] = None,
     once: Annotated[bool, typer.Option(
         "--once", help="Do the work there is now, then exit (cron, CI).")] = False,
-    max_jobs: Annotated[Optional[int], typer.Option(
+    max_jobs: Annotated[int | None, typer.Option(
         min=1, help="Stop after this many compile jobs (built or failed).")] = None,
-    pipelines: Annotated[Optional[str], typer.Option(
+    pipelines: Annotated[str | None, typer.Option(
         help="Comma-separated: fast, standard, aggressive. Default: fast, plus standard on "
         "CUDA devices.")] = None,
-    device: Annotated[Optional[list[str]], typer.Option(
+    device: Annotated[list[str] | None, typer.Option(
         "--device", help="cpu, cuda or cuda:N (repeatable). Default: cpu.")] = None,
-    interface: Annotated[Optional[list[str]], typer.Option(
+    interface: Annotated[list[str] | None, typer.Option(
         "--interface", help="Also build for linear:IN:OUT or conv2d:IN:OUT[:STRIDE] "
         "(repeatable), besides the interfaces runs registered.")] = None,
-    dtype: Annotated[Optional[list[str]], typer.Option(
+    dtype: Annotated[list[str] | None, typer.Option(
         "--dtype", help="dtype of the --interface kernels: float32, bfloat16, float16 "
         "(repeatable). Default: float32.")] = None,
     lease_seconds: Annotated[float, typer.Option(
         min=1, help="Claim lease; renewed while working, so a dead forge's blueprint returns "
         "to the queue after this.")] = 120.0,
-    wall_limit_s: Annotated[Optional[float], typer.Option(
+    wall_limit_s: Annotated[float | None, typer.Option(
         min=0.01, help="Wall-clock limit per compile job, every pipeline. Default: fast 120, "
         "standard 1800, aggressive 7200.")] = None,
-    cpu_limit_s: Annotated[Optional[float], typer.Option(
+    cpu_limit_s: Annotated[float | None, typer.Option(
         min=1, help="CPU-time limit per compile job (RLIMIT_CPU). Default: twice the "
         "wall-clock limit.")] = None,
-    memory_limit_mb: Annotated[Optional[float], typer.Option(
+    memory_limit_mb: Annotated[float | None, typer.Option(
         min=1, help="Resident-memory limit per compile job, torch included. Default: half the "
         "machine's memory, at most 16384.")] = None,
     poll_interval_s: Annotated[float, typer.Option(
@@ -95,7 +95,7 @@ def forge(
     daily_budget: Annotated[int, typer.Option(
         min=0, help="Idle work stops once the workspace has compiled this many kernels today "
         "(UTC).")] = 500,
-    worker_id: Annotated[Optional[str], typer.Option(
+    worker_id: Annotated[str | None, typer.Option(
         help="This forge's name in claims and the audit log. Default: forge-HOST-PID.")] = None,
 ) -> None:
     """Compile blueprints into signed kernel artifacts (Tezzeret, a daemon).

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -52,11 +52,11 @@ def init(ctx: typer.Context) -> None:
 def list_(
     ctx: typer.Context,
     kind: Annotated[Kind, typer.Option(help="What to list.")] = Kind.BLUEPRINTS,
-    status: Annotated[Optional[str], typer.Option(help="Only this status, e.g. VALIDATED.")] = None,
-    tag: Annotated[Optional[str], typer.Option(help="Kernels: only those with this tag.")] = None,
-    origin: Annotated[Optional[str], typer.Option(
+    status: Annotated[str | None, typer.Option(help="Only this status, e.g. VALIDATED.")] = None,
+    tag: Annotated[str | None, typer.Option(help="Kernels: only those with this tag.")] = None,
+    origin: Annotated[str | None, typer.Option(
         help="Blueprints: only this origin (library, human, karn).")] = None,
-    target: Annotated[Optional[str], typer.Option(help="Kernels: only this device target.")] = None,
+    target: Annotated[str | None, typer.Option(help="Kernels: only this device target.")] = None,
 ) -> None:
     """List blueprints or kernels.
 
@@ -98,17 +98,17 @@ def show(ctx: typer.Context, item_id: Annotated[str, typer.Argument(
 @app.command()
 def query(
     ctx: typer.Context,
-    blueprint: Annotated[Optional[str], typer.Option(help="Only kernels of this blueprint id.")] = None,
-    interface: Annotated[Optional[str], typer.Option(
+    blueprint: Annotated[str | None, typer.Option(help="Only kernels of this blueprint id.")] = None,
+    interface: Annotated[str | None, typer.Option(
         help="linear:IN:OUT or conv2d:IN:OUT[:STRIDE].")] = None,
-    target: Annotated[Optional[str], typer.Option(help="Device target, e.g. cpu, h100.")] = None,
-    dtype: Annotated[Optional[str], typer.Option(help="float32, bfloat16 or float16.")] = None,
-    pipeline: Annotated[Optional[str], typer.Option(help="fast, standard or aggressive.")] = None,
-    tag: Annotated[Optional[list[str]], typer.Option(help="Required tag (repeatable).")] = None,
-    prefer: Annotated[Optional[list[str]], typer.Option(help="Preferred tag (repeatable).")] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option(help="Excluded tag (repeatable).")] = None,
-    max_latency_ms: Annotated[Optional[float], typer.Option(help="Latency cap in ms.")] = None,
-    max_memory_mb: Annotated[Optional[float], typer.Option(help="Peak memory cap in MB.")] = None,
+    target: Annotated[str | None, typer.Option(help="Device target, e.g. cpu, h100.")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
+    pipeline: Annotated[str | None, typer.Option(help="fast, standard or aggressive.")] = None,
+    tag: Annotated[list[str] | None, typer.Option(help="Required tag (repeatable).")] = None,
+    prefer: Annotated[list[str] | None, typer.Option(help="Preferred tag (repeatable).")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="Excluded tag (repeatable).")] = None,
+    max_latency_ms: Annotated[float | None, typer.Option(help="Latency cap in ms.")] = None,
+    max_memory_mb: Annotated[float | None, typer.Option(help="Peak memory cap in MB.")] = None,
     limit: Annotated[int, typer.Option(help="At most this many results.")] = 50,
 ) -> None:
     """Find VALIDATED kernels as Tamiyo does (KernelQuery): filter, then rank by preferred
@@ -166,7 +166,7 @@ def import_(
 def export(
     ctx: typer.Context,
     blueprint_id: Annotated[str, typer.Argument(metavar="ID", help="Blueprint id or prefix.")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write here instead of "
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write here instead of "
                                                 "stdout.")] = None,
 ) -> None:
     """Print a blueprint's IR as JSON (re-importable).

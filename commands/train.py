@@ -7,36 +7,37 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
 from esper_cli.context import err_console, get_context, out_console
 
+
 def train(
     ctx: typer.Context,
-    config: Annotated[Optional[Path], typer.Argument(
+    config: Annotated[Path | None, typer.Argument(
         help="The run's YAML config (see configs/quickstart.yaml). Optional with --resume.",
         show_default=False)] = None,
-    overrides: Annotated[Optional[list[str]], typer.Argument(
+    overrides: Annotated[list[str] | None, typer.Argument(
         help="key.sub=value overrides of the config (`epochs=30 optimizer.lr=3e-3`).",
         show_default=False)] = None,
-    resume: Annotated[Optional[str], typer.Option(
+    resume: Annotated[str | None, typer.Option(
         help="Continue a killed or stopped run from its last checkpoint: a run id under the "
         "runs directory, or a run directory.", show_default=False)] = None,
-    device: Annotated[Optional[str], typer.Option(
+    device: Annotated[str | None, typer.Option(
         help="cpu, cuda, cuda:N or auto (overrides the config's `device`).",
         show_default=False)] = None,
-    policy: Annotated[Optional[str], typer.Option(
+    policy: Annotated[str | None, typer.Option(
         help="Tamiyo's policy: heuristic (overrides `tamiyo.policy`).",
         show_default=False)] = None,
-    out: Annotated[Optional[Path], typer.Option(
+    out: Annotated[Path | None, typer.Option(
         help="Where runs go (overrides `out_dir`; relative paths are under the workspace).",
         show_default=False)] = None,
-    epochs: Annotated[Optional[int], typer.Option(
+    epochs: Annotated[int | None, typer.Option(
         min=1, help="Train this many epochs in all (overrides `epochs`; with --resume, "
         "continue to it).", show_default=False)] = None,
-    run_id: Annotated[Optional[str], typer.Option(
+    run_id: Annotated[str | None, typer.Option(
         help="Name the run instead of NAME-TIME-HEX.", show_default=False)] = None,
 ) -> None:
     """Train a model that grows where it needs to (Tolaria, Kasmina and Tamiyo).
@@ -118,8 +119,13 @@ class _Progress:
     def _start(self, event) -> None:
         if not err_console.is_terminal:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, \
-            TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         self.close()
         self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -13,7 +13,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from esper.blueprints import BlueprintIR, canonical_json, load_ir, standard_library, validate
+from esper.blueprints import (
+    BlueprintIR,
+    canonical_json,
+    load_ir,
+    standard_library,
+    validate,
+)
 from esper.contracts import Blueprint, BlueprintSubmitted, Topic
 from esper.errors import BadInputError, BusUnavailableError, NotFoundError
 from esper.oona import Oona

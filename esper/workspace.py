@@ -24,7 +24,10 @@ from esper._fs import atomic_write_text
 from esper.errors import BadInputError, NotFoundError
 
 if TYPE_CHECKING:  # cryptography loads lazily: `esper --help` must stay fast
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 WORKSPACE_ENV = "ESPER_WORKSPACE"
 DEFAULT_WORKSPACE = "esper-workspace"

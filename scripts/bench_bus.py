@@ -42,7 +42,13 @@ import redis.utils
 from rich.console import Console
 from rich.table import Table
 
-from esper.contracts import EpochEvent, HealthSignal, SeedLifecycle, Topic, VersionedContract
+from esper.contracts import (
+    EpochEvent,
+    HealthSignal,
+    SeedLifecycle,
+    Topic,
+    VersionedContract,
+)
 from esper.oona import Oona, stop_embedded
 from esper.oona.embedded import redis_server_binary
 from esper.workspace import Workspace

@@ -36,8 +36,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout, no install
 
-import torch  # noqa: E402
-from torch import nn  # noqa: E402
+import torch
+from torch import nn
 
 SIZES = {
     "cuda": {"blend": (16384, 4096, 64), "dormant": (8192, 4096), "seeds": (10_000, 1_000, 4, 1024, 1024),
@@ -296,8 +296,8 @@ def bench_blend(device, sizes, rows_table, raw, adopt_best=False):
                            f"{ms['eager'] / ms['fused']:.2f}x eager, {ms['compiled'] / ms['fused']:.2f}x compiled"))
         rows_table.append((f"blend backward {name} {rows}x{features}, {chunks} chunks",
                            f"{fused_bwd_gbs:.0f} GB/s = {fused_bwd_gbs / copy_gbs:.1%} of copy",
-                           f"{ms['eager_bwd'] / ms['fused_bwd']:.2f}x eager, "
-                           f"{ms['compiled_bwd'] / ms['fused_bwd']:.2f}x compiled"))
+                           (f"{ms['eager_bwd'] / ms['fused_bwd']:.2f}x eager, "
+                            f"{ms['compiled_bwd'] / ms['fused_bwd']:.2f}x compiled")))
 
     for dtype in (torch.float32, torch.bfloat16):
         one(dtype)
@@ -677,10 +677,10 @@ def bench_load(device, sizes, rows_table, raw):
                                              "parse caches cleared, every kernel, 3 rounds",
     }
     rows_table.append(("kernel load (mlp_gelu_w32 @ linear:1024:64)", f"cached {cached_us:.2f} us",
-                       f"uncached verified {statistics.median(cold.values()):.0f} us (median of "
-                       f"{len(cold)} kernels, first load each, 3 rounds); re-load "
-                       f"{statistics.median(warm):.0f} us; first in the process {first_us:.0f} us; "
-                       f"unverified build {statistics.median(built):.0f} us"))
+                       (f"uncached verified {statistics.median(cold.values()):.0f} us (median of "
+                        f"{len(cold)} kernels, first load each, 3 rounds); re-load "
+                        f"{statistics.median(warm):.0f} us; first in the process {first_us:.0f} us; "
+                        f"unverified build {statistics.median(built):.0f} us")))
 
 
 def main() -> None:

@@ -131,8 +131,8 @@ def _run_self(argv: list[str],
               extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = dict(os.environ, PYTHONPATH=path, **(extra_env or {}))
-    return subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True,
-                          env=env, timeout=1800)
+    return subprocess.run([sys.executable, __file__, *argv], check=False, capture_output=True,
+                          text=True, env=env, timeout=1800)
 
 
 def _last_line(text: str) -> str:
@@ -155,7 +155,7 @@ def _child_load(folder: Path, steps: int) -> int:
 
     torch.compiler.set_stance("fail_on_recompile")  # any tracing in this process would raise
     import torch._dynamo  # imported here so that deserialize_s times the loading alone
-    import torch._inductor.compile_fx  # noqa: F401
+    import torch._inductor.compile_fx
     from safetensors.torch import load
 
     from esper.blueprints import build, load_ir

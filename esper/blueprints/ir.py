@@ -49,7 +49,7 @@ class WidthRef(Contract):
 
 def _attr_value(value: Any) -> Any:
     # One clear message instead of pydantic's per-member union errors.
-    if isinstance(value, WidthRef) or isinstance(value, (bool, int, str)):
+    if isinstance(value, (WidthRef, bool, int, str)):
         return value
     if isinstance(value, float):
         if not math.isfinite(value):

@@ -22,7 +22,6 @@ from esper.contracts.base import (
     seed_id,
     utcnow,
 )
-from esper.contracts.envelope import TOPIC_PAYLOADS, Envelope, Topic, new_event_id
 from esper.contracts.enums import (
     BLUEPRINT_TRANSITIONS,
     KERNEL_TRANSITIONS,
@@ -36,6 +35,7 @@ from esper.contracts.enums import (
     RunControlAction,
     SeedLifecycle,
 )
+from esper.contracts.envelope import TOPIC_PAYLOADS, Envelope, Topic, new_event_id
 from esper.contracts.operational import (
     AdaptationSignal,
     AllocationCommand,
@@ -58,4 +58,16 @@ from esper.contracts.operational import (
     TamiyoDecision,
 )
 
-__all__ = [name for name in dir() if not name.startswith("_")]
+__all__ = [
+    "BLUEPRINT_TRANSITIONS", "KERNEL_ID_PATTERN", "KERNEL_TRANSITIONS", "LATENCY_MS",
+    "LIFECYCLE_TRANSITIONS", "MEMORY_MB", "SCHEMA_VERSION", "TERMINAL_STAGES", "TOPIC_PAYLOADS",
+    "AdaptationSignal", "AllocationCommand", "Blueprint", "BlueprintStatus", "BlueprintSubmitted",
+    "CompilationFailed", "CompilationPipeline", "CompilationRecord", "CompiledKernelArtifact",
+    "Contract", "DaemonHeartbeat", "Envelope", "EpochEvent", "FieldReport", "GraftingStrategy",
+    "GuardReading", "HardwareContext", "HealthSignal", "HealthSummaryReport", "KasminaCommandType",
+    "KasminaControlCommand", "KernelCharacterized", "KernelInterface", "KernelQuery",
+    "KernelQueryResult", "KernelReady", "KernelStatus", "LayerKind", "NissaAlert", "RunControl",
+    "RunControlAction", "SeedLifecycle", "SeedTransition", "SystemStatePacket", "TamiyoDecision",
+    "Topic", "UrabraskTagRefresh", "UrabraskValidationReport", "VersionedContract",
+    "describe_validation_error", "new_event_id", "seed_id", "utcnow",
+]

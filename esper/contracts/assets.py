@@ -7,7 +7,13 @@ from typing import Annotated, Any, Literal, Self
 
 from pydantic import Field, model_validator
 
-from esper.contracts.base import Contract, Sha256Hex, Timestamp, VersionedContract, utcnow
+from esper.contracts.base import (
+    Contract,
+    Sha256Hex,
+    Timestamp,
+    VersionedContract,
+    utcnow,
+)
 from esper.contracts.enums import BlueprintStatus, KernelStatus, LayerKind
 from esper.errors import BadInputError
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Self
 
+import uuid_utils
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -14,10 +15,13 @@ from pydantic import (
     create_model,
     model_validator,
 )
-import uuid_utils
 
-from esper.contracts.base import Timestamp, VersionedContract, describe_validation_error, utcnow
-from esper.errors import BadInputError
+from esper.contracts.base import (
+    Timestamp,
+    VersionedContract,
+    describe_validation_error,
+    utcnow,
+)
 from esper.contracts.operational import (
     AllocationCommand,
     BlueprintSubmitted,
@@ -35,6 +39,7 @@ from esper.contracts.operational import (
     SeedTransition,
     TamiyoDecision,
 )
+from esper.errors import BadInputError
 
 
 class Topic(str, Enum):

@@ -57,15 +57,15 @@ def audit_run(urza: Urza, run_id: str) -> RunAudit:
         expected = row_hash(prev, seq=row["seq"], at=row["at"], actor=row["actor"],
                             action=row["action"], subject=row["subject"], details=row["details"])
         if expected != row["row_hash"]:
-            first_bad = (row["seq"], f"the run's row {row['seq']} ({row['action']} "
-                                     f"{row['subject']}) does not match its hash: edited")
+            first_bad = (row["seq"], (f"the run's row {row['seq']} ({row['action']} "
+                                      f"{row['subject']}) does not match its hash: edited"))
             break
     chain = urza.verify_audit_chain()
     if not chain.ok and seqs and chain.first_bad_seq is not None \
             and chain.first_bad_seq <= max(seqs) \
             and (first_bad is None or chain.first_bad_seq < first_bad[0]):
-        first_bad = (chain.first_bad_seq, f"the chain breaks at row {chain.first_bad_seq}, "
-                                          f"under the run's rows: {chain.reason}")
+        first_bad = (chain.first_bad_seq, (f"the chain breaks at row {chain.first_bad_seq}, "
+                                           f"under the run's rows: {chain.reason}"))
     return RunAudit(run_id=run_id, rows=len(rows), chain_rows=chain.rows,
                     first_bad_seq=first_bad[0] if first_bad else None,
                     reason=first_bad[1] if first_bad else None, run_seqs=seqs)

@@ -11,7 +11,12 @@ publishes through a `BufferedPublisher`, which rides out an unreachable bus.
 
 from esper.oona.buffered import BufferedPublisher
 from esper.oona.client import GroupInfo, Oona, redact_url
-from esper.oona.consumer import Consumer, Delivery, IdempotencyLedger, normalise_autoclaim
+from esper.oona.consumer import (
+    Consumer,
+    Delivery,
+    IdempotencyLedger,
+    normalise_autoclaim,
+)
 from esper.oona.embedded import (
     EmbeddedServer,
     embedded_running,

@@ -226,9 +226,10 @@ class Consumer:
         unnamed = 0
         cursor = NO_MORE_PENDING
         for _ in range(MAX_AUTOCLAIM_PAGES):
-            raw = self._oona.execute(lambda r, start=cursor: r.execute_command(
+            wanted = count - len(claimed)
+            raw = self._oona.execute(lambda r, start=cursor, wanted=wanted: r.execute_command(
                 "XAUTOCLAIM", key, self.group, self.name, self.claim_idle_ms, start,
-                "COUNT", count - len(claimed)))
+                "COUNT", wanted))
             reply = normalise_autoclaim(raw)
             claimed += reply.claimed
             deleted += reply.deleted_ids

@@ -12,7 +12,12 @@ from esper.contracts import BLUEPRINT_TRANSITIONS, Blueprint, BlueprintStatus, L
 from esper.contracts.base import describe_validation_error, utcnow
 from esper.errors import BadInputError, IllegalTransitionError, NotFoundError
 from esper.urza.db import CatalogBase
-from esper.urza.rows import KERNEL_SELECT, blueprint_from_row, kernel_from_row, prefix_pattern
+from esper.urza.rows import (
+    KERNEL_SELECT,
+    blueprint_from_row,
+    kernel_from_row,
+    prefix_pattern,
+)
 from esper.urza.store import sha256_hex
 from esper.urza.values import (
     canonical_json,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 from esper.contracts import UrabraskTagRefresh, UrabraskValidationReport
 from esper.errors import BadInputError, EsperError, IntegrityError, NotFoundError
@@ -64,7 +64,7 @@ class Urza(BlueprintCatalog, KernelCatalog, RecordCatalog):
     def close(self) -> None:
         self.db.conn.close()
 
-    def __enter__(self) -> Urza:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info) -> None:

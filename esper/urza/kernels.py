@@ -25,7 +25,12 @@ from esper.contracts import (
     UrabraskTagRefresh,
     UrabraskValidationReport,
 )
-from esper.errors import BadInputError, IllegalTransitionError, IntegrityError, NotFoundError
+from esper.errors import (
+    BadInputError,
+    IllegalTransitionError,
+    IntegrityError,
+    NotFoundError,
+)
 from esper.signing import open_signed
 from esper.urza.db import CatalogBase
 from esper.urza.query import kernel_query_sql

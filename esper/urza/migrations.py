@@ -100,8 +100,8 @@ _INITIAL = (
     )""",
     "CREATE INDEX kernels_queue ON kernels (status, created_at)",
     "CREATE INDEX kernels_blueprint ON kernels (blueprint_id)",
-    "CREATE INDEX kernels_fit ON kernels "
-    "(status, interface_kind, in_features, out_features, stride, target, dtype)",
+    ("CREATE INDEX kernels_fit ON kernels "
+     "(status, interface_kind, in_features, out_features, stride, target, dtype)"),
     """CREATE TABLE kernel_tags (
         kernel_id TEXT NOT NULL REFERENCES kernels (id),
         tag TEXT NOT NULL,

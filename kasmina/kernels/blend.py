@@ -241,8 +241,9 @@ def _launch(rows: int, chunks: int, width: int, device: torch.device, tiles: Til
         row_programs = max(1, min(row_tiles, tiles.programs_per_sm * _sm_count(device) // col_tiles))
     rows_per_program = triton.cdiv(row_tiles, row_programs) * tiles.block_r
     row_programs = triton.cdiv(rows, rows_per_program)
-    meta = dict(EVEN_C=chunks % block_c == 0, EVEN_W=width % block_w == 0, BLOCK_R=tiles.block_r,
-                BLOCK_C=block_c, BLOCK_W=block_w, num_warps=tiles.num_warps)
+    meta = {"EVEN_C": chunks % block_c == 0, "EVEN_W": width % block_w == 0,
+            "BLOCK_R": tiles.block_r, "BLOCK_C": block_c, "BLOCK_W": block_w,
+            "num_warps": tiles.num_warps}
     return _Launch((row_programs * col_tiles,), row_programs, rows_per_program, chunk_groups,
                    width_tiles, meta)
 
@@ -422,7 +423,7 @@ def sampled_energy_op(grad: torch.Tensor, chunks: int, row_step: int) -> torch.T
 
 
 def _blend_setup_context(ctx, inputs, output) -> None:
-    y, g, slot_alpha, chunk_slot, slot_chunk, probe, _ = inputs
+    _y, g, slot_alpha, chunk_slot, _slot_chunk, probe, _ = inputs
     ctx.save_for_backward(slot_alpha, chunk_slot)
     ctx.num_slots = g.shape[0]
     ctx.has_probe = probe is not None

@@ -52,14 +52,14 @@ def blend_backward(grad_out: torch.Tensor, slot_alpha: torch.Tensor, chunk_slot:
 
 def chunk_stats(y: torch.Tensor, chunks: int, row_step: int, dead_threshold: float) -> torch.Tensor:
     """The (C, 3) stats of `y` over rows 0, row_step, 2 * row_step, ... (a row subsample)."""
-    rows, features = y.shape
+    _rows, features = y.shape
     sampled = y[::row_step].to(torch.float32).reshape(-1, chunks, features // chunks)
     return _stats(sampled, dead_threshold)
 
 
 def chunk_energy(grad: torch.Tensor, chunks: int, row_step: int) -> torch.Tensor:
     """Per-chunk sum of grad**2 over rows 0, row_step, 2 * row_step, ..."""
-    rows, features = grad.shape
+    _rows, features = grad.shape
     sampled = grad[::row_step].to(torch.float32).reshape(-1, chunks, features // chunks)
     return sampled.square().sum(dim=0).sum(dim=-1)
 

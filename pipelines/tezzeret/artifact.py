@@ -32,7 +32,12 @@ from pipelines.tezzeret.compile import (
     CompileJob,
     CompileResult,
 )
-from pipelines.tezzeret.toolchain import Toolchain, builder_digest, config_hash, kernel_artifact_id
+from pipelines.tezzeret.toolchain import (
+    Toolchain,
+    builder_digest,
+    config_hash,
+    kernel_artifact_id,
+)
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -129,13 +134,13 @@ def seal(job: CompileJob, result: CompileResult, out_dir: Path, urza: Urza,
 
 
 def _manifest(job: CompileJob, result: CompileResult, digest: str) -> Manifest:
-    fields: dict[str, Any] = dict(
-        kernel_artifact_id=result.kernel_artifact_id, blueprint_id=job.blueprint_id,
-        interface=job.interface, target=result.target, dtype=job.dtype, pipeline=job.pipeline,
-        toolchain=result.toolchain.to_jsonable(),
-        toolchain_fingerprint=result.toolchain.fingerprint(), config_hash=digest,
-        builder_digest=builder_digest(), seed=job.seed, files=dict(result.files),
-        compilation=result.record)
+    fields: dict[str, Any] = {
+        "kernel_artifact_id": result.kernel_artifact_id, "blueprint_id": job.blueprint_id,
+        "interface": job.interface, "target": result.target, "dtype": job.dtype,
+        "pipeline": job.pipeline, "toolchain": result.toolchain.to_jsonable(),
+        "toolchain_fingerprint": result.toolchain.fingerprint(), "config_hash": digest,
+        "builder_digest": builder_digest(), "seed": job.seed, "files": dict(result.files),
+        "compilation": result.record}
     try:
         return Manifest.model_validate(fields)
     except ValidationError as e:

@@ -48,7 +48,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, Self
 
 if TYPE_CHECKING:
     from pipelines.tezzeret.compile import CompileJob, CompileResult
@@ -341,7 +341,7 @@ class WarmWorker:
             pass
         self._discard()
 
-    def __enter__(self) -> WarmWorker:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -14,7 +14,13 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.tezzeret.sandbox import Heartbeat, Limits, ShouldStop, one_line, run_child
+from pipelines.tezzeret.sandbox import (
+    Heartbeat,
+    Limits,
+    ShouldStop,
+    one_line,
+    run_child,
+)
 from pipelines.urabrask.gauntlet import GauntletJob, GauntletResult
 from pipelines.urabrask.worker import RESULT_FILE
 
