@@ -38,8 +38,8 @@ def write_config(path: Path, **overrides) -> Path:
 
 
 def esper(ws, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([ESPER, "--workspace", str(ws.root), *args], capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run([ESPER, "--workspace", str(ws.root), *args], check=False,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_a_run_grows_a_seed_and_its_lineage_checks_out(forged):

@@ -8,7 +8,12 @@ from torch import nn
 
 import kasmina
 from esper.blueprints import standard_library
-from esper.contracts import GraftingStrategy, HealthSignal, KasminaCommandType, KasminaControlCommand
+from esper.contracts import (
+    GraftingStrategy,
+    HealthSignal,
+    KasminaCommandType,
+    KasminaControlCommand,
+)
 from esper.contracts import SeedLifecycle as S
 
 NEXT = {S.TRAINING: S.GRAFTING, S.GRAFTING: S.STABILIZATION, S.STABILIZATION: S.EVALUATING,

@@ -87,7 +87,7 @@ def test_an_unvalidated_kernel_is_refused_and_its_seed_culled(forged):
     model = _model(forged)
     x = torch.randn(5, 6)
     before = model(x).detach().clone()
-    layer, report = _germinate(model, 0, _kernel(forged, "mlp_relu_w4"))
+    _layer, report = _germinate(model, 0, _kernel(forged, "mlp_relu_w4"))
     assert [(t.from_stage, t.to_stage) for t in report.transitions] == [(S.LOADING, S.CULLED)]
     assert "VALIDATED" in report.incidents[0].error
     assert torch.equal(model(x), before)  # training goes on, unchanged
@@ -116,7 +116,7 @@ def test_a_tampered_kernel_is_refused_even_when_validated(forged):
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
     model = _model(forged)
-    layer, report = _germinate(model, 0, kernel_id)
+    _layer, report = _germinate(model, 0, kernel_id)
     assert [(t.from_stage, t.to_stage) for t in report.transitions] == [(S.LOADING, S.CULLED)]
     assert "hash" in report.incidents[0].error or "sha256" in report.incidents[0].error
 

@@ -3,6 +3,7 @@ CLI in --once mode (exit 4 and the alert as a system.alerts envelope on stdout).
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import tempfile
@@ -12,14 +13,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from esper.contracts import (
-    DaemonHeartbeat,
-    Envelope,
-    EpochEvent,
-    SeedLifecycle as S,
-    SeedTransition,
-    Topic,
-)
+from esper.contracts import DaemonHeartbeat, Envelope, EpochEvent, SeedTransition, Topic
+from esper.contracts import SeedLifecycle as S
 from esper.nissa import ALERT_EXIT_CODE
 from esper.oona import Oona, stop_embedded
 from esper.workspace import Workspace
@@ -94,7 +89,7 @@ def test_rollback_rate(ws):
                                                                       S.EVALUATING,
                                                                       S.FINE_TUNING,
                                                                       S.FOSSILIZED]
-            for a, b in zip(path, path[1:]):
+            for a, b in itertools.pairwise(path):
                 messages.append((Topic.LIFECYCLE_SEED_TRANSITIONS,
                                  SeedTransition(run_id="shaky", seed_id=f"1:{seed}", epoch=3,
                                                 from_stage=a, to_stage=b)))
@@ -142,6 +137,7 @@ def test_daemon_stalled_unless_it_said_it_was_stopping(ws):
 
 def test_certification_rate(ws, tmp_path):
     from catalog_helpers import library_ir, plant
+
     from esper import signing
     from esper.contracts import LATENCY_MS, UrabraskValidationReport
     from esper.urza import Urza

@@ -28,8 +28,8 @@ import pytest
 import redis
 
 from esper.contracts import (
-    EpochEvent,
     Envelope,
+    EpochEvent,
     HealthSignal,
     RunControl,
     RunControlAction,
@@ -463,7 +463,7 @@ def test_losing_an_external_server_is_bus_unavailable(external):
 def test_buffered_publisher_rides_out_an_outage_and_drops_the_oldest(scratch):
     server = ExternalRedis(scratch).start()
     try:
-        connect = lambda: Oona.connect(None, server.url, sender_id="tolaria")  # noqa: E731
+        connect = lambda: Oona.connect(None, server.url, sender_id="tolaria")
         with BufferedPublisher(connect, sender_id="tolaria", max_buffered=3,
                                retry_min_s=0.0) as publisher:
             publisher.publish(Topic.SYSTEM_EVENTS_EPOCH, _epoch(0))
@@ -486,7 +486,7 @@ def test_buffered_publisher_rides_out_an_outage_and_drops_the_oldest(scratch):
 
 def test_buffered_publisher_started_during_an_outage(scratch):
     server = ExternalRedis(scratch)  # not started yet
-    connect = lambda: Oona.connect(None, server.url, sender_id="tolaria")  # noqa: E731
+    connect = lambda: Oona.connect(None, server.url, sender_id="tolaria")
     publisher = BufferedPublisher(connect, sender_id="tolaria", retry_min_s=60.0)
     try:
         assert not publisher.connected
@@ -507,7 +507,7 @@ def test_buffered_publisher_started_during_an_outage(scratch):
 
 
 def test_training_publisher_survives_the_embedded_server_being_killed(workspace):
-    connect = lambda: Oona.connect(workspace, sender_id="tolaria")  # noqa: E731
+    connect = lambda: Oona.connect(workspace, sender_id="tolaria")
     with BufferedPublisher(connect, sender_id="tolaria") as publisher:
         for n in range(3):
             publisher.publish(Topic.SYSTEM_EVENTS_EPOCH, _epoch(n))

@@ -99,8 +99,8 @@ LOAD_CHILD = textwrap.dedent("""
 
 def _python(code: str, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env=env)
+    return subprocess.run([sys.executable, "-c", code, *args], check=False,
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
 @dataclasses.dataclass

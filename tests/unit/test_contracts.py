@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 
@@ -169,7 +170,7 @@ def test_lifecycle_table_matches_appendix_b():
     assert all(S.from_code(s.code) is s for s in S)
     happy = [S.DORMANT, S.GERMINATED, S.LOADING, S.TRAINING, S.GRAFTING, S.STABILIZATION,
              S.EVALUATING, S.FINE_TUNING, S.FOSSILIZED]
-    for a, b in zip(happy, happy[1:]):
+    for a, b in itertools.pairwise(happy):
         assert a.can_transition_to(b)
     assert S.LOADING.can_transition_to(S.CULLED)  # a load failure culls
     assert S.CULLED.can_transition_to(S.DORMANT) and S.CANCELLED.can_transition_to(S.DORMANT)

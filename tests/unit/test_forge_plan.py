@@ -123,8 +123,8 @@ def test_options_defaults_and_bad_values():
     tight = options.with_limits(wall_s=5, memory_mb=300)
     assert {(lim.wall_s, lim.memory_mb) for lim in tight.limits.values()} == {(5, 300)}
     assert tight.limits[FAST].cpu_s == options.limits[FAST].cpu_s
-    for bad in [dict(devices=("tpu",)), dict(devices=()), dict(dtypes=("float8",)),
-                dict(devices=("cpu", "cpu")), dict(max_jobs=0), dict(lease_seconds=0)]:
+    for bad in [{"devices": ("tpu",)}, {"devices": ()}, {"dtypes": ("float8",)},
+                {"devices": ("cpu", "cpu")}, {"max_jobs": 0}, {"lease_seconds": 0}]:
         with pytest.raises(BadInputError):
             ForgeOptions(**bad)
     with pytest.raises(BadInputError):

@@ -8,7 +8,12 @@ import torch
 from esper.blueprints import standard_library
 from esper.contracts import KernelInterface, LayerKind
 from esper.errors import NotFoundError
-from kasmina.cache import BlueprintKernelSource, KernelCache, KernelSource, module_nbytes
+from kasmina.cache import (
+    BlueprintKernelSource,
+    KernelCache,
+    KernelSource,
+    module_nbytes,
+)
 
 LIBRARY = {ir.name: ir for ir in standard_library()}
 INTERFACE = KernelInterface(kind=LayerKind.LINEAR, in_features=16, out_features=8)

@@ -19,8 +19,8 @@ if DEVICE == "cpu":
 
 pytest.importorskip("triton")
 
-from kasmina import kernels  # noqa: E402
-from kasmina.kernels import reference  # noqa: E402
+from kasmina import kernels
+from kasmina.kernels import reference
 
 # Per dtype (atol, rtol) of the blended output and grad_g: the kernel rounds the same float32
 # value as the reference; on a GPU y + alpha * g may be one fused multiply-add, a float32 ulp off.
@@ -306,7 +306,7 @@ def test_an_empty_batch_blends_to_nothing():
     """Zero rows: empty outputs, zero statistics, no launch (the tile arithmetic must not divide
     by zero)."""
     generator = torch.Generator().manual_seed(4)
-    y, g, slot_alpha, chunk_slot, slot_chunk = _problem(0, 3, 11, 2, torch.float32, generator)
+    y, g, slot_alpha, chunk_slot, _slot_chunk = _problem(0, 3, 11, 2, torch.float32, generator)
     blend = _triton()
     out, stats = blend.blend_forward(y, g, slot_alpha, chunk_slot, 1e-6, tiles=_tiles(None))
     assert out.shape == (0, 33) and torch.equal(stats, torch.zeros(3, 3, device=DEVICE))

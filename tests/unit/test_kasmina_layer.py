@@ -170,7 +170,7 @@ def test_seed_parameters_per_stage(stage, train_fossils):
     model, _, source = wrapped(mlp(), train_fossils=train_fossils)
     layer = kasmina.layers(model)[0]
     graft(layer, source, [2], to=stage)
-    params = list(layer.banks.values())[0].parameters()
+    params = next(iter(layer.banks.values())).parameters()
     params = list(params)
     trainable = stage in (S.TRAINING, S.GRAFTING, S.FINE_TUNING) or (stage is S.FOSSILIZED and train_fossils)
     assert {id(p) for p in layer.seed_parameters()} == ({id(p) for p in params} if trainable else set())
@@ -398,8 +398,8 @@ def test_checkpoint_round_trip_is_bit_exact_with_grafted_seeds():
     restored.load_state_dict(state)
     again = restored.state_dict()
     assert state.keys() == again.keys()
-    for key in state:
-        assert same_bits(state[key], again[key]), key
+    for key, value in state.items():
+        assert same_bits(value, again[key]), key
     for a, b in zip(kasmina.layers(model), kasmina.layers(restored)):
         assert a.stages == b.stages and b.rollback_requested is None
         assert a.health_signal() == b.health_signal()
@@ -506,7 +506,7 @@ def test_a_failing_blueprint_is_isolated_and_the_forward_completes():
 
 
 def test_a_kernel_that_fails_to_load_culls_its_seed():
-    model, _, source = wrapped(mlp())
+    model, _, _source = wrapped(mlp())
     layer = kasmina.layers(model)[0]
     missing = "00000000abcd-cpu-fast-000000"
     kasmina.dispatch(model, [command(0, 0, KasminaCommandType.REQUEST_GERMINATION,

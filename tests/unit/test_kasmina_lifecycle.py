@@ -11,7 +11,11 @@ from torch import nn
 
 import kasmina
 from esper.blueprints import standard_library
-from esper.contracts import LIFECYCLE_TRANSITIONS, KasminaCommandType, KasminaControlCommand
+from esper.contracts import (
+    LIFECYCLE_TRANSITIONS,
+    KasminaCommandType,
+    KasminaControlCommand,
+)
 from esper.contracts import SeedLifecycle as S
 from esper.errors import IllegalTransitionError
 
@@ -115,7 +119,7 @@ def test_loading_ends_at_the_boundary_after_the_load_and_cull_embargo_expires():
 
 
 def test_cancel_returns_to_dormant_without_embargo():
-    model, layer, kernel = _layer()
+    _model, layer, kernel = _layer()
     _drive(layer, kernel, [S.GERMINATED, S.LOADING, S.TRAINING])
     layer.queue(_cmd(0, KasminaCommandType.CANCEL_GERMINATION))
     layer.on_epoch_end()

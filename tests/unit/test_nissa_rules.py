@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from esper.contracts import Envelope, EpochEvent, SeedLifecycle as S, SeedTransition, Topic
+from esper.contracts import Envelope, EpochEvent, SeedTransition, Topic
+from esper.contracts import SeedLifecycle as S
 from esper.errors import BadInputError
 from esper.nissa import AlertRules, WatchState, evaluate, parse_since
 from esper.nissa.dashboard import plain_line

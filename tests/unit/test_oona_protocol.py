@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from esper.contracts import EpochEvent, Envelope, Topic
+from esper.contracts import Envelope, EpochEvent, Topic
 from esper.errors import BadInputError
 from esper.oona import Oona, normalise_autoclaim, redact_url, socket_path_for
 from esper.oona.embedded import MAX_SOCKET_PATH_BYTES

@@ -134,9 +134,9 @@ def test_a_kernel_is_stale_when_the_toolchain_moves():
 
 def _job(**changes) -> CompileJob:
     ir = canonical_json(standard_library()[0])
-    fields = dict(blueprint_id=hashlib.sha256(ir).hexdigest(), ir_json=ir,
-                  interface=KernelInterface.parse("conv2d:6:10:2"), device="cpu",
-                  dtype="bfloat16", pipeline=CompilationPipeline.STANDARD, seed=11)
+    fields = {"blueprint_id": hashlib.sha256(ir).hexdigest(), "ir_json": ir,
+              "interface": KernelInterface.parse("conv2d:6:10:2"), "device": "cpu",
+              "dtype": "bfloat16", "pipeline": CompilationPipeline.STANDARD, "seed": 11}
     return CompileJob(**(fields | changes))
 
 

@@ -6,13 +6,13 @@ import random
 
 from pipelines.urabrask.risk import (
     FEATURES,
+    RiskModel,
     assess,
     conf_level,
     features,
     interest,
     prior_risk,
     train,
-    RiskModel,
 )
 
 

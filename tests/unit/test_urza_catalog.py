@@ -367,10 +367,9 @@ def test_run_once_rolls_back_the_mark_and_the_effect_when_the_effect_fails(urza)
 def test_a_failed_inner_block_rolls_back_alone(urza):
     with urza.transaction():
         urza.record_field_report(field_report(1))
-        with pytest.raises(IllegalTransitionError):
-            with urza.transaction():
-                urza.record_field_report(field_report(2))
-                urza.set_blueprint_status(add(urza, 1).id, BlueprintStatus.COMPILED, actor="x")
+        with pytest.raises(IllegalTransitionError), urza.transaction():
+            urza.record_field_report(field_report(2))
+            urza.set_blueprint_status(add(urza, 1).id, BlueprintStatus.COMPILED, actor="x")
         urza.record_field_report(field_report(3))
     assert [r.report_id for r in urza.list_field_reports()] == ["fr-run1-1", "fr-run1-3"]
     assert urza.list_blueprints() == []

@@ -23,7 +23,12 @@ from esper.contracts import (
     UrabraskTagRefresh,
     UrabraskValidationReport,
 )
-from esper.errors import BadInputError, IllegalTransitionError, IntegrityError, NotFoundError
+from esper.errors import (
+    BadInputError,
+    IllegalTransitionError,
+    IntegrityError,
+    NotFoundError,
+)
 from esper.signing import generate_keypair, load_private_key, sign
 from esper.urza import Urza
 from esper.workspace import Workspace
