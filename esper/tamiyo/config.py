@@ -106,7 +106,10 @@ class GateConfig(_Strict):
 
 class DivergenceConfig(_Strict):
     """Emergency rollback: a non-finite loss, or the validation loss above `loss_ratio` times
-    the best seen so far."""
+    the best seen so far while the training loss (where the packet has one) is also above
+    `loss_ratio` times its own best. A model that diverges gets worse on the data it trains on;
+    one that over-fits does not, and near zero its validation loss can triple from one epoch to
+    the next (a digits run read 0.024, then 0.085, at 0.97-0.99 accuracy)."""
 
     loss_ratio: Annotated[float, Field(gt=1)] = 3.0
 

@@ -178,6 +178,7 @@ class TamiyoController:
         self._epoch = 0
         self._plateau = Plateau()
         self._best_validation_loss: float | None = None
+        self._best_train_loss: float | None = None
         self._metrics: dict[str, float] = {}
         self._guard: GuardReading | None = None  # this epoch's guarded task, when there is one
         self._blamed: set[str] = set()  # the grafts this epoch's guard reading culls
@@ -269,6 +270,10 @@ class TamiyoController:
         best = self._best_validation_loss
         self._best_validation_loss = (metrics["validation_loss"] if best is None
                                       else min(best, metrics["validation_loss"]))
+        if "train_loss" in metrics:
+            best = self._best_train_loss
+            self._best_train_loss = (metrics["train_loss"] if best is None
+                                     else min(best, metrics["train_loss"]))
         self._plateau.update(metrics[self._metric], lower_is_better=LOWER_IS_BETTER[self._metric],
                              min_delta=self.config.plateau.min_delta,
                              min_delta_relative=self.config.plateau.min_delta_relative,
@@ -347,6 +352,7 @@ class TamiyoController:
             "epoch": self._epoch,
             "plateau": self._plateau.to_json(),
             "best_validation_loss": self._best_validation_loss,
+            "best_train_loss": self._best_train_loss,
             "metrics": dict(sorted(self._metrics.items())),
             "germinations": self._germinations,
             "last_end_step": self._last_end_step,
@@ -389,6 +395,8 @@ class TamiyoController:
         self._plateau = Plateau.from_json(state["plateau"])
         best = state["best_validation_loss"]
         self._best_validation_loss = None if best is None else float(best)
+        best = state.get("best_train_loss")  # absent from states saved before it was kept
+        self._best_train_loss = None if best is None else float(best)
         self._metrics = {k: float(v) for k, v in state["metrics"].items()}
         self._germinations = int(state["germinations"])
         self._last_end_step = state["last_end_step"]
@@ -501,10 +509,17 @@ class TamiyoController:
                 return f"non-finite {name} ({value}) at epoch {packet.current_epoch}"
         best, ratio = self._best_validation_loss, self.config.divergence.loss_ratio
         # A ratio of a loss that can reach zero or go negative says nothing: only above zero.
-        if best is not None and best > 0 and packet.validation_loss > ratio * best:
-            return (f"validation_loss {packet.validation_loss:.6g} at epoch "
-                    f"{packet.current_epoch} is above {ratio:g} x the best {best:.6g}")
-        return None
+        if best is None or best <= 0 or packet.validation_loss <= ratio * best:
+            return None
+        reason = (f"validation_loss {packet.validation_loss:.6g} at epoch {packet.current_epoch} "
+                  f"is above {ratio:g} x the best {best:.6g}")
+        best_train = self._best_train_loss
+        if packet.train_loss is None or best_train is None or best_train <= 0:
+            return reason
+        if packet.train_loss <= ratio * best_train:
+            return None  # over-fitting (or noise near zero), not divergence
+        return (f"{reason}, and train_loss {packet.train_loss:.6g} above {ratio:g} x its best "
+                f"{best_train:.6g}")
 
     def _rollback_signal(self, reason: str) -> AdaptationSignal:
         blending = [a for a in self._active.values() if a.stage in BLENDING]

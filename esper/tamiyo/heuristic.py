@@ -91,11 +91,18 @@ def rank_bottlenecks(gradient_energy: np.ndarray, activation_variance: np.ndarra
     strongest sign); the score is the weighted sum. Ranks, not raw values: the statistics of
     different layers are on different scales.
 
+    A chunk whose every output is zero (a span before its first graft: `mlp(spans=True)`) has
+    no signal to read, only a gradient: its variance and dead ranks are its gradient energy's,
+    and the others' are ranked among themselves. Otherwise it would read as the most dead and
+    the least varied of all, and win before any layer whatever its gradient.
+
     With `weights.spread`, `held` (per candidate: the grafts its layer holds already) orders
     first, fewest first, and the score only within a layer count: grafts spread over layers."""
     energy = _ranks(gradient_energy)
-    low_variance = _ranks(-activation_variance)
-    dead = _ranks(dead_ratio)
+    silent = (activation_variance == 0) & (dead_ratio >= 1)
+    low_variance, dead = energy.copy(), energy.copy()
+    low_variance[~silent] = _ranks(-activation_variance[~silent])
+    dead[~silent] = _ranks(dead_ratio[~silent])
     score = (weights.gradient_energy_weight * energy + weights.variance_weight * low_variance
              + weights.dead_ratio_weight * dead)
     keys = (index, layer, -score)  # np.lexsort sorts by the last key first: score, then seed id

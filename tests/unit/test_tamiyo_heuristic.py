@@ -13,6 +13,7 @@ import copy
 import hashlib
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -217,6 +218,30 @@ def test_rank_locations_scores_normalised_ranks_and_breaks_ties_by_seed_id():
     assert only_dead[0].seed_id == "1:0"
     same = [SeedObservation(sid, S.DORMANT, False) for sid in ("10:0", "2:1", "2:0")]
     assert [r.seed_id for r in rank_locations(same, LocationConfig())] == ["2:0", "2:1", "10:0"]
+
+
+def test_a_chunk_that_outputs_nothing_ranks_on_its_gradient_alone():
+    # Spans before their graft output zeros: variance 0, every unit "dead". They must not
+    # outrank a layer on that; a layer's variance and dead ranks come from the layers alone.
+    span = {"activation_variance": 0.0, "dead_ratio": 1.0}
+    obs = [SeedObservation("0:0", S.DORMANT, False, gradient_energy=4.0, activation_variance=0.5),
+           SeedObservation("1:0", S.DORMANT, False, gradient_energy=2.0, activation_variance=0.1),
+           SeedObservation("2:0", S.DORMANT, False, gradient_energy=3.0, **span),
+           SeedObservation("3:0", S.DORMANT, False, gradient_energy=8.0, **span)]
+    ranked = rank_locations(obs, LocationConfig())
+    by_id = {r.seed_id: r for r in ranked}
+    # energy ranks 2 -> 0, 3 -> 1/3, 4 -> 2/3, 8 -> 1; the layers' variance ranks 0 and 1 and
+    # dead ranks 1/2 (a tie) among themselves; each span's three ranks are its energy's.
+    assert by_id["2:0"].low_variance_rank == by_id["2:0"].dead_ratio_rank == 1 / 3
+    assert by_id["3:0"].low_variance_rank == by_id["3:0"].dead_ratio_rank == 1.0
+    assert (by_id["0:0"].low_variance_rank, by_id["1:0"].low_variance_rank) == (0.0, 1.0)
+    assert by_id["0:0"].dead_ratio_rank == by_id["1:0"].dead_ratio_rank == 0.5
+    assert math.isclose(by_id["2:0"].score, 2 / 3) and math.isclose(by_id["0:0"].score, 2 / 3 + 0.25)
+    assert [r.seed_id for r in ranked] == ["3:0", "0:0", "1:0", "2:0"]
+    # Read as an ordinary chunk (a hair of variance), the same span would have beaten both
+    # layers on its zeros: 1/2 + 1/2 + 1/2 against 1 + 0 + 1/8.
+    quiet = [*obs[:2], replace(obs[2], activation_variance=1e-12)]
+    assert rank_locations(quiet, LocationConfig())[0].seed_id == "2:0"
 
 
 def test_the_strongest_bottleneck_is_germinated_with_its_layers_kernel():
@@ -592,6 +617,24 @@ def test_divergence_asks_for_a_rollback_and_blames_the_latest_graft():
     isolated.run([1.0] * 5)  # 0:0 in TRAINING: it does not touch the forward pass
     assert isolated.end_epoch(float("inf")).emergency_rollback_required
     assert isolated.tamiyo.rollback_suspect is None
+
+
+def test_a_validation_loss_that_triples_while_the_training_loss_holds_is_not_divergence():
+    # Over-fitting near zero: the validation loss triples, the training loss keeps its level.
+    h = Harness()
+    for _ in range(4):
+        assert not h.end_epoch(0.02, train_loss=0.01).emergency_rollback_required
+    assert not h.end_epoch(0.085, train_loss=0.015).emergency_rollback_required
+    assert h.tamiyo.state_dict()["best_train_loss"] == 0.01
+    # Both worse by more than the ratio: divergence, and the reason names both.
+    signal = h.end_epoch(0.09, train_loss=0.05)
+    assert signal.emergency_rollback_required
+    assert "and train_loss 0.05 above 3 x its best 0.01" in signal.rollback_reason
+    # A state saved before the training loss's best was kept still loads (no train check).
+    old = h.tamiyo.state_dict()
+    del old["best_train_loss"]
+    h.tamiyo.load_state_dict(old)
+    assert h.end_epoch(0.09, train_loss=0.011).emergency_rollback_required
 
 
 def rolled_back(order: str, checkpoint_epoch: int) -> Harness:
