@@ -489,7 +489,7 @@ def drift(results: list[dict[str, Any]]) -> None:
     small = {(r["task"], r["seed"]): r for r in results if r["arm"] == "static_small"}
     for r in results:
         ref = small.get((r["task"], r["seed"]))
-        if not grows(r["arm"]) or ref is None:
+        if not grows(r["arm"]) or ref is None or "skipped" in r:
             continue
         modified = set(r["grafted_layers"]) | {  # a graft on spans.i feeds layers.i+1
             f"layers.{int(path.split('.')[1]) + 1}" for path in r["grafted_layers"] if path.startswith("spans.")}
