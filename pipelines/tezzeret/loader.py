@@ -18,14 +18,13 @@ against the workspace's bench key.
 Every load reads every blob it uses and checks its sha256, and verifies both Ed25519
 signatures. What is not redone per load is parsing, each cached only under the very bytes it
 parsed: a public key by the key file's exact bytes (the file is read on every load, so a
-replaced key takes effect at once), a signed manifest or report by its exact verified body (and
-the unverified manifest document's file digests, only a hint of what to read ahead, by its
-bytes), a weights file's layout by the sha256 its bytes were just checked against, the
-blueprint's IR parse, static check and skeleton by its blueprint id (the hash of its
-bytes), the interface and the bytes themselves, and how a weights file fills a skeleton (checked
-once) on the skeleton by the weights' sha256. A load makes a fresh copy of the skeleton and
-gives it the signed weights, sent to the device in one copy: no initial weights are drawn only
-to be overwritten. While a load checks the signatures, a helper thread reads and hashes the files.
+replaced key takes effect at once), a signed manifest or report by its exact verified body, a
+weights file's layout by the sha256 its bytes were just checked against, the blueprint's IR
+parse, static check and skeleton by its blueprint id (the hash of its bytes), the interface
+and the bytes themselves, and how a weights file fills a skeleton (checked once) on the
+skeleton by the weights' sha256. A load makes a fresh copy of the skeleton and gives it the
+signed weights, sent to the device in one copy: no initial weights are drawn only to be
+overwritten.
 
 torch, the catalog and the signing library are imported when a kernel is loaded: the CLI and the
 GPU check script import this module.
@@ -41,7 +40,6 @@ import math
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -226,12 +224,10 @@ def _verify(urza: Urza, record: KernelLoadRecord, require_validated: bool,
     read by this load: whoever uses it loads it through here and has it checked (Kasmina's
     source leaves out a compiled function it never runs; `load_kernel` reads it).
 
-    While this thread checks the two signatures, a helper thread reads and hashes the files
-    that the manifest document names and the blueprint IR (`_prefetch`; file reads and sha256
-    release the GIL, Ed25519 in `cryptography` does not). Those bytes are used only if the
-    verified manifest names the very digests they hash to (the IR: the catalog row's blueprint
-    id, which the manifest must name); anything else is read here, after the signature.
-    Nothing is deserialized here: the documents and the IR are JSON; the weights are parsed by
+    Everything runs on the calling thread, one step after the other. Reading the files on a
+    helper thread while the signatures verified was measured (2026-12-07, docs/bench-kasmina.md)
+    and saved nothing: handing work to a sleeping thread costs about what it overlaps. Nothing
+    is deserialized here: the documents and the IR are JSON; the weights are parsed by
     `_rebuild`, after every check."""
     from esper.signing import open_signed
 
@@ -244,57 +240,17 @@ def _verify(urza: Urza, record: KernelLoadRecord, require_validated: bool,
         if record.report_blob is None:
             raise IntegrityError(f"{what} is VALIDATED without a validation report")
         report_document = _blob(store, record.report_blob, f"{what}: validation report")
-    document = _blob(store, record.kernel_binary_ref, f"{what}: manifest")
-    named = _named_files(document, (WEIGHTS_FILE, COMPILED_FILE) if used is None else used)
-    prefetch = _helpers().submit(_prefetch, store, named, record.blueprint_id)
-    if require_validated:
         _check_report(open_signed(report_document, _trusted_key(key_files["bench"]),
                                   what=f"{what}: validation report"), record)
+    document = _blob(store, record.kernel_binary_ref, f"{what}: manifest")
     manifest = _signed_manifest(open_signed(document, _trusted_key(key_files["forge"]),
                                             what=f"{what}: manifest"), what)
     _check_manifest_matches(manifest, record)
-    read = prefetch.result()
-    files = {name: read[digest] if digest in read else
-             _blob(store, digest, f"{what}: {name}", writable=True)
+    files = {name: _blob(store, digest, f"{what}: {name}", writable=True)
              for name, digest in manifest.files.items() if used is None or name in used}
-    ir_bytes = read.get(record.blueprint_id)
-    if not isinstance(ir_bytes, bytes):
-        ir_bytes = _blob(store, record.blueprint_id, f"{what}: blueprint IR")
+    ir_bytes = _blob(store, record.blueprint_id, f"{what}: blueprint IR")
     ir, skeleton = _checked_blueprint(record.blueprint_id, str(record.interface), ir_bytes)
     return _Verified(record, manifest, files, ir, skeleton)
-
-
-@functools.lru_cache(maxsize=256)
-def _named_files(manifest_document: bytes, wanted: tuple[str, ...]) -> tuple[str, ...]:
-    """The digests that an unverified manifest document gives for the `wanted` files, or none
-    where it does not parse: only what to read ahead, never trusted (`_verify` uses a file only
-    under the digest the verified manifest names). Parsed once per distinct document: a re-load
-    parses its JSON twice fewer."""
-    try:
-        files = json.loads(json.loads(manifest_document)["body"])["files"]
-        return tuple(files[name] for name in wanted if name in files)
-    except (ValueError, KeyError, TypeError, AttributeError):
-        return ()
-
-
-def _prefetch(store: ArtifactStore, digests: tuple[str, ...], ir_digest: str) -> dict[str, Any]:
-    """The files at `digests` (each a bytearray) and the blueprint IR (bytes), by digest, each
-    read once and hash-checked by the store, before the manifest's signature is known to
-    verify. Anything that does not read is left out: `_verify` reads it again and raises there,
-    in order. This thread needs the GIL only between its reads and hashes (the JSON of the
-    manifest document is parsed by the caller)."""
-    read: dict[str, Any] = {}
-    for digest in digests:
-        try:
-            read[digest] = store.get_writable(digest)
-        except EsperError:
-            pass
-    if ir_digest not in read:
-        try:
-            read[ir_digest] = store.get(ir_digest)
-        except EsperError:
-            pass
-    return read
 
 
 @functools.lru_cache(maxsize=256)
@@ -352,21 +308,6 @@ def _check_manifest_matches(manifest: Manifest, record: KernelLoadRecord) -> Non
     if not manifest.config_hash.startswith(record.toolchain_hash):
         raise IntegrityError(f"kernel {record.id}: the catalog's toolchain hash "
                              f"{record.toolchain_hash} is not the signed config hash")
-
-
-_helper_pool: tuple[int, ThreadPoolExecutor] | None = None
-_helper_lock = threading.Lock()
-
-
-def _helpers() -> ThreadPoolExecutor:
-    """The threads that read files while loads check signatures (created on first use, and
-    again in a forked child, where the parent's threads do not exist)."""
-    global _helper_pool
-    with _helper_lock:
-        if _helper_pool is None or _helper_pool[0] != os.getpid():
-            _helper_pool = (os.getpid(), ThreadPoolExecutor(
-                max_workers=4, thread_name_prefix="tezzeret-verify"))
-        return _helper_pool[1]
 
 
 def _key_files(workspace) -> dict[str, str]:
@@ -504,8 +445,7 @@ def _checked_blueprint(blueprint_id: str, interface: str, ir_bytes: bytes):
 def clear_caches() -> None:
     """Forget parsed keys, documents and checked blueprints (benchmarks time a first load with
     this)."""
-    for cache in (_parse_public_key, _named_files, _signed_manifest, _signed_report,
-                  _checked_blueprint):
+    for cache in (_parse_public_key, _signed_manifest, _signed_report, _checked_blueprint):
         cache.cache_clear()
     _layouts.clear()
 

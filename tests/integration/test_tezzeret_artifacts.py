@@ -286,8 +286,8 @@ def test_the_load_record_is_the_catalog_row_in_one_query(urza, tmp_path):
 
 
 def test_the_report_failure_is_the_one_raised_when_several_checks_fail(urza, tmp_path):
-    """The files are read on a helper thread while the signatures are checked: the failures are
-    still raised in the order the checks are listed (the report first)."""
+    """With the report, the manifest and the IR all tampered with, the failure raised is the
+    first of the checks in their listed order: the report's."""
     artifact, _, _ = forge(urza, tmp_path, "mlp_relu_w16", "linear:37:11")
     validate(urza, artifact.id, artifact.blueprint_id)
     report_blob = urza.db.execute("SELECT signed_blob FROM validation_reports").fetchone()[0]

@@ -62,24 +62,6 @@ def test_a_header_that_is_not_json_is_refused():
         _safetensors_layout(bytearray(struct.pack("<Q", 4) + b"{{{{"), "kernel k")
 
 
-@pytest.mark.parametrize(("document", "digests"), [
-    (json.dumps({"body": json.dumps({"files": {"weights.safetensors": "ab", "x": "cd"}})}), ("ab",)),
-    (json.dumps({"body": json.dumps({"files": {"x": "cd"}})}), ()),
-    (json.dumps({"body": json.dumps({"files": ["weights.safetensors"]})}), ()),
-    (json.dumps({"body": json.dumps({"files": "weights.safetensors"})}), ()),
-    (json.dumps({"body": {"files": {}}}), ()),
-    (json.dumps([1]), ()),
-    ("{", ()),
-])
-def test_the_read_ahead_hint_is_whatever_parses_and_nothing_else(document, digests):
-    """The digests an unverified manifest document names, or none: a hint of what to read
-    ahead, cached by the document's bytes (the load uses files under the verified digests only)."""
-    from pipelines.tezzeret.loader import _named_files
-
-    assert _named_files(document.encode(), ("weights.safetensors",)) == digests
-    assert _named_files(document.encode(), ("weights.safetensors",)) == digests  # cached
-
-
 def _verified(ir, face: str, state: dict, dtype: str = "float32"):
     """What `_rebuild` reads of a verified load: the manifest's weights digest and dtype, the
     weights file's bytes, the blueprint's skeleton."""
