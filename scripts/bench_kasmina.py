@@ -537,9 +537,8 @@ def _load_us(kasmina, source, kernel, device) -> float:
 
 
 def _load_steps(loader, urza, kernel_id, device, cold: bool) -> dict[str, float]:
-    """Microseconds of each step of one verified load, run one after the other on this thread
-    (the loader itself reads the weights on a helper thread while it checks the signatures):
-    the loader's own functions, in its order, on an open catalog connection (as
+    """Microseconds of each step of one verified load, run one after the other on this thread,
+    as the loader runs them: the loader's own functions, in its order, on an open catalog connection (as
     VerifiedKernelSource keeps one per thread). `cold` clears the parse caches first."""
     from esper.signing import open_signed
 
@@ -638,7 +637,7 @@ def bench_load(device, sizes, rows_table, raw):
     cached_us = (time.perf_counter() - start) * 1e6 / hits
     cache.close()
     verified_source.close()
-    # The steps one by one (serial, as above without the helper thread): each kernel cold, then
+    # The steps one by one, each timed: each kernel cold, then
     # mlp_gelu_w32 warm; medians per step.
     from esper.urza import Urza
 
@@ -673,7 +672,7 @@ def bench_load(device, sizes, rows_table, raw):
         "unverified_build_includes": "IR validation + build with random init + move to device",
         "forge_seconds": forge_s, "kernels": len(kernels),
         "steps_us": steps, "steps_includes": "each step of a verified load timed alone, serially "
-                                             "on the calling thread (no helper thread); cold: "
+                                             "on the calling thread; cold: "
                                              "parse caches cleared, every kernel, 3 rounds",
     }
     rows_table.append(("kernel load (mlp_gelu_w32 @ linear:1024:64)", f"cached {cached_us:.2f} us",
