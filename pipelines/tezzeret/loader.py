@@ -224,10 +224,9 @@ def _verify(urza: Urza, record: KernelLoadRecord, require_validated: bool,
     read by this load: whoever uses it loads it through here and has it checked (Kasmina's
     source leaves out a compiled function it never runs; `load_kernel` reads it).
 
-    Everything runs on the calling thread, one step after the other. Reading the files on a
-    helper thread while the signatures verified was measured (2026-12-07, docs/bench-kasmina.md)
-    and saved nothing: handing work to a sleeping thread costs about what it overlaps. Nothing
-    is deserialized here: the documents and the IR are JSON; the weights are parsed by
+    Everything runs on the calling thread: reading the files on a helper thread while the
+    signatures verified saved nothing, since waking a thread costs about what it overlaps
+    (docs/bench-kasmina.md). Nothing is deserialized here: the documents and the IR are JSON; the weights are parsed by
     `_rebuild`, after every check."""
     from esper.signing import open_signed
 
