@@ -100,6 +100,28 @@ def _tile_columns(pid, chunks, width, chunk_groups, width_tiles, EVEN_C: tl.cons
 
 
 @triton.jit
+def _row_block(r0, row_end, row_step, SAMPLED: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Rows r0 .. r0 + BLOCK_R of this program's (sampled) rows: their row of the (rows, F)
+    matrix, as int64 offsets, and the mask of those before `row_end`."""
+    r = r0 + tl.arange(0, BLOCK_R)
+    row = r.to(tl.int64)
+    if SAMPLED:
+        row = row * row_step
+    return row, r < row_end
+
+
+@triton.jit
+def _chunk_slots(chunk_slot_ptr, slot_alpha_ptr, c, col_mask):
+    """Per column: the bank slot of its chunk's active seed (0 where none: a safe address), that
+    seed's alpha (0.0 where none) and whether a seed is active."""
+    slot = tl.load(chunk_slot_ptr + c, mask=col_mask, other=-1)
+    active = slot >= 0
+    safe_slot = tl.maximum(slot, 0)
+    alpha = tl.load(slot_alpha_ptr + safe_slot, mask=active, other=0.0).to(tl.float32)
+    return safe_slot.to(tl.int64), alpha, col_mask & active
+
+
+@triton.jit
 def _blend_fwd_kernel(
     y_ptr, g_ptr, out_ptr, partial_ptr, slot_alpha_ptr, chunk_slot_ptr,
     rows, chunks, width, row_step, rows_per_program, chunk_groups, width_tiles,
@@ -111,12 +133,8 @@ def _blend_fwd_kernel(
     pid_r, pid_w, c, w, cols, col_mask = _tile_columns(
         tl.program_id(0), chunks, width, chunk_groups, width_tiles, EVEN_C, EVEN_W, BLOCK_C, BLOCK_W)
     if HAS_G:
-        slot = tl.load(chunk_slot_ptr + c, mask=col_mask, other=-1)
-        active = slot >= 0
-        safe_slot = tl.maximum(slot, 0)
-        alpha = tl.load(slot_alpha_ptr + safe_slot, mask=active, other=0.0).to(tl.float32)
-        g_cols = safe_slot.to(tl.int64) * stride_g_slot + w * stride_g_col
-        g_col_mask = col_mask & active
+        slot, alpha, g_col_mask = _chunk_slots(chunk_slot_ptr, slot_alpha_ptr, c, col_mask)
+        g_cols = slot * stride_g_slot + w * stride_g_col
 
     acc_sum = tl.zeros([BLOCK_C * BLOCK_W], dtype=tl.float32)
     acc_sq = tl.zeros([BLOCK_C * BLOCK_W], dtype=tl.float32)
@@ -124,11 +142,7 @@ def _blend_fwd_kernel(
     row_start = pid_r * rows_per_program  # in (sampled) rows
     row_end = tl.minimum(row_start + rows_per_program, rows)
     for r0 in range(row_start, row_end, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        row_mask = r < row_end
-        row = r.to(tl.int64)
-        if SAMPLED:
-            row = row * row_step
+        row, row_mask = _row_block(r0, row_end, row_step, SAMPLED, BLOCK_R)
         mask = row_mask[:, None] & col_mask[None, :]
         y_offsets = (row * stride_y_row)[:, None] + cols[None, :]
         value = tl.load(y_ptr + y_offsets, mask=mask, other=0.0).to(tl.float32)
@@ -160,22 +174,14 @@ def _blend_bwd_kernel(
     pid_r, pid_w, c, w, cols, col_mask = _tile_columns(
         tl.program_id(0), chunks, width, chunk_groups, width_tiles, EVEN_C, EVEN_W, BLOCK_C, BLOCK_W)
     if HAS_G:
-        slot = tl.load(chunk_slot_ptr + c, mask=col_mask, other=-1)
-        active = slot >= 0
-        safe_slot = tl.maximum(slot, 0)
-        alpha = tl.load(slot_alpha_ptr + safe_slot, mask=active, other=0.0).to(tl.float32)
-        gg_cols = safe_slot.to(tl.int64) * stride_gg_slot + w
-        gg_col_mask = col_mask & active
+        slot, alpha, gg_col_mask = _chunk_slots(chunk_slot_ptr, slot_alpha_ptr, c, col_mask)
+        gg_cols = slot * stride_gg_slot + w
 
     acc_energy = tl.zeros([BLOCK_C * BLOCK_W], dtype=tl.float32)
     row_start = pid_r * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, rows)
     for r0 in range(row_start, row_end, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
-        row_mask = r < row_end
-        row = r.to(tl.int64)
-        if SAMPLED:
-            row = row * row_step
+        row, row_mask = _row_block(r0, row_end, row_step, SAMPLED, BLOCK_R)
         mask = row_mask[:, None] & col_mask[None, :]
         grad = tl.load(grad_ptr + (row * stride_grad_row)[:, None] + cols[None, :], mask=mask,
                        other=0.0).to(tl.float32)
