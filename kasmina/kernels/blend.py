@@ -319,24 +319,32 @@ def blend_backward(grad_out: torch.Tensor, slot_alpha: torch.Tensor, chunk_slot:
     return grad_g, partials.sum(dim=0)
 
 
-def sampled_stats(y: torch.Tensor, chunks: int, row_step: int, dead_threshold: float, *,
-                  tiles: Tiles | None = None) -> torch.Tensor:
-    """(C, 3) stats of rows 0, row_step, ... of y: the dormant layer's telemetry read."""
+def _sampled_partials(y: torch.Tensor, chunks: int, row_step: int, dead_threshold: float,
+                      tiles: Tiles | None) -> torch.Tensor:
+    """(programs, C, 3) float32 partial stats of rows 0, row_step, ... of y, one row per program
+    of the forward kernel's read-only launch (no rows: none)."""
     y = y.contiguous()
     rows, features = y.shape
     sampled_rows = triton.cdiv(rows, row_step)
     width = features // chunks
     launch = _launch(sampled_rows, chunks, width, y.device, tiles or default_tiles("forward", y.dtype))
     partials = _stats_partials(launch, chunks, y.device)
-    if sampled_rows:
-        wrap_triton(_blend_fwd_kernel)[launch.grid](
-            y, y, y, partials, partials, partials,
-            sampled_rows, chunks, width, row_step, launch.rows_per_program, launch.chunk_groups,
-            launch.width_tiles,
-            y.stride(0), 0, 0, 0, dead_threshold,
-            HAS_G=False, STORE_OUT=False, SAMPLED=row_step != 1, **launch.meta,
-        )
-    return partials.sum(dim=0)
+    if not sampled_rows:
+        return partials[:0]
+    wrap_triton(_blend_fwd_kernel)[launch.grid](
+        y, y, y, partials, partials, partials,
+        sampled_rows, chunks, width, row_step, launch.rows_per_program, launch.chunk_groups,
+        launch.width_tiles,
+        y.stride(0), 0, 0, 0, dead_threshold,
+        HAS_G=False, STORE_OUT=False, SAMPLED=row_step != 1, **launch.meta,
+    )
+    return partials
+
+
+def sampled_stats(y: torch.Tensor, chunks: int, row_step: int, dead_threshold: float, *,
+                  tiles: Tiles | None = None) -> torch.Tensor:
+    """(C, 3) stats of rows 0, row_step, ... of y: the dormant layer's telemetry read."""
+    return _sampled_partials(y, chunks, row_step, dead_threshold, tiles).sum(dim=0)
 
 
 def accumulate_sampled_stats(y: torch.Tensor, chunks: int, row_step: int, dead_threshold: float,
@@ -350,24 +358,11 @@ def accumulate_sampled_stats(y: torch.Tensor, chunks: int, row_step: int, dead_t
             or health.shape[0] != chunks or health.shape[1] < column + 4 or health.stride(1) != 1):
         raise ValueError(f"health must be a float64 ({chunks}, >= {column + 4}) tensor on {y.device} "
                          f"with unit column stride, got {tuple(health.shape)} {health.dtype}")
-    y = y.contiguous()
-    rows, features = y.shape
-    sampled_rows = triton.cdiv(rows, row_step)
-    width = features // chunks
-    launch = _launch(sampled_rows, chunks, width, y.device, tiles or default_tiles("forward", y.dtype))
-    partials = _stats_partials(launch, chunks, y.device)
-    if sampled_rows:
-        wrap_triton(_blend_fwd_kernel)[launch.grid](
-            y, y, y, partials, partials, partials,
-            sampled_rows, chunks, width, row_step, launch.rows_per_program, launch.chunk_groups,
-            launch.width_tiles,
-            y.stride(0), 0, 0, 0, dead_threshold,
-            HAS_G=False, STORE_OUT=False, SAMPLED=row_step != 1, **launch.meta,
-        )
+    partials = _sampled_partials(y, chunks, row_step, dead_threshold, tiles)
     n = chunks * 3
     block_n = min(256, triton.next_power_of_2(n))
     wrap_triton(_accumulate_kernel)[(triton.cdiv(n, block_n),)](
-        partials, health, partials.shape[0] if sampled_rows else 0, n, health.stride(0), column,
+        partials, health, partials.shape[0], n, health.stride(0), column,
         float(count), COLUMNS=3, BLOCK_P=64, BLOCK_N=block_n, num_warps=8,
     )
 

@@ -313,3 +313,11 @@ def test_an_empty_batch_blends_to_nothing():
     grad_g, energy = blend.blend_backward(torch.zeros(0, 33, device=DEVICE), slot_alpha, chunk_slot, 2,
                                           tiles=_tiles(1))
     assert grad_g.shape == (2, 0, 11) and torch.equal(energy, torch.zeros(3, device=DEVICE))
+    # The dormant layer's sampled reads: nothing read, only the count is added.
+    assert torch.equal(blend.sampled_stats(y, 3, 2, 1e-6), torch.zeros(3, 3, device=DEVICE))
+    assert torch.equal(blend.sampled_energy(y, 3, 2), torch.zeros(3, device=DEVICE))
+    health = torch.ones(3, 5, device=DEVICE, dtype=torch.float64)
+    blend.accumulate_sampled_stats(y, 3, 2, 1e-6, health, 1, 7)
+    want = torch.ones(3, 5, dtype=torch.float64)
+    want[:, 4] = 8
+    assert torch.equal(health.cpu(), want)
