@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from esper.contracts import BLUEPRINT_TRANSITIONS, Blueprint, BlueprintStatus, LayerKind
 from esper.contracts.base import describe_validation_error, utcnow
 from esper.errors import BadInputError, IllegalTransitionError, NotFoundError
-from esper.urza.db import CatalogBase
+from esper.urza.leases import LeaseCatalog, LeaseQueue
 from esper.urza.rows import (
     KERNEL_SELECT,
     blueprint_from_row,
@@ -21,7 +21,6 @@ from esper.urza.rows import (
 from esper.urza.store import sha256_hex
 from esper.urza.values import (
     canonical_json,
-    lease_iso,
     lease_window,
     now_iso,
     parse_enum,
@@ -29,8 +28,15 @@ from esper.urza.values import (
     to_iso,
 )
 
+# The forge's queue: a claimed blueprint is COMPILING; a released one is UNVALIDATED again.
+_FORGE_QUEUE = LeaseQueue(
+    table="blueprints", subject="blueprint", held_status="COMPILING",
+    waiting="(status = 'UNVALIDATED'"
+            " OR (status = 'COMPILING' AND (lease_until IS NULL OR lease_until < :now)))",
+    claim_sets="status = 'COMPILING', ", release_sets="status = 'UNVALIDATED', ")
 
-class BlueprintCatalog(CatalogBase):
+
+class BlueprintCatalog(LeaseCatalog):
     # Registration -----------------------------------------------------------------------------
     def add_blueprint(self, ir_json: bytes, *, name: str, interface_kind: LayerKind,
                       origin: str = "human", parent_ids: Iterable[str] = (),
@@ -186,53 +192,22 @@ class BlueprintCatalog(CatalogBase):
         require_text(worker, "worker")
         now, until = lease_window(lease_seconds)
         with self.transaction():
-            # `previous_claimant = claimed_by` reads the old value: whose lease this takes over.
-            claimed = self._row(
-                "UPDATE blueprints SET status = 'COMPILING', claimed_by = :worker,"
-                " lease_until = :until, previous_claimant = claimed_by, updated_at = :now_iso"
-                " WHERE id = (SELECT id FROM blueprints"
-                "              WHERE status = 'UNVALIDATED'"
-                "                 OR (status = 'COMPILING'"
-                "                     AND (lease_until IS NULL OR lease_until < :now))"
-                "              ORDER BY created_at, rowid LIMIT 1)"
-                " RETURNING id, previous_claimant",
+            claimed_id = self._take_lease(
+                _FORGE_QUEUE, worker, until,
                 {"worker": worker, "until": until, "now": now, "now_iso": now_iso()})
-            if claimed is None:
+            if claimed_id is None:
                 return None
-            if claimed["previous_claimant"] is not None:
-                self.audit(worker, "blueprint.lease_expired", claimed["id"],
-                           {"worker": claimed["previous_claimant"]})
-            self.audit(worker, "blueprint.claimed", claimed["id"],
-                       {"lease_until": lease_iso(until)})
-            return blueprint_from_row(self._blueprint_row(claimed["id"]))
+            return blueprint_from_row(self._blueprint_row(claimed_id))
 
     def renew_blueprint_lease(self, blueprint_id: str, worker: str, lease_seconds: float) -> bool:
         """Extend `worker`'s claim; False if the claim is no longer its own."""
-        require_text(worker, "worker")
-        _, until = lease_window(lease_seconds)
-        with self.transaction():
-            row = self._resolve_blueprint(blueprint_id, exact=True)
-            cursor = self._execute(
-                "UPDATE blueprints SET lease_until = ?"
-                " WHERE id = ? AND status = 'COMPILING' AND claimed_by = ?",
-                (until, row["id"], worker))
-            return cursor.rowcount == 1
+        return self._renew_lease(_FORGE_QUEUE, self._resolve_blueprint, blueprint_id, worker,
+                                 lease_seconds)
 
     def release_blueprint(self, blueprint_id: str, worker: str) -> bool:
         """Give a claim back (a daemon stopping mid-job): the blueprint is UNVALIDATED again.
         False if `worker` no longer held it."""
-        require_text(worker, "worker")
-        with self.transaction():
-            row = self._resolve_blueprint(blueprint_id, exact=True)
-            cursor = self._execute(
-                "UPDATE blueprints SET status = 'UNVALIDATED', claimed_by = NULL,"
-                " lease_until = NULL, updated_at = ?"
-                " WHERE id = ? AND status = 'COMPILING' AND claimed_by = ?",
-                (now_iso(), row["id"], worker))
-            if cursor.rowcount != 1:
-                return False
-            self.audit(worker, "blueprint.released", row["id"], {})
-            return True
+        return self._release_lease(_FORGE_QUEUE, self._resolve_blueprint, blueprint_id, worker)
 
     # Internals ------------------------------------------------------------------------------
     def _blueprint_row(self, blueprint_id: str) -> dict[str, Any] | None:

@@ -32,12 +32,11 @@ from esper.errors import (
     NotFoundError,
 )
 from esper.signing import open_signed
-from esper.urza.db import CatalogBase
+from esper.urza.leases import LeaseCatalog, LeaseQueue
 from esper.urza.query import kernel_query_sql
 from esper.urza.rows import KERNEL_SELECT, kernel_from_row, prefix_pattern
 from esper.urza.values import (
     canonical_json,
-    lease_iso,
     lease_window,
     now_iso,
     parse_enum,
@@ -48,6 +47,12 @@ from esper.urza.values import (
 # Blueprints that may receive new kernels: not ones found INVALID or ARCHIVED.
 _BLUEPRINTS_TAKING_KERNELS = {BlueprintStatus.UNVALIDATED.value, BlueprintStatus.COMPILING.value,
                               BlueprintStatus.COMPILED.value}
+
+# The bench's queue: a claimed kernel stays PENDING_BENCHMARKING; its lease is the claim.
+_BENCH_QUEUE = LeaseQueue(
+    table="kernels", subject="kernel", held_status="PENDING_BENCHMARKING",
+    waiting="status = 'PENDING_BENCHMARKING'"
+            " AND (claimed_by IS NULL OR lease_until IS NULL OR lease_until < :now)")
 
 _LOAD_RECORD_SELECT = """
 SELECT k.id, k.blueprint_id, k.status, k.status_reason, k.pipeline, k.interface_kind,
@@ -79,7 +84,7 @@ class KernelLoadRecord:
     report_blob: str | None
 
 
-class KernelCatalog(CatalogBase):
+class KernelCatalog(LeaseCatalog):
     # Registration -----------------------------------------------------------------------------
     def add_kernel(self, artifact: CompiledKernelArtifact, *,
                    actor: str) -> tuple[CompiledKernelArtifact, bool]:
@@ -332,48 +337,20 @@ class KernelCatalog(CatalogBase):
             params["targets"] = canonical_json(sorted(set(targets)))
             target_filter = " AND target IN (SELECT value FROM json_each(:targets))"
         with self.transaction():
-            claimed = self._row(
-                "UPDATE kernels SET claimed_by = :worker, lease_until = :until,"
-                " previous_claimant = claimed_by, updated_at = :now_iso"
-                " WHERE id = (SELECT id FROM kernels"
-                "              WHERE status = 'PENDING_BENCHMARKING'"
-                "                AND (claimed_by IS NULL OR lease_until IS NULL"
-                "                     OR lease_until < :now)" + target_filter +
-                "              ORDER BY created_at, rowid LIMIT 1)"
-                " RETURNING id, previous_claimant", params)
-            if claimed is None:
+            claimed_id = self._take_lease(_BENCH_QUEUE, worker, until, params,
+                                          also_where=target_filter)
+            if claimed_id is None:
                 return None
-            if claimed["previous_claimant"] is not None:
-                self.audit(worker, "kernel.lease_expired", claimed["id"],
-                           {"worker": claimed["previous_claimant"]})
-            self.audit(worker, "kernel.claimed", claimed["id"], {"lease_until": lease_iso(until)})
-            return kernel_from_row(self._kernel_row(claimed["id"]))
+            return kernel_from_row(self._kernel_row(claimed_id))
 
     def renew_kernel_lease(self, kernel_id: str, worker: str, lease_seconds: float) -> bool:
         """Extend `worker`'s claim; False if the claim is no longer its own."""
-        require_text(worker, "worker")
-        _, until = lease_window(lease_seconds)
-        with self.transaction():
-            row = self._resolve_kernel(kernel_id, exact=True)
-            cursor = self._execute(
-                "UPDATE kernels SET lease_until = ?"
-                " WHERE id = ? AND status = 'PENDING_BENCHMARKING' AND claimed_by = ?",
-                (until, row["id"], worker))
-            return cursor.rowcount == 1
+        return self._renew_lease(_BENCH_QUEUE, self._resolve_kernel, kernel_id, worker,
+                                 lease_seconds)
 
     def release_kernel(self, kernel_id: str, worker: str) -> bool:
         """Give a claim back unbenchmarked; False if `worker` no longer held it."""
-        require_text(worker, "worker")
-        with self.transaction():
-            row = self._resolve_kernel(kernel_id, exact=True)
-            cursor = self._execute(
-                "UPDATE kernels SET claimed_by = NULL, lease_until = NULL, updated_at = ?"
-                " WHERE id = ? AND status = 'PENDING_BENCHMARKING' AND claimed_by = ?",
-                (now_iso(), row["id"], worker))
-            if cursor.rowcount != 1:
-                return False
-            self.audit(worker, "kernel.released", row["id"], {})
-            return True
+        return self._release_lease(_BENCH_QUEUE, self._resolve_kernel, kernel_id, worker)
 
     # Internals ------------------------------------------------------------------------------
     @staticmethod
