@@ -709,7 +709,9 @@ class TolariaTrainer:
         self._guard_reference = state.get("guard_reference")
         if resuming:
             # A new process: what a rollback must not forget comes from the checkpoint too.
-            self.history.field_reports = [FieldReport.model_validate(r) for r in state["field_reports"]]
+            self.history.field_reports = [
+                FieldReport.from_jsonable(r, source=f"checkpoint epoch {state['epoch']}: field report")
+                for r in state["field_reports"]]
             self.history.rollbacks = list(state["rollbacks"])
             self._faults_fired = set(state["faults_fired"])
             self._paused = state["paused"]

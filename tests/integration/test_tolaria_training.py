@@ -165,6 +165,28 @@ def test_an_interrupted_run_resumes_to_the_same_weights(forged, reference):
     assert [json.loads(line)["epoch"] for line in lines] == list(range(1, 13))
 
 
+def test_a_run_resumes_after_a_graft_has_finished(forged, reference):
+    """A checkpoint that holds a finished adaptation's field report (its outcome a lifecycle
+    stage, stored as JSON text) loads in a new process, and the run ends as the uninterrupted
+    one."""
+    ws, _ = forged
+    finished = min(r.epoch for r in reference.history.field_reports)
+    assert finished < 11  # the tiny config finishes a graft with epochs to spare
+
+    def interrupt(event):
+        if event.kind == "step" and event.epoch == finished + 2 and event.step == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_training(tiny_config(), workspace=ws, run_id="after-graft", progress=interrupt)
+    resumed = run_training(None, workspace=ws, resume="after-graft")
+    assert resumed.status == "completed"
+    assert [r.outcome for r in resumed.history.field_reports] == \
+        [r.outcome for r in reference.history.field_reports]
+    assert _lineage_core(resumed) == _lineage_core(reference)
+    assert same_state(_weights(resumed), _weights(reference)) == []
+
+
 def test_a_divergence_before_any_graft_rolls_back_to_the_uninterrupted_weights(forged, reference):
     """A NaN loss at epoch 2: Tamiyo asks for a rollback, Tolaria restores epoch 1's checkpoint
     (model, optimizer, lr, every RNG, Kasmina, Tamiyo) and replays epoch 2. Restored bit-exactly,
