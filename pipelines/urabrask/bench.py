@@ -9,7 +9,10 @@ One kernel at a time (DESIGN.md section 9, HLD Appendix E):
    hardware target in one statement (a lease, renewed while the gauntlet runs);
 2. stages 1-2 in a fresh sandboxed child (sandbox.py, gauntlet.py) under wall-clock, CPU-time
    and memory limits. A check that fails, a crash, a hang or a runaway allocation rejects the
-   kernel with the reason; the bench goes on;
+   kernel with the reason; the bench goes on. A child that fails before it reaches its kernel
+   (limits too small for Python and torch to start) blames no kernel: the claim is released,
+   the summary says why (`sandbox_failure`), and the bench stops, since every gauntlet would
+   fail the same way (and the released kernel, the oldest waiting, would be claimed again);
 3. stage 3 (tags.py) against the target's VALIDATED population, read from Urza at each job;
    after each validation the older kernels whose tags the grown population changes are
    re-tagged with one bench-signed UrabraskTagRefresh (`urza.apply_tag_refresh`);
@@ -135,6 +138,7 @@ class BenchSummary:
     retagged: int = 0
     risk_model: str = "prior"
     stopped_by_signal: bool = False
+    sandbox_failure: str | None = None  # why no gauntlet child could start: the bench stopped
     seconds: float = 0.0
 
     @property
@@ -149,7 +153,8 @@ class BenchSummary:
         return {"worker_id": self.worker_id, "validated": self.validated,
                 "rejected": self.rejected, "released": self.released, "retagged": self.retagged,
                 "risk_model": self.risk_model, "jobs": [j.to_jsonable() for j in self.jobs],
-                "stopped_by_signal": self.stopped_by_signal, "seconds": round(self.seconds, 3)}
+                "stopped_by_signal": self.stopped_by_signal,
+                "sandbox_failure": self.sandbox_failure, "seconds": round(self.seconds, 3)}
 
 
 class Bench:
@@ -191,7 +196,8 @@ class Bench:
         self._stop.request()
 
     def _loop(self, once: bool) -> None:
-        while not self._stopping() and not self._max_jobs_reached():
+        while (not self._stopping() and not self._max_jobs_reached()
+               and self.summary.sandbox_failure is None):
             kernel = self.urza.claim_next_kernel(self.options.worker_id,
                                                  self.options.lease_seconds,
                                                  targets=[self.target])
@@ -214,6 +220,14 @@ class Bench:
             should_stop=self._stop.job_must_stop, scratch_dir=self._scratch)
         if outcome.stopped:
             self._release(kernel)
+            return
+        if not outcome.reached_kernel:
+            limits = self.options.limits
+            self.summary.sandbox_failure = outcome.reason
+            self._release(kernel, why=(
+                f"{outcome.reason} (limits: wall {limits.wall_s:g} s, CPU {limits.cpu_s:g} s, "
+                f"memory {limits.memory_mb:g} MB); the bench stops: every gauntlet would fail "
+                f"the same way"))
             return
         try:
             report = self._report(kernel, outcome)
@@ -339,11 +353,11 @@ class Bench:
             log.warning("urabrask: lost the claim on %s; leaving it", kernel.id)
         return held
 
-    def _release(self, kernel: CompiledKernelArtifact) -> None:
+    def _release(self, kernel: CompiledKernelArtifact, why: str | None = None) -> None:
         try:
             if self.urza.release_kernel(kernel.id, self.options.worker_id):
                 self.summary.released += 1
-                self._progress(f"{kernel.id} released unjudged")
+                self._progress(f"{kernel.id} released unjudged" + (f": {why}" if why else ""))
         except EsperError as e:
             log.warning("urabrask: could not release %s: %s", kernel.id, e)
 

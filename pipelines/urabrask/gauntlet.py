@@ -67,6 +67,7 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -141,8 +142,12 @@ class GateFailure(Exception):
         self.check = check
 
 
-def run_gauntlet(urza: Urza, job: GauntletJob) -> GauntletResult:
-    """Load, gatekeep and profile one kernel. A failed check is a result, never a raise."""
+def run_gauntlet(urza: Urza, job: GauntletJob, *,
+                 reached_kernel: Callable[[], None] | None = None) -> GauntletResult:
+    """Load, gatekeep and profile one kernel. A failed check is a result, never a raise.
+    `reached_kernel` is called once everything the kernel does not govern is done (imports, the
+    GPU lock, CUDA's context), just before the kernel is loaded: the worker tells its parent
+    there, so a limit too small for the process to get this far blames no kernel (sandbox.py)."""
     import torch
 
     from esper.blueprints import load_ir, validate
@@ -163,6 +168,8 @@ def run_gauntlet(urza: Urza, job: GauntletJob) -> GauntletResult:
             if job.device.startswith("cuda"):
                 torch.empty(1, device=job.device)
                 clock = _lap(stages, "cuda_init", clock)
+            if reached_kernel is not None:
+                reached_kernel()
             try:
                 kernel = load_kernel(urza, job.kernel_id, device=job.device,
                                      require_validated=False)

@@ -8,8 +8,15 @@ blobs), runs stages 1 and 2 (`run_gauntlet`: the loader verifies the forge signa
 hash first), writes OUT_DIR/result.json atomically and exits 0, whether the kernel passed or
 failed a check. A crash, a hang or a runaway allocation is the parent's to see: it kills the
 process group and rejects the kernel. The child never holds the bench key: the parent signs.
+
 On a GPU it exits holding the GPU lock as active (gpu_lock.py), so that no measurement runs
 while its CUDA context is torn down.
+
+Just before it loads the kernel it writes OUT_DIR/ready.json, `{"peak_rss_mb": M}` (its peak
+resident set so far: Python, torch, the catalog, CUDA's context): the warm forge worker's
+`{"ready": true}`, as a file, since this child's stdout is its log. A child that ends without
+it, or whose start alone went past the memory limit, failed before the kernel could have had a
+part in it: the parent releases the kernel instead of rejecting it.
 
 Before anything heavy is imported it caps its CPU time, disables core files and asks to die with
 the daemon (the forge worker's helpers, reused).
@@ -24,6 +31,7 @@ import sys
 from pathlib import Path
 
 RESULT_FILE = "result.json"
+READY_FILE = "ready.json"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent-pid", type=int, default=None)
     args = parser.parse_args(argv)
 
-    from pipelines.tezzeret.worker import _cap_cpu, _describe, _die_with_parent
+    from pipelines.tezzeret.worker import _cap_cpu, _describe, _die_with_parent, _peak_rss_mb
 
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     if args.parent_pid is not None:
@@ -50,10 +58,14 @@ def main(argv: list[str] | None = None) -> int:
         from pipelines.urabrask.gauntlet import GauntletJob, run_gauntlet
         from pipelines.urabrask.gpu_lock import GpuLock
 
+        def reached_kernel() -> None:
+            atomic_write_text(args.out_dir / READY_FILE,
+                              json.dumps({"peak_rss_mb": _peak_rss_mb()}))
+
         job = GauntletJob.from_jsonable(json.loads(args.job.read_text(encoding="utf-8")))
-        with Urza.open(Workspace(args.workspace).require()) as urza:
-            result = run_gauntlet(urza, job)
         args.out_dir.mkdir(parents=True, exist_ok=True)
+        with Urza.open(Workspace(args.workspace).require()) as urza:
+            result = run_gauntlet(urza, job, reached_kernel=reached_kernel)
         atomic_write_text(args.out_dir / RESULT_FILE, json.dumps(result.to_jsonable()))
         lock = GpuLock.for_device(job.device)
         if lock is not None:
