@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
 from torch import nn
 
 import kasmina
@@ -44,6 +46,7 @@ from esper.tolaria.trainer import (
 
 # What may differ between a run's saved config and the one given with --resume.
 RESUMABLE_CHANGES = ("epochs", "device")
+LOCK_FILE = ".lock"  # in the run directory, held while the run trains
 DTYPE = "float32"
 
 
@@ -98,23 +101,53 @@ def run_training(config: TrainConfig | None, *, workspace: Any = None, redis_url
         run_dir = find_run(resume, workspace, config.out_dir if config is not None else None)
         saved = TrainConfig.from_mapping(json.loads((run_dir / CONFIG_FILE).read_text()),
                                          source=str(run_dir / CONFIG_FILE))
-        config = _resumable(saved, config)
-        run_id = run_dir.name
-        registered = saved
-    else:
-        if config is None:
-            raise BadInputError("run_training needs a config, or a run to resume")
-        run_id = run_id or new_run_id(config.name)
-        run_dir = runs_root(config, workspace) / run_id
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise BadInputError(f"{run_dir} already exists; choose another run id or --resume it")
-        registered = config
+        return _train(_resumable(saved, config), saved, run_dir.name, run_dir, workspace,
+                      redis_url, True, progress)
+    if config is None:
+        raise BadInputError("run_training needs a config, or a run to resume")
+    run_id = run_id or new_run_id(config.name)
+    run_dir = runs_root(config, workspace) / run_id
+    _check_new(run_dir)
+    return _train(config, config, run_id, run_dir, workspace, redis_url, False, progress)
 
+
+def _check_new(run_dir: Path) -> None:
+    """A new run may not take an existing run's folder. A folder without a config is a start
+    that was killed before it began: the new run takes it."""
+    if (run_dir / CONFIG_FILE).exists():
+        raise BadInputError(f"{run_dir} already exists; choose another run id or --resume it")
+
+
+@contextmanager
+def _run_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the run directory's lock while the run trains: a second process on the same run
+    (a resume of a live run, the same --run-id twice) is refused. The lock goes with the
+    process, so a killed run's folder is free at once."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BadInputError(f"cannot make the run directory {run_dir}: {e.strerror or e}") from None
+    lock = FileLock(str(run_dir / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise BadInputError(f"{run_dir} is in use: run {run_dir.name} is training in another "
+                            "process; wait for it to end, or choose another run id") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _train(config: TrainConfig, registered: TrainConfig, run_id: str, run_dir: Path,
+           workspace: Any, redis_url: str | None, resume: bool,
+           progress: Progress | None) -> RunResult:
+    """Build the data, the model and the controller, and train under the run's lock."""
     device = resolve_device(config.device)
     seed_everything(config.seed)  # the host model's initial weights come from the run's seed
     data = build_data(config.data, seed=config.data_seed)
     host = build_model(config.model, data.input_shape, data.out_dim)
-    if config.model.init_from is not None and resume is None:  # a resume has the weights
+    if config.model.init_from is not None and not resume:  # a resume has the weights
         init_host(host, config.model.init_from)
     freeze_host(host, config.model.freeze)
     model, report = kasmina.wrap(host, config.kasmina)
@@ -155,9 +188,12 @@ def run_training(config: TrainConfig | None, *, workspace: Any = None, redis_url
                              input_shape=tuple(data.input_shape), out_dim=data.out_dim, task=data.task)
         trainer = TolariaTrainer(model, tamiyo, config, data=data, workspace=workspace, urza=urza,
                                  redis_url=redis_url, run_id=run_id, run_dir=run_dir, device=device,
-                                 resume=resume is not None, progress=progress, origin=origin,
+                                 resume=resume, progress=progress, origin=origin,
                                  notices=notices)
-        model, history = trainer.train()
+        with _run_lock(run_dir):
+            if not resume:
+                _check_new(run_dir)  # again, now that no other process can start it
+            model, history = trainer.train()
     finally:
         if urza is not None:
             urza.close()

@@ -213,7 +213,7 @@ class TolariaTrainer:
       workspace's embedded Redis when `config.telemetry.bus` is on and one of those exists.
     - `run_id`, `run_dir`: default a new id, and `<config.out_dir>/<run id>` (relative to the
       workspace, else to the working directory).
-    - `resume`: continue from the newest checkpoint in `run_dir`.
+    - `resume`: continue from the newest checkpoint in `run_dir` (none yet: start from epoch 0).
     - `progress`: called with ProgressEvents.
     - `origin`: how the host was built (run_training sets it), so that save_model can record it.
     """
@@ -325,16 +325,17 @@ class TolariaTrainer:
         if self.origin is not None:
             remember_origin(self.model, self.origin)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if self.resume:
-            latest = self.checkpoints.latest()
-            if latest is None:
-                raise BadInputError(f"{self.run_dir}: no checkpoint to resume from")
+        latest = self.checkpoints.latest()
+        if self.resume and latest is not None:
             self._restore(latest, resuming=True)
             self._notice(f"resumed run {self.run_id} from {latest.path.name} (epoch {self.epoch})")
         else:
-            if self.checkpoints.latest() is not None:
+            if latest is not None:
                 raise BadInputError(f"{self.run_dir} already holds a run; resume it or choose "
                                     "another run id")
+            if self.resume:  # stopped before its first checkpoint: nothing to restore
+                self._notice(f"run {self.run_id} was stopped before its first checkpoint: "
+                             "starting it from epoch 0")
             seed_everything(config.seed)
             if self.guard_data is not None:
                 self._guard_reference = self._guard_metric()

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -185,6 +187,53 @@ def test_a_run_resumes_after_a_graft_has_finished(forged, reference):
         [r.outcome for r in reference.history.field_reports]
     assert _lineage_core(resumed) == _lineage_core(reference)
     assert same_state(_weights(resumed), _weights(reference)) == []
+
+
+def test_a_run_stopped_before_its_first_checkpoint_resumes_from_the_start(forged, reference):
+    """Killed after its config was written but before the epoch-0 checkpoint: --resume starts
+    it from epoch 0 (and ends as the uninterrupted run); a folder without even a config takes
+    a new run under the same id."""
+    ws, _ = forged
+
+    def interrupt(event):
+        if event.kind == "step" and event.epoch == 1 and event.step == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_training(tiny_config(), workspace=ws, run_id="early", progress=interrupt)
+    run_dir = ws.root / "runs" / "early"
+    shutil.rmtree(run_dir / "checkpoints")  # as if killed before its first checkpoint
+    resumed = run_training(None, workspace=ws, resume="early")
+    assert resumed.status == "completed"
+    assert any("before its first checkpoint" in n for n in resumed.history.notices)
+    assert same_state(_weights(resumed), _weights(reference)) == []
+
+    (ws.root / "runs" / "bare").mkdir()
+    (ws.root / "runs" / "bare" / "stray.txt").write_text("left by a killed start\n")
+    assert run_training(tiny_config(), workspace=ws, run_id="bare").status == "completed"
+    with pytest.raises(BadInputError, match="already exists"):
+        run_training(tiny_config(), workspace=ws, run_id="bare")
+
+
+def test_a_run_training_in_another_process_is_not_trained_twice(forged):
+    """The run directory's lock: while another process holds it, a second run under the same
+    id is refused before it writes anything; once that process is gone, the id is free."""
+    ws, _ = forged
+    run_dir = ws.root / "runs" / "held"
+    run_dir.mkdir(parents=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from filelock import FileLock; "
+         "lock = FileLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(120)",
+         str(run_dir / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(BadInputError, match="in use"):
+            run_training(tiny_config(), workspace=ws, run_id="held")
+        assert sorted(p.name for p in run_dir.iterdir()) == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert run_training(tiny_config(), workspace=ws, run_id="held").status == "completed"
 
 
 def test_a_divergence_before_any_graft_rolls_back_to_the_uninterrupted_weights(forged, reference):
