@@ -41,6 +41,7 @@ from kasmina.config import KasminaConfig
 
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegInt = Annotated[int, Field(ge=0)]
+Seed = Annotated[int, Field(ge=0, lt=2**32)]  # what every generator takes (numpy's: < 2**32)
 PositiveFloat = Annotated[float, Field(gt=0)]
 NonNegFloat = Annotated[float, Field(ge=0)]
 Beta = Annotated[float, Field(ge=0, lt=1)]
@@ -51,7 +52,7 @@ _COMPONENT = re.compile(rf"^{_IDENT}(?:\.{_IDENT})*(?::{_IDENT}(?:\.{_IDENT})*)?
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 def _refuse_foreign(section: BaseModel, names: Sequence[str], owner: str) -> None:
@@ -111,7 +112,7 @@ class DataConfig(_Component):
     batch_size: PositiveInt = 64
     eval_batch_size: PositiveInt | None = None  # default: batch_size
     val_fraction: Annotated[float, Field(gt=0, lt=1)] = 0.2  # for data sets without a split of their own
-    seed: NonNegInt | None = None
+    seed: Seed | None = None
     classes: Annotated[list[NonNegInt], Field(min_length=1)] | None = None
 
 
@@ -235,7 +236,7 @@ class TrainConfig(_Strict):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     epochs: PositiveInt = 10
     device: str = "auto"
-    seed: NonNegInt = 0
+    seed: Seed = 0
     out_dir: str = "runs"  # the run's outputs go to <out_dir>/<run id>/
     kasmina: KasminaConfig = Field(default_factory=KasminaConfig)
     tamiyo: TamiyoConfig = Field(default_factory=TamiyoConfig)

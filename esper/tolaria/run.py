@@ -43,6 +43,7 @@ from esper.tolaria.trainer import (
     new_run_id,
     resolve_device,
 )
+from esper.urza.values import require_path_safe
 
 # What may differ between a run's saved config and the one given with --resume.
 RESUMABLE_CHANGES = ("epochs", "device")
@@ -105,7 +106,7 @@ def run_training(config: TrainConfig | None, *, workspace: Any = None, redis_url
                       redis_url, True, progress)
     if config is None:
         raise BadInputError("run_training needs a config, or a run to resume")
-    run_id = run_id or new_run_id(config.name)
+    run_id = new_run_id(config.name) if run_id is None else require_path_safe(run_id, "run id")
     run_dir = runs_root(config, workspace) / run_id
     _check_new(run_dir)
     return _train(config, config, run_id, run_dir, workspace, redis_url, False, progress)

@@ -468,3 +468,10 @@ def test_init_from_refuses_a_grafted_model_and_an_unfit_one(reference, tmp_path)
                                     "out_dir": str(tmp_path), "name": "wider"}))
     with pytest.raises(BadInputError, match="'model.freeze': 'layer.*' matches no parameter"):
         run_training(tiny_config(**{"model.freeze": ["layer.*"], "out_dir": str(tmp_path), "name": "typo"}))
+
+
+@pytest.mark.parametrize("run_id", ["", "a" * 300, "../x", ".hidden"])
+def test_a_run_id_that_is_not_one_path_component_is_refused(tmp_path, run_id):
+    with pytest.raises(BadInputError, match="run id .* is not allowed"):
+        run_training(tiny_config(out_dir=str(tmp_path)), run_id=run_id)
+    assert not any(tmp_path.iterdir())
