@@ -221,10 +221,10 @@ def test_a_run_training_in_another_process_is_not_trained_twice(forged):
     ws, _ = forged
     run_dir = ws.root / "runs" / "held"
     run_dir.mkdir(parents=True)
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from filelock import FileLock; "
-         "lock = FileLock(sys.argv[1]); lock.acquire(); print('held', flush=True); time.sleep(120)",
-         str(run_dir / ".lock")], stdout=subprocess.PIPE, text=True)
+    hold = ("import sys, time; from filelock import FileLock; lock = FileLock(sys.argv[1]); "
+            "lock.acquire(); print('held', flush=True); time.sleep(120)")
+    holder = subprocess.Popen([sys.executable, "-c", hold, str(run_dir / ".lock")],
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(BadInputError, match="in use"):
