@@ -51,6 +51,7 @@ from kasmina.lifecycle import (
     HAS_KERNEL,
     HOLDS_MODULE,
     ISOLATED,
+    LOAD_FAILED,
     RETURNS_TO_DORMANT,
     RUNTIME_ERROR,
     TRAINABLE,
@@ -421,7 +422,7 @@ class KasminaLayer(nn.Module):
             module = self._template_for(seed)
         except Exception as e:  # noqa: BLE001 - any load failure culls the seed (HLD B.2)
             self._record_incident(seed, kernel, S.LOADING, f"load failed: {e}")
-            move(seed, S.CULLED, f"kernel load failed: {e}")
+            move(seed, S.CULLED, f"{LOAD_FAILED}: {e}")
             return
         trainable = any(p.requires_grad for p in module.parameters())
         move(seed, S.TRAINING if trainable else S.GRAFTING, "kernel loaded")

@@ -8,9 +8,11 @@ from esper.errors import IllegalTransitionError
 
 S = SeedLifecycle
 
-# Stages whose blueprint output is blended into the host chunk.
 # How a cull for an exception raised by a seed's blueprint in a forward pass begins its reason.
 RUNTIME_ERROR = "runtime error"
+# How a cull for a kernel that failed to load (refused by the verifying loader, say) begins it.
+LOAD_FAILED = "kernel load failed"
+# Stages whose blueprint output is blended into the host chunk.
 BLENDING = frozenset({S.GRAFTING, S.STABILIZATION, S.EVALUATING, S.FINE_TUNING, S.FOSSILIZED})
 # Stages whose blueprint runs on detached inputs for its own objective, off the host's graph.
 ISOLATED = frozenset({S.TRAINING})

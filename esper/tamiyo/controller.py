@@ -58,7 +58,7 @@ from esper.tamiyo.kernels import KernelCandidate, KernelChooser, UrzaKernelChoos
 from esper.tamiyo.packets import TERMINAL_CODES, SeedObservation, SeedTable, seed_key
 from kasmina import BoundaryReport, KasminaLayer
 from kasmina import layers as kasmina_layers
-from kasmina.lifecycle import BLENDING, HOLDS_MODULE, RUNTIME_ERROR
+from kasmina.lifecycle import BLENDING, HOLDS_MODULE, LOAD_FAILED, RUNTIME_ERROR
 
 S = SeedLifecycle
 STATE_FORMAT = "esper.tamiyo.heuristic/1"
@@ -468,7 +468,7 @@ class TamiyoController:
         reason = a.expected_reason if commanded else kasmina_reason
         if outcome in _FAILED:
             self._failed_pairs.add((a.seed_id, a.kernel_artifact_id))
-            if kasmina_reason.startswith(RUNTIME_ERROR):
+            if kasmina_reason.startswith((RUNTIME_ERROR, LOAD_FAILED)):  # not tried again
                 self._broken_kernels.add(a.kernel_artifact_id)
         if outcome is S.ROLLED_BACK:
             self._quarantined.add(a.seed_id)

@@ -15,6 +15,7 @@ import kasmina
 from esper.blueprints import standard_library
 from esper.contracts import FieldReport, TamiyoDecision
 from esper.contracts import SeedLifecycle as S
+from esper.errors import IntegrityError
 from esper.tamiyo import (
     FixedKernelChooser,
     TamiyoConfig,
@@ -31,7 +32,23 @@ KASMINA = {"seeds_per_layer": 2, "include": ["0"], "stabilization_steps": 5, "em
 TAMIYO = {"plateau": {"patience": 2, "min_delta": 10.0, "warmup_epochs": 2}, "max_germinations": 1}
 
 
-def train(tamiyo_config: dict, epochs: int = 22, kernels: tuple[str, ...] = ("mlp_gelu_w32",)):
+class RefusingSource(kasmina.BlueprintKernelSource):
+    """The standard library's kernels, but those in `refused` fail to load, as a tampered
+    artifact fails the verifying loader."""
+
+    def __init__(self, refused: tuple[str, ...]) -> None:
+        super().__init__()
+        self.refused_names = refused
+
+    def load(self, kernel_artifact_id: str, device: torch.device) -> nn.Module:
+        ir, _ = self.entries[kernel_artifact_id]
+        if ir.name in self.refused_names:
+            raise IntegrityError(f"kernel {kernel_artifact_id}: weights.safetensors: sha256 mismatch")
+        return super().load(kernel_artifact_id, device)
+
+
+def train(tamiyo_config: dict, epochs: int = 22, kernels: tuple[str, ...] = ("mlp_gelu_w32",),
+          refused: tuple[str, ...] = ()):
     torch.manual_seed(0)
     teacher = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4))
     x, x_val = torch.randn(256, 8), torch.randn(128, 8)
@@ -39,7 +56,7 @@ def train(tamiyo_config: dict, epochs: int = 22, kernels: tuple[str, ...] = ("ml
         y, y_val = teacher(x), teacher(x_val)
     # A bottleneck of 4 hidden units for a 32-unit teacher.
     model = nn.Sequential(nn.Linear(8, 4), nn.Tanh(), nn.Linear(4, 4))
-    source = kasmina.BlueprintKernelSource()
+    source = RefusingSource(refused)
     model, report = kasmina.wrap(model, KASMINA, kernel_source=source)
     (layer,) = kasmina.layers(model)
     for name in kernels:  # the chooser ranks them in this order (latency 1, 2, ...)
@@ -149,3 +166,17 @@ def test_a_kernel_that_raises_at_run_time_is_not_tried_at_another_seed():
     assert reports[0].kernel_artifact_id == first.kernel_artifact_id
     assert second.seed_id != first.seed_id  # the first seed is under embargo...
     assert second.kernel_artifact_id != first.kernel_artifact_id  # ...and the kernel is out
+
+
+def test_a_kernel_that_fails_to_load_is_not_tried_again():
+    """A kernel the loader refuses (tampered) culls its seed, and Tamiyo does not choose it
+    again for another seed: the next germination takes the next kernel."""
+    _, _, _, decisions, reports, _ = train(
+        {**TAMIYO, "max_germinations": 2, "kernel": {"rank": "latency"}}, epochs=14,
+        kernels=("mlp_relu_w16", "mlp_gelu_w32"), refused=("mlp_relu_w16",))
+    first, second = [d for d in decisions if d.action == "germinate"]
+    assert reports[0].outcome is S.CULLED and reports[0].reason.startswith("kernel load failed:")
+    assert "sha256 mismatch" in reports[0].reason
+    assert reports[0].kernel_artifact_id == first.kernel_artifact_id
+    assert second.seed_id != first.seed_id
+    assert second.kernel_artifact_id != first.kernel_artifact_id
