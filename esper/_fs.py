@@ -17,9 +17,19 @@ def fsync_dir(directory: Path) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write `data` to `path` through a temporary file in the same directory, fsync, `os.replace`."""
+    """Write `data` to `path` through a temporary file in the same directory, fsync, `os.replace`.
+
+    For the workspace's own files: missing parent directories are made, and whatever is at
+    `path` is replaced. A path the user named goes through `esper.library.write_output`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    replace_file(path, data, mode)
+
+
+def replace_file(path: Path, data: bytes, mode: int) -> None:
+    """The atomic write itself, into a directory that exists: temporary file, fsync, chmod,
+    `os.replace`, fsync of the directory. The temporary file never outlives a failure."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

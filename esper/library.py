@@ -6,13 +6,17 @@ siblings and never import each other.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from esper._fs import replace_file
 from esper.blueprints import (
     BlueprintIR,
     canonical_json,
@@ -21,7 +25,7 @@ from esper.blueprints import (
     validate,
 )
 from esper.contracts import Blueprint, BlueprintSubmitted, Topic
-from esper.errors import BadInputError, BusUnavailableError, NotFoundError
+from esper.errors import BadInputError, BusUnavailableError, EsperError, NotFoundError
 from esper.oona import Oona
 from esper.urza import Urza
 from esper.workspace import Workspace
@@ -109,6 +113,51 @@ def export_ir(urza: Urza, blueprint_id: str) -> str:
     except ValueError:
         raise BadInputError(f"blueprint {blueprint.id}: stored IR is not JSON") from None
     return json.dumps(ir, indent=2, sort_keys=True) + "\n"
+
+
+_NOT_REGULAR = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+                (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def write_output(path: Path, text: str) -> Path:
+    """Write `text` to a file the user named (`-o PATH`), atomically; returns the file written.
+
+    A symlink is followed: the file it points to is replaced and the link stays as it is.
+    Refused with one line (exit 2), before anything is written: a directory, a path whose
+    directory does not exist (none is made), anything that exists and is not a regular file (a
+    FIFO, device or socket is never replaced by a file), an existing file this user may not
+    write. An existing file keeps its permission bits.
+    """
+    path = Path(path)
+    target = Path(os.path.realpath(path))
+    where = f"{path} (-> {target})" if path.is_symlink() else str(path)
+    try:
+        info = os.stat(target)
+    except (FileNotFoundError, NotADirectoryError):
+        info = None
+    except OSError as e:  # a symlink loop, a path through a file
+        raise BadInputError(f"{where}: cannot write there ({e.strerror})") from None
+    if info is None:
+        if not target.parent.is_dir():
+            what = "is not a directory" if target.parent.exists() else "does not exist"
+            raise BadInputError(f"{where}: directory {target.parent} {what}")
+        mode = 0o644
+    elif stat.S_ISDIR(info.st_mode):
+        raise BadInputError(f"{where}: is a directory; name a file to write")
+    elif not stat.S_ISREG(info.st_mode):
+        kind = next((name for test, name in _NOT_REGULAR if test(info.st_mode)), "not a file")
+        raise BadInputError(f"{where}: exists and is {kind}, not a regular file; refusing to "
+                            "replace it")
+    elif not os.access(target, os.W_OK):
+        raise BadInputError(f"{where}: the file is not writable")
+    else:
+        mode = stat.S_IMODE(info.st_mode)
+    try:
+        replace_file(target, text.encode("utf-8"), mode)
+    except OSError as e:
+        error = BadInputError if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS) else EsperError
+        raise error(f"{where}: cannot write ({e.strerror})") from None
+    return target
 
 
 def find_record(urza: Urza, item_id: str):
