@@ -1,6 +1,7 @@
 """The workspace directory: where every esper process of one project meets (DESIGN.md section 3).
 
-    workspace.json          marker, written last by `create`: a workspace without it is not one
+    workspace.json          marker, written last by `create`: a workspace without it is not one;
+                            `catalog_created_at` once urza.db has been created in it
     urza.db                 SQLite catalog (WAL)
     artifacts/sha256/ab/…   content-addressed blobs
     runs/<run_id>/          training runs
@@ -114,6 +115,31 @@ class Workspace:
             marker = {"format": WORKSPACE_FORMAT, "created_at": datetime.now(UTC).isoformat()}
             atomic_write_text(self.marker, json.dumps(marker, indent=2) + "\n")
             return True
+
+    def catalog_evidence(self) -> str | None:
+        """Why this workspace must already have a catalog, or None if it never had one.
+
+        The catalog is made once, by the first `Urza.open` of a new workspace (`esper library
+        init`); after that, a missing or empty urza.db is damage: a new empty one would orphan
+        every signed blob and record the workspace holds."""
+        try:
+            created = json.loads(self.marker.read_text(encoding="utf-8")).get("catalog_created_at")
+        except (OSError, ValueError, AttributeError):
+            created = None
+        if created:
+            return f"{self.marker.name} records that it was created at {created}"
+        # A workspace from before that record: only the catalog writes blobs. (Not runs/: a run
+        # takes its lock file there before it opens the catalog.)
+        if any(p.is_file() for p in self.artifacts_dir.rglob("*")):
+            return "artifacts/ holds blobs"
+        return None
+
+    def record_catalog_created(self) -> None:
+        """Note in workspace.json that urza.db now exists: from here on, its absence is damage."""
+        with FileLock(str(self.root / ".init.lock")):
+            marker = json.loads(self.marker.read_text(encoding="utf-8"))
+            marker["catalog_created_at"] = datetime.now(UTC).isoformat()
+            atomic_write_text(self.marker, json.dumps(marker, indent=2) + "\n")
 
     # Keys -----------------------------------------------------------------------------------
     def private_key(self, role: KeyRole) -> Ed25519PrivateKey:

@@ -3,15 +3,19 @@
 Row n stores `prev_hash` (row n-1's `row_hash`, or 64 zeros for the first row) and
 `row_hash = sha256(prev_hash + canonical JSON of {seq, at, actor, action, subject, details})`.
 Editing any field of a row breaks that row's hash; deleting or reordering rows breaks the link
-of the next one. (Cutting rows off the end leaves a shorter valid chain: the log proves what it
-holds was not altered, not that nothing was appended after it.)
+of the next one. Cutting rows off the end leaves a shorter valid chain, so `verify_tail` checks
+the chain against the record tables instead: every write to a record appends a row about it in
+the same transaction, timed after the write, so a record changed later than the last row about
+it (or with no row at all) means rows are missing from the end, or the record was changed around
+the catalog. (It cannot see a cut that removed only rows about records no longer in the tables,
+or rows that change no record, such as `seed.rolled_back`.)
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import sqlite_utils
@@ -85,3 +89,40 @@ def verify_chain(db: sqlite_utils.Database) -> AuditCheck:
     if first_bad is None:
         return AuditCheck(ok=True, rows=rows)
     return AuditCheck(ok=False, rows=rows, first_bad_seq=first_bad[0], reason=first_bad[1])
+
+
+# Records whose every write appends an audit row about them (subject, actions) in the same
+# transaction, after the write's own timestamp. A kernel's created_at is the forge's (its
+# manifest's), not the catalog's: only its later changes are timed.
+_RECORDS = (
+    ("blueprint", "blueprints", "id", "updated_at", "blueprint.*"),
+    ("kernel", "kernels", "id", "CASE WHEN updated_at = created_at THEN '' ELSE updated_at END",
+     "kernel.*"),
+    ("run", "runs", "run_id", "created_at", "run.*"),
+    ("policy", "policies", "name || '/' || version", "created_at", "policy.*"),
+    ("field report", "field_reports", "report_id", "recorded_at", "field_report.*"),
+    ("decision", "decisions", "decision_id", "recorded_at", "decision.*"),
+)
+
+
+def verify_tail(db: sqlite_utils.Database, chain: AuditCheck) -> AuditCheck:
+    """`chain` (an intact one), failed at the first missing row if some record's latest change is
+    not in the log. Timestamps compare as text: the catalog writes them in one format."""
+    if not chain.ok:
+        return chain
+    for what, table, subject, changed, actions in _RECORDS:
+        late = db.execute(
+            f"SELECT r.subject, r.changed, max(a.at) AS last, count(*) OVER () AS n"
+            f" FROM (SELECT {subject} AS subject, {changed} AS changed FROM {table}) r"
+            " LEFT JOIN audit_log a ON a.subject = r.subject AND a.action GLOB ?"
+            " GROUP BY r.subject HAVING last IS NULL OR last < r.changed"
+            " ORDER BY r.changed DESC, r.subject LIMIT 1", (actions,)).fetchone()
+        if late is None:
+            continue
+        name, at, last, n = late
+        when = (f"changed at {at}, after its last audit row ({last})" if last is not None
+                else "has no audit row")
+        return replace(chain, ok=False, first_bad_seq=chain.rows + 1, reason=(
+            f"missing: {what} {name} {when}, and {n} {what} record(s) in all; the log was cut "
+            "short at its end, or records were changed around the catalog"))
+    return chain

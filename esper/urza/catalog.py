@@ -12,6 +12,9 @@ thread). Any number of processes may open the same workspace at once.
 from __future__ import annotations
 
 import json
+import os
+import sqlite3
+import stat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Self
@@ -19,9 +22,9 @@ from typing import Any, Self
 from esper.contracts import UrabraskTagRefresh, UrabraskValidationReport
 from esper.errors import BadInputError, EsperError, IntegrityError, NotFoundError
 from esper.signing import Ed25519PublicKey, open_signed
-from esper.urza.audit import AuditCheck, verify_chain
+from esper.urza.audit import AuditCheck, verify_chain, verify_tail
 from esper.urza.blueprints import BlueprintCatalog
-from esper.urza.db import BUSY_TIMEOUT_S, connect
+from esper.urza.db import BUSY_TIMEOUT_S, connect, file_error
 from esper.urza.kernels import KernelCatalog
 from esper.urza.migrations import LATEST_VERSION, applied_version, migrate
 from esper.urza.records import RecordCatalog
@@ -47,17 +50,35 @@ class VerifyReport:
 class Urza(BlueprintCatalog, KernelCatalog, RecordCatalog):
     @classmethod
     def open(cls, workspace: Workspace, *, busy_timeout_s: float = BUSY_TIMEOUT_S) -> Urza:
-        """Open the workspace's catalog, creating or migrating its schema as needed."""
+        """Open the workspace's catalog, creating its schema in a new workspace or migrating it.
+
+        Only a workspace that never had a catalog gets a new one (`Workspace.catalog_evidence`):
+        elsewhere a missing, empty or table-less urza.db is an IntegrityError, and nothing is
+        created. A damaged file is an IntegrityError, an unwritable one an EsperError, each
+        naming the file."""
         workspace.require()
-        db = connect(workspace.db_path, busy_timeout_s)
+        _refuse_replacing_catalog(workspace, _catalog_file_state(workspace.db_path))
+        try:
+            db = connect(workspace.db_path, busy_timeout_s)
+        except sqlite3.Error as e:
+            error = file_error(workspace.db_path, e)
+            if error is None:
+                raise
+            raise error from e
         urza = cls(workspace, db, ArtifactStore(workspace.artifacts_dir))
         try:
             # Check before locking: the common case (schema current) takes no write lock.
             if applied_version(db) != LATEST_VERSION:
                 with urza.transaction():
-                    migrate(db)
-        except BaseException:
+                    if applied_version(db) == 0:
+                        _refuse_replacing_catalog(workspace, "a database with no tables")
+                    created = migrate(db)[:1] == [1]
+                if created:
+                    workspace.record_catalog_created()
+        except BaseException as e:
             db.conn.close()
+            if isinstance(e, sqlite3.Error) and (error := urza.file_error(e)) is not None:
+                raise error from e
             raise
         return urza
 
@@ -67,8 +88,11 @@ class Urza(BlueprintCatalog, KernelCatalog, RecordCatalog):
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         self.close()
+        # A page found damaged mid-command, a write refused: one line naming the file.
+        if isinstance(exc, sqlite3.Error) and (error := self.file_error(exc)) is not None:
+            raise error from exc
 
     # Idempotent consumers ---------------------------------------------------------------------
     def run_once(self, group: str, event_id: str, effect: Callable[[], None]) -> bool:
@@ -109,7 +133,9 @@ class Urza(BlueprintCatalog, KernelCatalog, RecordCatalog):
         return [dict(r, details=json.loads(r["details"])) for r in rows]
 
     def verify_audit_chain(self) -> AuditCheck:
-        return verify_chain(self.db)
+        """The hash chain, and that it reaches every record's latest change (`verify_tail`)."""
+        with self._snapshot():
+            return verify_tail(self.db, verify_chain(self.db))
 
     def verify(self) -> VerifyReport:
         """Check everything that can be checked: the database file, the audit chain, every
@@ -243,3 +269,27 @@ class Urza(BlueprintCatalog, KernelCatalog, RecordCatalog):
         except (OSError, EsperError) as e:
             problems.append(f"{role} public key cannot be read: {e}")
             return None
+
+
+def _catalog_file_state(path) -> str | None:
+    """How a catalog file that holds nothing is ("missing", "an empty file"), else None."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return "missing"
+    if not stat.S_ISREG(info.st_mode):
+        raise IntegrityError(f"{path}: the catalog is not a regular file; restore urza.db from a "
+                             "backup")
+    return "an empty file" if info.st_size == 0 else None
+
+
+def _refuse_replacing_catalog(workspace: Workspace, state: str | None) -> None:
+    """An IntegrityError if the catalog holds nothing (`state`) in a workspace that had one."""
+    if state is None:
+        return
+    evidence = workspace.catalog_evidence()
+    if evidence is not None:
+        raise IntegrityError(
+            f"{workspace.db_path}: the catalog is {state}, but this workspace had one "
+            f"({evidence}); restore urza.db from a backup (a new, empty catalog would orphan "
+            "every signed artifact and record)")

@@ -20,13 +20,38 @@ from typing import Any
 
 import sqlite_utils
 
-from esper.errors import BadInputError, EsperError
+from esper.errors import BadInputError, EsperError, IntegrityError
 from esper.urza.audit import append_audit
 from esper.urza.store import ArtifactStore
 from esper.urza.values import now_iso, require_text
 from esper.workspace import Workspace
 
 BUSY_TIMEOUT_S = 30.0
+
+_DAMAGED = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
+_UNWRITABLE = {sqlite3.SQLITE_READONLY, sqlite3.SQLITE_PERM, sqlite3.SQLITE_CANTOPEN}
+_DISK = {sqlite3.SQLITE_IOERR, sqlite3.SQLITE_FULL}
+_LOCKED = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
+
+
+def _primary_code(error: sqlite3.Error) -> int | None:
+    code = getattr(error, "sqlite_errorcode", None)
+    return None if code is None else code & 0xFF  # extended codes keep the primary in the low byte
+
+
+def file_error(path: Path, error: sqlite3.Error) -> EsperError | None:
+    """The one-line error for a failure of the catalog file itself, or None for any other
+    (a constraint, a bug): damaged (exit 3), not writable by this user, or the disk failing."""
+    code = _primary_code(error)
+    if code in _DAMAGED:
+        return IntegrityError(f"{path}: the catalog database is damaged ({error}); restore it "
+                              "from a backup")
+    if code in _UNWRITABLE:
+        return EsperError(f"{path}: cannot open or write the catalog ({error}); check that "
+                          "this user may write it, its -wal and -shm files and their directory")
+    if code in _DISK:
+        return EsperError(f"{path}: {error}")
+    return None
 
 
 def connect(path: Path, busy_timeout_s: float = BUSY_TIMEOUT_S) -> sqlite_utils.Database:
@@ -78,17 +103,24 @@ class CatalogBase:
             return
         try:
             conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as e:
-            raise EsperError(f"{self.workspace.db_path}: cannot start a write transaction ({e}); "
-                             "another process holds the catalog lock") from None
+        except sqlite3.Error as e:
+            if _primary_code(e) in _LOCKED:
+                raise EsperError(f"{self.workspace.db_path}: cannot start a write transaction "
+                                 f"({e}); another process holds the catalog lock") from None
+            error = self.file_error(e)
+            if error is None:
+                raise
+            raise error from e
         self._depth = 1
         try:
             yield
             conn.execute("COMMIT")
-        except BaseException:
+        except BaseException as e:
             # SQLite may already have rolled back on its own (disk full, I/O error).
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
+            if isinstance(e, sqlite3.Error) and (error := self.file_error(e)) is not None:
+                raise error from e
             raise
         finally:
             self._depth = 0
@@ -108,6 +140,9 @@ class CatalogBase:
             self._depth = 0
             if conn.in_transaction:
                 conn.execute("COMMIT")
+
+    def file_error(self, error: sqlite3.Error) -> EsperError | None:
+        return file_error(self.workspace.db_path, error)
 
     def _require_write_transaction(self) -> None:
         if self._depth == 0:
