@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
 from rich.tree import Tree
 
 from esper_cli.context import out_console
@@ -46,7 +47,7 @@ def _number(value: float | None) -> str:
 
 
 def print_record(record) -> None:
-    tree = Tree(f"[bold]{type(record).__name__}[/] {record.id}")
+    tree = Tree(Text.assemble((type(record).__name__, "bold"), f" {record.id}"))
     _add(tree, record.to_jsonable())
     out_console.print(tree)
 
@@ -55,9 +56,9 @@ def _add(tree: Tree, data: Any) -> None:
     items = data.items() if isinstance(data, dict) else enumerate(data)
     for key, value in items:
         if isinstance(value, (dict, list)) and value:
-            _add(tree.add(f"[bold]{key}[/]"), value)
+            _add(tree.add(Text(str(key), style="bold")), value)
         else:
-            tree.add(f"[bold]{key}[/]: {value}")
+            tree.add(Text.assemble((str(key), "bold"), f": {value}"))
 
 
 def print_stats(numbers: dict[str, Any]) -> None:

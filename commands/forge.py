@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
 from esper_cli.context import get_context, out_console, progress_printer
 
@@ -157,4 +158,5 @@ def _render(summary) -> None:
                 for name, t in sorted(summary.pipelines.items())]
         print_table("by pipeline", ["pipeline", "built", "failed", "seconds in sandbox"], rows)
     for failure in summary.failures:
-        out_console.print(f"[red]failed:[/] {failure.line()}", highlight=False, soft_wrap=True)
+        out_console.print(Text.assemble(("failed:", "red"), f" {failure.line()}"),
+                          soft_wrap=True)

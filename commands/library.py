@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
 from esper_cli.context import get_context, out_console
 
@@ -204,9 +205,9 @@ def verify(ctx: typer.Context) -> None:
         out_console.print(f"blobs: {report.blobs_checked} checked; validation reports: "
                           f"{report.reports_checked} checked")
         for problem in report.problems:
-            out_console.print(f"[red]problem:[/] {problem}", highlight=False)
+            out_console.print(Text.assemble(("problem:", "red"), f" {problem}"))
         if report.ok:
-            out_console.print("[green]workspace intact[/]")
+            out_console.print(Text("workspace intact", style="green"))
 
     ectx.emit({**asdict(report), "ok": report.ok}, render)
     if not report.ok:
@@ -274,7 +275,7 @@ def lineage(
                           o.get("reason", "")] for o in others], wrap=("reason",))
         out_console.print(f"evidence: {checked}", highlight=False)
         for problem in problems:
-            out_console.print(f"[red]problem:[/] {problem}", highlight=False)
+            out_console.print(Text.assemble(("problem:", "red"), f" {problem}"))
 
     ectx.emit({**record, "evidence": {"checked": workspace is not None, "problems": problems}},
               render)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.text import Text
 
 from esper_cli.context import err_console, get_context, out_console
 
@@ -105,10 +106,10 @@ class _Progress:
 
     def __call__(self, event) -> None:
         if event.kind == "notice":
-            self._line(f"[yellow]note[/] {event.text}", event.text)
+            self._line(Text.assemble(("note", "yellow"), f" {event.text}"), event.text)
         elif event.kind == "rollback":
-            self._line(f"[red]rollback[/] to epoch {event.epoch}: {event.text}",
-                       f"rollback to epoch {event.epoch}: {event.text}")
+            what = f" to epoch {event.epoch}: {event.text}"
+            self._line(Text.assemble(("rollback", "red"), what), "rollback" + what)
         elif event.kind == "start":
             self._start(event)
         elif event.kind == "step" and self.bars is not None:
@@ -128,8 +129,10 @@ class _Progress:
         )
 
         self.close()
-        self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                             TimeElapsedColumn(), console=err_console, transient=True)
+        # The description holds the run id, the user's: text, not markup.
+        self.bars = Progress(TextColumn("{task.description}", markup=False), BarColumn(),
+                             MofNCompleteColumn(), TimeElapsedColumn(), console=err_console,
+                             transient=True)
         self.bars.start()
         self.epoch_task = self.bars.add_task(f"run {event.run_id}", total=event.epochs,
                                              completed=event.epoch)
@@ -140,13 +143,13 @@ class _Progress:
         if self.bars is not None:
             self.bars.update(self.epoch_task, completed=event.epoch)
             self.bars.update(self.step_task, completed=0)
-        self._line(line, line)
+        self._line(Text(line), line)
 
-    def _line(self, styled: str, plain: str) -> None:
+    def _line(self, styled: Text, plain: str) -> None:
         if self.bars is not None:
-            self.bars.console.print(styled, highlight=False, soft_wrap=True)
+            self.bars.console.print(styled, soft_wrap=True)
         elif err_console.is_terminal:
-            err_console.print(styled, highlight=False, soft_wrap=True)
+            err_console.print(styled, soft_wrap=True)
         else:
             sys.stderr.write(plain + "\n")
             sys.stderr.flush()

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.text import Text
 
 from esper_cli.context import err_console, get_context, out_console
 
@@ -168,8 +169,9 @@ def _audit(ectx, run_id: str, as_json: bool) -> None:
         out_console.print(f"run {run_id}: {result.rows} audit rows check out "
                           f"({result.chain_rows} in the chain)", highlight=False)
     if not result.ok:
-        err_console.print(f"[bold red]error:[/] run {run_id}: audit row {result.first_bad_seq}: "
-                          f"{result.reason}", highlight=False, soft_wrap=True)
+        err_console.print(Text.assemble(("error:", "bold red"), f" run {run_id}: audit row "
+                                        f"{result.first_bad_seq}: {result.reason}"),
+                          soft_wrap=True)
         raise typer.Exit(3)
 
 

@@ -11,14 +11,19 @@ from typing import Any
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from esper.workspace import Workspace
 
 # Diagnostics and progress go to stderr; stdout carries results only (tables or JSON).
-# Off a terminal (a pipe, cron, a CI log) nothing knows the width: print tables whole rather
-# than cut to rich's default of 80 columns.
-err_console = Console(stderr=True)
-out_console = Console(width=None if sys.stdout.isatty() else 240)
+# Off a terminal (a pipe, cron, a CI log, a closed stdout) nothing knows the width: print tables
+# whole rather than cut to rich's default of 80 columns.
+# What they print is mostly ids, paths, names and messages from users and data, so neither reads
+# a string as markup (`[/]` would raise, `[bold]` vanish) or emoji codes (`linear:-1:16`); a
+# styled part is a `Text` with a style: `Text.assemble(("error:", "bold red"), " ", message)`.
+err_console = Console(stderr=True, markup=False, emoji=False)
+out_console = Console(width=None if sys.stdout is not None and sys.stdout.isatty() else 240,
+                      markup=False, emoji=False)
 
 
 class LogLevel(str, Enum):
@@ -63,8 +68,8 @@ def progress_printer():
     def styled(line: str) -> None:
         from datetime import datetime
 
-        err_console.print(f"[dim]{datetime.now():%H:%M:%S}[/] {line}", markup=True,
-                          highlight=False, soft_wrap=True)
+        err_console.print(Text.assemble((f"{datetime.now():%H:%M:%S}", "dim"), " ", line),
+                          soft_wrap=True)
     return styled
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.text import Text
 from typer.core import TyperGroup
 
 from commands import bench, forge, library, train, watch
@@ -44,7 +45,7 @@ def _report(ctx, error: BaseException, unexpected: bool = False) -> None:
         err_console.print_exception(show_locals=False)
     prefix = f"internal error ({type(error).__name__})" if unexpected else "error"
     hint = "" if debug or not unexpected else " (rerun with --log-level debug for the traceback)"
-    err_console.print(f"[bold red]{prefix}:[/] {error}{hint}", markup=True, highlight=False,
+    err_console.print(Text.assemble((f"{prefix}:", "bold red"), f" {error}{hint}"),
                       soft_wrap=True)
 
 
