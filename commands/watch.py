@@ -23,8 +23,8 @@ def watch(
     ctx: typer.Context,
     follow: Annotated[bool, typer.Option(
         "--follow/--once", help="Follow the bus until interrupted (default), or read what is "
-        "there, evaluate the alerts, print, and exit: 0 when no alert fires, 4 when one does "
-        "(cron pages on it).")] = True,
+        "there, evaluate the alerts, print, and exit: 0 when no alert fires, 4 when one does, "
+        "1 when the bus cannot be read (cron pages on either).")] = True,
     json_lines: Annotated[bool, typer.Option(
         "--json", help="One envelope per line on stdout (alerts too, as system.alerts "
         "envelopes), for scripts: every event, telemetry included, so it costs more than the "
@@ -59,12 +59,13 @@ def watch(
     Reads the bus without consuming anyone's work (stream reads and XINFO only) and rides out
     a Redis restart. On a terminal: a live dashboard. Elsewhere: one line per event. Alert rules:
     rollback rate, certification rate, consumer lag, stalled daemon, stalled run; firing alerts
-    are shown, published on system.alerts and, with --once, give exit code 4.
+    are shown, published on system.alerts and, with --once, give exit code 4; a bus --once
+    cannot read gives exit code 1.
 
     Example: esper watch --once --since 15m || page-someone
     """
     from esper.contracts import Topic
-    from esper.errors import BadInputError
+    from esper.errors import BadInputError, BusUnavailableError
     from esper.nissa import AlertRules, Watcher, WatchMetrics, parse_since
     from esper.nissa.reader import WATCHED_TOPICS
 
@@ -90,9 +91,10 @@ def watch(
     live = out_console.is_terminal and follow and not as_json
     # The dashboard samples the telemetry firehose (the newest HealthSignals per redraw); JSON
     # and plain lines print every event, so they read every one.
+    # A cron check never starts a bus, and reports a bus it cannot read itself (below).
     watcher = Watcher(workspace, ectx.redis_url, since_ms=parse_since(since), rules=rules,
                       topics=chosen, run=run, metrics=metrics, sample_telemetry=live,
-                      start_embedded=follow)  # a cron check never starts a bus
+                      start_embedded=follow, warn_when_down=follow)
     output = _Output(json=as_json, live=live, sender_id=watcher.reader.sender_id,
                      where=_where(ectx))
     try:
@@ -103,6 +105,11 @@ def watch(
         if not follow:
             output.events(watcher.start())
             fired = watcher.refresh(force=True)
+            if watcher.reader.unreachable:
+                # No events read is not "all quiet": a blind check must not pass. (No embedded
+                # bus running is no failure: nothing publishes, the catalog's alerts decide.)
+                raise BusUnavailableError(f"the bus {_bus_name(ectx)} could not be read, so no "
+                                          f"alert was checked ({watcher.reader.error})")
             output.final(watcher.state, fired)
             if fired:
                 raise typer.Exit(4)  # esper.nissa.ALERT_EXIT_CODE
@@ -153,6 +160,14 @@ def _where(ectx) -> str:
 
         return f"({redact_url(ectx.redis_url)})"
     return "(embedded)"
+
+
+def _bus_name(ectx) -> str:
+    if ectx.redis_url:
+        from esper.oona import redact_url
+
+        return f"at {redact_url(ectx.redis_url)}"
+    return f"of workspace {ectx.workspace.root}"
 
 
 def _audit(ectx, run_id: str, as_json: bool) -> None:

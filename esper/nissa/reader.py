@@ -84,7 +84,8 @@ class BusReader:
     results, with `error` saying why."""
 
     def __init__(self, workspace: Workspace | None, url: str | None, topics: Sequence[Topic], *,
-                 start_embedded: bool = True, sampled: Sequence[Topic] = ()):
+                 start_embedded: bool = True, sampled: Sequence[Topic] = (),
+                 warn_when_down: bool = True):
         self.workspace = workspace
         self.url = url
         self.topics = list(topics)
@@ -92,7 +93,13 @@ class BusReader:
         self.sampled = [t for t in self.topics if t in sampled]
         self.tailed = [t for t in self.topics if t not in sampled]
         self.start_embedded = start_embedded
+        # A follower logs the bus going down and keeps retrying; a one-shot read leaves `error`
+        # to its caller to report.
+        self.warn_when_down = warn_when_down
         self.error: str | None = None
+        # True while `error` is a bus that did not answer; False for the embedded bus merely not
+        # running, where a reader that starts none finds nothing to read and nothing failed.
+        self.unreachable = False
         self.reconnects = 0
         self._oona: Oona | None = None
         self._next_try = 0.0
@@ -114,6 +121,7 @@ class BusReader:
                                                      sender_id=self.sender_id)
                 if self._oona is None:
                     self.error = "the workspace's embedded bus is not running"
+                    self.unreachable = False
                     self._next_try = time.monotonic() + RECONNECT_S
                     return None
         except BusUnavailableError as e:
@@ -123,12 +131,14 @@ class BusReader:
             self.reconnects += 1
             log.info("nissa: the bus answers again")
         self.error = None
+        self.unreachable = False
         return self._oona
 
     def _down(self, error: Exception) -> None:
-        if self.error is None:
+        if self.error is None and self.warn_when_down:
             log.warning("nissa: %s; retrying every %g s", error, RECONNECT_S)
         self.error = str(error)
+        self.unreachable = True
         self._next_try = time.monotonic() + RECONNECT_S
 
     def _call(self, op, default):
@@ -143,6 +153,7 @@ class BusReader:
         if self.error is not None:  # an embedded restart inside Oona.execute, or a blip
             self.reconnects += 1
             self.error = None
+            self.unreachable = False
         return result
 
     def close(self) -> None:

@@ -49,11 +49,12 @@ class Watcher:
                  rules: AlertRules | None = None, topics: Sequence[Topic] = WATCHED_TOPICS,
                  run: str | None = None, metrics: WatchMetrics | None = None,
                  publish_alerts: bool = True, start_embedded: bool = True,
-                 sample_telemetry: bool = False):
+                 sample_telemetry: bool = False, warn_when_down: bool = True):
         self.workspace = workspace
         self.reader = BusReader(workspace, url, topics, start_embedded=start_embedded,
                                 sampled=() if not sample_telemetry else SAMPLED_TOPICS
-                                if metrics is not None else SAMPLED_WITHOUT_METRICS)
+                                if metrics is not None else SAMPLED_WITHOUT_METRICS,
+                                warn_when_down=warn_when_down)
         self.state = WatchState(run_filter=run)
         self.rules = rules or AlertRules()
         self.metrics = metrics
