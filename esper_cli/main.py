@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -102,4 +104,30 @@ def root(
 
 
 def main() -> None:
-    app(prog_name="esper")
+    _open_closed_streams()
+    try:
+        app(prog_name="esper")
+    finally:
+        # Results still buffered (stdout to a pipe) are written here, where a reader that went
+        # away ends the command as click ends one (exit 1, no message), not at interpreter exit
+        # (exit 120 and "Exception ignored ... BrokenPipeError" on stderr).
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
+
+
+def _open_closed_streams() -> None:
+    """Started with stdout or stderr closed (`esper forge >&-` under a supervisor): what would go
+    there goes to /dev/null, as with `>/dev/null`; the command runs and its exit code tells.
+    This also keeps the descriptor taken: the next file opened (the catalog's database) would
+    otherwise get fd 1 or 2 and with it every print of a child process."""
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        if getattr(sys, name) is None:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            if devnull != fd:
+                os.dup2(devnull, fd)
+                os.close(devnull)
+            # the stream lives as long as the process, as sys.stdout does
+            setattr(sys, name, open(fd, "w", encoding="utf-8", closefd=False))  # noqa: SIM115
