@@ -73,6 +73,8 @@ def bench(
     summary = run_bench(ectx.workspace.require(), ectx.redis_url, options, once=once,
                         progress=progress_printer())
     ectx.emit(summary.to_jsonable(), lambda: _render(summary))
+    if summary.sandbox_failure is not None:  # the limits given cannot run any gauntlet
+        raise BadInputError(f"the bench stopped: {summary.sandbox_failure}")
 
 
 def _render(summary) -> None:

@@ -174,15 +174,14 @@ def export(
 
     Example: esper library export 3fa2c1 -o branch.json
     """
-    from esper._fs import atomic_write_text
-    from esper.library import export_ir
+    from esper.library import export_ir, write_output
 
     with _open(ctx) as urza:
         text = export_ir(urza, blueprint_id)
     if out is None:
         typer.echo(text, nl=False)
     else:
-        atomic_write_text(out, text)
+        write_output(out, text)
 
 
 @app.command()
@@ -236,8 +235,8 @@ def lineage(
     workspace = ectx.workspace if ectx.workspace.exists() else None
     path = find_run(run, workspace) / "lineage.json"
     if not path.is_file():
-        raise BadInputError(f"{path.parent}: no lineage.json (the run has not finished an epoch "
-                            "with outputs yet)")
+        raise BadInputError(f"{path.parent}: no lineage.json yet (a run writes it when it ends; "
+                            "a stopped or killed run, once resumed to its end)")
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         adaptations = record["adaptations"]

@@ -192,16 +192,12 @@ def test_verify_finds_an_emptied_audit_log(ws):
 
 # export -o PATH: only ever a regular file -------------------------------------------------------
 
-NEEDS_COMMAND = pytest.mark.xfail(
-    strict=True, reason="commands/library.py `export` must call esper.library.write_output "
-    "instead of atomic_write_text; remove this mark with that change")
 
 
 def _first_id(ws: Workspace) -> str:
     return json.loads(esper(ws, "--json", "library", "list").stdout)[0]["id"][:12]
 
 
-@NEEDS_COMMAND
 def test_export_refuses_a_fifo(ws, tmp_path):
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
@@ -211,7 +207,6 @@ def test_export_refuses_a_fifo(ws, tmp_path):
     assert stat.S_ISFIFO(os.lstat(fifo).st_mode)
 
 
-@NEEDS_COMMAND
 def test_export_refuses_a_directory_and_a_missing_one(ws, tmp_path):
     result = esper(ws, "library", "export", _first_id(ws), "-o", str(tmp_path))
     assert result.exit_code == 2 and "is a directory" in one_line(result)
@@ -221,7 +216,6 @@ def test_export_refuses_a_directory_and_a_missing_one(ws, tmp_path):
     assert not (tmp_path / "no").exists()
 
 
-@NEEDS_COMMAND
 def test_export_through_a_symlink_writes_its_target(ws, tmp_path):
     real = tmp_path / "real.json"
     real.write_text("old")

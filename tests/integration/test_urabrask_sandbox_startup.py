@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import pytest
 from catalog_helpers import library_ir, plant
+from typer.testing import CliRunner
 
 from esper.contracts import KernelStatus
 from esper.urza import Urza
+from esper_cli.main import app
 from pipelines.tezzeret.sandbox import Limits
 from pipelines.urabrask.bench import Bench, BenchOptions
 
@@ -71,3 +73,18 @@ def test_a_kernel_over_the_memory_limit_in_its_own_run_is_still_rejected(workspa
         kernel = urza.get_kernel(huge)
         assert kernel.status is KernelStatus.REJECTED
         assert kernel.status_reason.startswith("sandbox: memory limit of 1000 MB exceeded")
+
+
+def test_esper_bench_with_limits_no_gauntlet_can_start_in_exits_2(workspace, tmp_path):
+    """On the command line, a bench that had to stop for its limits is bad input: exit 2, the
+    summary and then one line saying why."""
+    with Urza.open(workspace) as urza:
+        kernel_id = plant(urza, tmp_path, library_ir("mlp_relu_w4"), "linear:9:3")
+    result = CliRunner().invoke(app, ["--workspace", str(workspace.root), "bench", "--once",
+                                      "--memory-limit-mb", "1"])
+    assert result.exit_code == 2, result.output
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the bench stopped: memory limit of 1 MB exceeded")
+    assert "0 validated, 0 rejected, 1 released" in result.stdout
+    with Urza.open(workspace) as urza:
+        assert urza.get_kernel(kernel_id).status is KernelStatus.PENDING_BENCHMARKING
