@@ -62,6 +62,8 @@ def train(
     changes += [f"epochs={epochs}"] * (epochs is not None)
     if config is None and resume is None:
         raise BadInputError("give a config file (esper train CONFIG) or --resume RUN")
+    if resume is not None and config is not None and "=" in config.name and not config.exists():
+        overrides, config = [str(config), *(overrides or [])], None  # `--resume RUN epochs=30`
     if config is None and overrides:
         raise BadInputError("overrides need a config file; with --resume alone, only --epochs, "
                             "--device and --out apply")

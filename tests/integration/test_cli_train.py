@@ -116,6 +116,14 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(forge
     assert [r["epoch"] for r in lines] == list(range(1, 13))
 
 
+def test_resume_with_a_key_value_override_names_the_rule_not_a_missing_file(tmp_path):
+    result = CliRunner().invoke(app, ["--workspace", str(tmp_path / "ws"), "train", "--resume",
+                                      "some-run", "epochs=5"])
+    assert result.exit_code == 2
+    assert "overrides need a config file" in result.output
+    assert "no such config file" not in result.output
+
+
 @pytest.mark.parametrize(("edit", "overrides", "expected"), [
     ({"optimizer": {"lr": -1}}, [], "field 'optimizer.lr'"),
     ({"optimiser": {"lr": 0.1}}, [], "field 'optimiser'"),
