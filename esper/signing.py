@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
@@ -44,20 +44,40 @@ def generate_keypair(private_path: Path, public_path: Path) -> None:
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
+    data = _key_bytes(path, "private key")
     mode = os.stat(path).st_mode & 0o777
     if mode & 0o077:
         raise IntegrityError(f"{path}: private key is readable by others (mode {mode:o}); chmod 600 it")
-    key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        key = None
     if not isinstance(key, Ed25519PrivateKey):
-        raise IntegrityError(f"{path}: not an Ed25519 private key")
+        raise IntegrityError(f"{path}: not an Ed25519 private key in PEM")
     return key
 
 
 def load_public_key(path: Path) -> Ed25519PublicKey:
-    key = serialization.load_pem_public_key(Path(path).read_bytes())
+    data = _key_bytes(path, "public key")
+    try:
+        key = serialization.load_pem_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        key = None
     if not isinstance(key, Ed25519PublicKey):
-        raise IntegrityError(f"{path}: not an Ed25519 public key")
+        raise IntegrityError(f"{path}: not an Ed25519 public key in PEM")
     return key
+
+
+def _key_bytes(path: Path, what: str) -> bytes:
+    """A key file's bytes; a missing or unreadable key is an integrity failure naming it (the
+    workspace's trust rests on its keys: nothing is signed or verified without them)."""
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise IntegrityError(f"{path}: the workspace's {what} is missing; restore it from a "
+                             "backup (keys are made once, by `esper library init`)") from None
+    except OSError as e:
+        raise IntegrityError(f"{path}: cannot read the {what} ({e.strerror or e})") from None
 
 
 def sign(body: bytes, key: Ed25519PrivateKey, signer: str) -> bytes:

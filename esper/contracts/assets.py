@@ -23,6 +23,10 @@ KERNEL_ID_PATTERN = r"^[0-9a-f]{12}-[a-z0-9_]+-(fast|standard|aggressive)-[0-9a-
 KernelArtifactId = Annotated[str, Field(pattern=KERNEL_ID_PATTERN)]
 DeviceTarget = Annotated[str, Field(pattern=r"^[a-z0-9_]+$", max_length=32)]
 Tag = Annotated[str, Field(pattern=r"^[a-z0-9_]+$", max_length=64)]
+# An interface's widths and stride: positive, and within what the catalog stores (SQLite's int64
+# would take more; no layer comes near).
+MAX_WIDTH = 2**31 - 1
+Width = Annotated[int, Field(gt=0, le=MAX_WIDTH)]
 PositiveInt = Annotated[int, Field(gt=0)]
 
 # Keys of UrabraskValidationReport.benchmark_results that the KernelQuery filters and ranks by.
@@ -44,9 +48,9 @@ class KernelInterface(Contract):
     """
 
     kind: LayerKind
-    in_features: PositiveInt
-    out_features: PositiveInt
-    stride: PositiveInt = 1
+    in_features: Width
+    out_features: Width
+    stride: Width = 1
 
     @model_validator(mode="after")
     def _linear_has_no_stride(self) -> Self:
@@ -70,10 +74,11 @@ class KernelInterface(Contract):
             numbers = []
             kind = None
         expected = {LayerKind.LINEAR: (2,), LayerKind.CONV2D: (2, 3)}
-        if kind is None or len(numbers) not in expected[kind] or min(numbers, default=0) <= 0:
+        if (kind is None or len(numbers) not in expected[kind] or min(numbers, default=0) <= 0
+                or max(numbers) > MAX_WIDTH):
             raise BadInputError(
                 f"bad interface {text!r}: expected linear:IN:OUT or conv2d:IN:OUT[:STRIDE] "
-                "with positive integers"
+                f"with positive integers up to {MAX_WIDTH}"
             )
         return cls(kind=kind, in_features=numbers[0], out_features=numbers[1],
                    stride=numbers[2] if len(numbers) == 3 else 1)

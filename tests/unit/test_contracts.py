@@ -219,6 +219,9 @@ def test_interface_parse_and_str():
     assert str(c.KernelInterface.parse("linear:37:11")) == "linear:37:11"
     assert c.KernelInterface.parse("conv2d:6:10").stride == 1
     assert str(c.KernelInterface.parse("conv2d:6:10:2")) == "conv2d:6:10:2"
-    for bad in ["linear:3", "linear:0:4", "conv3d:1:2", "linear:a:b", "linear:1:2:2", ""]:
+    for bad in ["linear:3", "linear:0:4", "conv3d:1:2", "linear:a:b", "linear:1:2:2", "",
+                "linear:99999999999999999999999:16", "conv2d:4:4:2147483648"]:
         with pytest.raises(BadInputError, match="bad interface"):
             c.KernelInterface.parse(bad)
+    with pytest.raises(BadInputError, match="less than or equal to 2147483647"):
+        c.KernelInterface.from_json('{"kind": "linear", "in_features": 2147483648, "out_features": 4}')
