@@ -111,6 +111,7 @@ def verify_tail(db: sqlite_utils.Database, chain: AuditCheck) -> AuditCheck:
     if not chain.ok:
         return chain
     for what, table, subject, changed, actions in _RECORDS:
+        # One row: the latest late record, and (the window runs after HAVING) how many are late.
         late = db.execute(
             f"SELECT r.subject, r.changed, max(a.at) AS last, count(*) OVER () AS n"
             f" FROM (SELECT {subject} AS subject, {changed} AS changed FROM {table}) r"
@@ -123,6 +124,6 @@ def verify_tail(db: sqlite_utils.Database, chain: AuditCheck) -> AuditCheck:
         when = (f"changed at {at}, after its last audit row ({last})" if last is not None
                 else "has no audit row")
         return replace(chain, ok=False, first_bad_seq=chain.rows + 1, reason=(
-            f"missing: {what} {name} {when}, and {n} {what} record(s) in all; the log was cut "
-            "short at its end, or records were changed around the catalog"))
+            f"missing: {what} {name} {when} ({n} {what} record(s) so); the log was cut short "
+            "at its end, or records were changed around the catalog"))
     return chain

@@ -223,3 +223,14 @@ def test_export_through_a_symlink_writes_its_target(ws, tmp_path):
     link.symlink_to(real)
     assert esper(ws, "library", "export", _first_id(ws), "-o", str(link)).exit_code == 0
     assert link.is_symlink() and json.loads(real.read_text())["format"] == "esper.blueprint/1"
+
+
+def test_export_refuses_a_read_only_file(ws, tmp_path):
+    """Run where file modes bind (as root: capabilities dropped), so the refusal is real."""
+    out = tmp_path / "bp.json"
+    out.write_text("keep")
+    out.chmod(0o444)
+    result = esper_bound_by_modes(ws, "library", "export", _first_id(ws), "-o", str(out))
+    assert result.returncode == 2, result.stderr
+    assert "not writable" in result.stderr and str(out) in result.stderr
+    assert out.read_text() == "keep"

@@ -118,13 +118,3 @@ def test_a_symlink_loop_is_refused(tmp_path):
     with pytest.raises(BadInputError, match="cannot write there"):
         write_output(a, TEXT)
     assert a.is_symlink() and b.is_symlink()
-
-
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write any file")
-def test_a_read_only_file_is_refused(tmp_path):
-    out = tmp_path / "bp.json"
-    out.write_text("keep")
-    out.chmod(0o444)
-    with pytest.raises(BadInputError, match="not writable"):
-        write_output(out, TEXT)
-    assert out.read_text() == "keep"
