@@ -22,10 +22,16 @@ def _load_config(ctx: typer.Context, param, path: Path | None) -> Path | None:
 
     from esper.errors import BadInputError, NotFoundError
 
-    if not path.is_file():
+    if not path.exists():
         raise NotFoundError(f"{path}: no such config file")
+    if not path.is_file():
+        raise BadInputError(f"{path}: not a file")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise BadInputError(f"{path}: not a text file") from None
+    except OSError as e:
+        raise BadInputError(f"{path}: cannot read ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         raise BadInputError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):

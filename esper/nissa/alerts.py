@@ -50,7 +50,9 @@ class AlertRules(BaseModel):
         if path is None:
             return cls()
         try:
-            data = yaml.safe_load(path.read_text())
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError:
+            raise BadInputError(f"{path}: cannot read alert rules: not a text file") from None
         except (OSError, yaml.YAMLError) as e:
             raise BadInputError(f"{path}: cannot read alert rules: {e}") from None
         try:
