@@ -226,9 +226,8 @@ def lineage(
 
     Example: esper library lineage quickstart-20260101-120000-ab12
     """
-    import json
-
     from esper.errors import BadInputError, IntegrityError
+    from esper.tolaria.export import read_lineage
     from esper.tolaria.run import find_run
 
     ectx = get_context(ctx)
@@ -237,11 +236,8 @@ def lineage(
     if not path.is_file():
         raise BadInputError(f"{path.parent}: no lineage.json yet (a run writes it when it ends; "
                             "a stopped or killed run, once resumed to its end)")
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-        adaptations = record["adaptations"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise BadInputError(f"{path}: not a lineage file ({e})") from None
+    record = read_lineage(path)
+    adaptations = record["adaptations"]
     cited = {int(a["seq"]): a["row_hash"] for entry in adaptations
              for a in entry.get("audit", [])}
     problems: list[str] = []

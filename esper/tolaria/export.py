@@ -26,12 +26,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from safetensors.torch import load, save_file
 from torch import nn
 
 import kasmina
 from esper._fs import atomic_write_text, fsync_dir
-from esper.contracts import FieldReport, KernelInterface, SeedLifecycle, seed_id
+from esper.contracts import (
+    FieldReport,
+    KernelInterface,
+    SeedLifecycle,
+    describe_validation_error,
+    seed_id,
+)
 from esper.errors import BadInputError, EsperError, IntegrityError, NotFoundError
 from kasmina.lifecycle import HAS_KERNEL
 
@@ -272,5 +279,64 @@ def _audit(urza: Any, kernel_id: str, blueprint: str | None, report_id: str | No
     return {"manifest_sha256": artifact.kernel_binary_ref, "audit": audit}
 
 
-__all__ = ["ModelOrigin", "build_lineage", "load_model", "model_architecture", "remember_lineage",
-           "remember_origin", "save_model"]
+class _LineageFields(BaseModel):
+    """The fields a reader uses, strictly typed; others, and fields added later, pass."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class LineageCitation(_LineageFields):
+    seq: int
+    row_hash: str
+
+
+class LineageAdaptation(_LineageFields):
+    seed_id: str
+    kernel_artifact_id: str
+    layer: str = ""
+    metric: str = ""
+    germinated_epoch: int = 0
+    fossilized_epoch: int = 0
+    pre_metric: float = 0.0
+    post_metric: float = 0.0
+    parameters: int = 0
+    audit: list[LineageCitation] = []
+
+    @model_validator(mode="after")
+    def _metrics_in_pairs(self) -> LineageAdaptation:
+        if len({"pre_metric", "post_metric"} & self.model_fields_set) == 1:
+            raise ValueError("pre_metric and post_metric come together")
+        return self
+
+
+class LineageOutcome(_LineageFields):
+    seed_id: str
+    kernel_artifact_id: str
+    outcome: str
+    epoch: int
+    reason: str = ""
+
+
+class LineageRecord(_LineageFields):
+    run_id: str = ""
+    adaptations: list[LineageAdaptation]
+    other_outcomes: list[LineageOutcome] = []
+
+
+def read_lineage(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """A run's lineage.json as written, once its shape is checked: a file that is not JSON or
+    holds the wrong types is a BadInputError naming it (and the field), not a reader's crash."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise BadInputError(f"{path}: not a lineage file ({e})") from None
+    try:
+        LineageRecord.model_validate(record)
+    except ValidationError as e:
+        raise BadInputError(describe_validation_error(e, "lineage file", str(path))) from None
+    return record
+
+
+__all__ = ["ModelOrigin", "build_lineage", "load_model", "model_architecture", "read_lineage",
+           "remember_lineage", "remember_origin", "save_model"]

@@ -47,3 +47,37 @@ def test_a_binary_config_file_is_named_not_decoded(ws, tmp_path, command, data):
 def test_a_directory_as_forge_config_is_called_one(ws, tmp_path):
     result = esper(ws, "forge", "--once", "--config", str(tmp_path))
     one_error_line(result, 2, str(tmp_path), "not a file")
+
+
+LINEAGE = {"format": "esper.lineage/1", "run_id": "r", "other_outcomes": [],
+           "adaptations": [{"seed_id": "1:0", "layer": "layers.1", "kernel_artifact_id": "k",
+                            "metric": "validation_loss", "pre_metric": 0.5, "post_metric": 0.4,
+                            "germinated_epoch": 2, "fossilized_epoch": 9, "parameters": 16,
+                            "audit": []}]}
+
+
+@pytest.mark.parametrize(("edit", "field"), [
+    ([LINEAGE], "(root)"),
+    ({**LINEAGE, "adaptations": {"1:0": {}}}, "adaptations"),
+    ({**LINEAGE, "adaptations": [7]}, "adaptations.0"),
+    ({**LINEAGE, "adaptations": [{**LINEAGE["adaptations"][0], "pre_metric": "0.5"}]},
+     "adaptations.0.pre_metric"),
+    ({**LINEAGE, "adaptations": [{**LINEAGE["adaptations"][0], "audit": [{"seq": "x",
+                                                                          "row_hash": "h"}]}]},
+     "adaptations.0.audit.0.seq"),
+    ({**LINEAGE, "run_id": 5}, "run_id"),
+    ({**LINEAGE, "other_outcomes": "none"}, "other_outcomes"),
+])
+def test_a_lineage_file_of_the_wrong_shape_is_named_with_its_field(ws, tmp_path, edit, field):
+    """Exit 2, as for a lineage.json that is not JSON at all: exit 3 is kept for evidence that
+    the workspace's audit chain contradicts."""
+    import json
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text("{}")
+    (run / "lineage.json").write_text(json.dumps(LINEAGE))
+    assert esper(ws, "library", "lineage", str(run)).exit_code == 0
+    (run / "lineage.json").write_text(json.dumps(edit))
+    result = esper(ws, "library", "lineage", str(run))
+    one_error_line(result, 2, "lineage.json", f"field '{field}'")

@@ -4,8 +4,6 @@ and the trainer, train, save. Without a workspace, kernels come from the bluepri
 
 from __future__ import annotations
 
-import json
-
 import torch
 import yaml
 from tolaria_helpers import tiny_config
@@ -16,6 +14,7 @@ from esper.blueprints import standard_library
 from esper.contracts import SeedLifecycle as S
 from esper.tamiyo import FixedKernelChooser
 from esper.tolaria.data import build_data
+from esper.tolaria.export import read_lineage
 from esper.tolaria.models import MLP
 
 
@@ -46,7 +45,7 @@ def test_the_sdk_example_trains_grows_and_saves(tmp_path, monkeypatch):
     assert (tmp_path / "runs" / training_history.run_id / "metrics.jsonl").is_file()
     (adaptation,) = training_history.lineage["adaptations"]
     assert "audit" not in adaptation  # no workspace, no catalog to cite
-    lineage = json.loads((tmp_path / "outputs" / "evolved_mlp" / "lineage.json").read_text())
+    lineage = read_lineage(tmp_path / "outputs" / "evolved_mlp" / "lineage.json")  # its shape
     assert lineage["adaptations"][0]["kernel_artifact_id"] == adaptation["kernel_artifact_id"]
     loaded = esper.load_model("./outputs/evolved_mlp",
                               host=MLP(data.input_shape, data.out_dim, widths=(32, 32)))
