@@ -29,6 +29,7 @@ from esper.contracts import (
     SeedTransition,
     TamiyoDecision,
 )
+from esper.errors import BadInputError
 from esper.nissa.alerts import Alert
 from esper.nissa.state import WatchState
 
@@ -98,8 +99,15 @@ class WatchMetrics:
         self.bus_up = Gauge("esper_bus_up", "1 when the watcher reaches the bus.", registry=r)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
-        """Serve /metrics on host:port (port 0: any free one); returns the port."""
-        self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        """Serve /metrics on host:port (port 0: any free one); returns the port. A host or port
+        that cannot be bound is the user's to change: a BadInputError naming both."""
+        try:
+            self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        except UnicodeError:  # the idna codec refuses the name: an empty or over-long label
+            raise BadInputError(f"metrics host {host!r}: not a valid host name") from None
+        except OSError as e:  # no such host, not an address of this machine, the port taken
+            raise BadInputError(f"cannot serve metrics on {host!r} port {port}: "
+                                f"{e.strerror or e}") from None
         return self._server.server_port
 
     def close(self) -> None:

@@ -81,3 +81,16 @@ def test_a_lineage_file_of_the_wrong_shape_is_named_with_its_field(ws, tmp_path,
     (run / "lineage.json").write_text(json.dumps(edit))
     result = esper(ws, "library", "lineage", str(run))
     one_error_line(result, 2, "lineage.json", f"field '{field}'")
+
+
+def test_a_metrics_host_or_port_that_cannot_be_bound_is_one_line(ws):
+    import socket
+
+    result = esper(ws, "watch", "--once", "--metrics-port", "0", "--metrics-host", "bad..host")
+    one_error_line(result, 2, "'bad..host'", "not a valid host name")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        result = esper(ws, "watch", "--once", "--metrics-port", port)
+        one_error_line(result, 2, f"port {port}", "Address already in use")
