@@ -5,7 +5,11 @@ positional argument, and `esper train CONFIG key=value --resume ...` mixes them.
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -46,8 +50,9 @@ def train(
     Wraps the configured layers with dormant seeds, trains, and at every epoch end lets Tamiyo
     germinate a VALIDATED kernel from the workspace's library where training stalls, taking it
     through the lifecycle and keeping it only if it helps. Checkpoints every epoch; a divergence
-    rolls back. Outputs go to runs/RUN_ID/ (model.safetensors, lineage.json, metrics.jsonl);
-    the summary to stdout. Events go to the bus when it is up; training never waits for it.
+    rolls back; Ctrl-C or SIGTERM stops the run (exit 130) for --resume to continue. Outputs go
+    to runs/RUN_ID/ (model.safetensors, lineage.json, metrics.jsonl); the summary to stdout.
+    Events go to the bus when it is up; training never waits for it.
 
     Example: esper train configs/quickstart.yaml epochs=30 optimizer.lr=3e-3
     """
@@ -76,11 +81,41 @@ def train(
         train_config = None
     progress = _Progress()
     try:
-        result = run_training(train_config, workspace=workspace, redis_url=ectx.redis_url,
-                              resume=resume, progress=progress, run_id=run_id)
+        with _sigterm_interrupts():
+            result = run_training(train_config, workspace=workspace, redis_url=ectx.redis_url,
+                                  resume=resume, progress=progress, run_id=run_id)
+    except KeyboardInterrupt:
+        progress.close()
+        if progress.run_id is not None:  # started: its config and a checkpoint are on disk
+            out_dir = train_config.out_dir if train_config is not None else out
+            again = f"esper train --resume {resume or progress.run_id}" + (
+                f" --out {out_dir}" if out_dir is not None and str(out_dir) != "runs" else "")
+            err_console.print(f"interrupted: run {progress.run_id} continues from its last "
+                              f"checkpoint with `{again}`", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     finally:
         progress.close()
     ectx.emit(result.summary, lambda: _render(result.summary))
+
+
+@contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM (a supervisor, `kill`, a scheduler's preemption) stops the run as Ctrl-C does: a
+    KeyboardInterrupt, so the bus and the catalog close, the run lock is released and the
+    command exits 130; the partial epoch is replayed by --resume. Without this the process died
+    at once (exit 143), its bus never told it was stopping."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers can only be set from the main thread
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _saved_config(resume: str, workspace, changes: list[str]):
@@ -105,6 +140,7 @@ class _Progress:
     def __init__(self) -> None:
         self.bars = None
         self.epoch_task = self.step_task = None
+        self.run_id: str | None = None  # once the run has started
 
     def __call__(self, event) -> None:
         if event.kind == "notice":
@@ -113,6 +149,7 @@ class _Progress:
             what = f" to epoch {event.epoch}: {event.text}"
             self._line(Text.assemble(("rollback", "red"), what), "rollback" + what)
         elif event.kind == "start":
+            self.run_id = event.run_id
             self._start(event)
         elif event.kind == "step" and self.bars is not None:
             self.bars.update(self.step_task, completed=event.step, total=event.steps)

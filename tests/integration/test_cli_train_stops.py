@@ -1,0 +1,91 @@
+"""How `esper train` ends when it does not run to its last epoch, as a user meets it: the real CLI
+in a subprocess on a workspace holding real, VALIDATED kernels.
+
+SIGTERM stops a run as Ctrl-C does (exit 130, a resume hint, the run resumable to the weights of
+an uninterrupted run)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+from tolaria_helpers import forged_workspace, same_state, short_dir, tiny_config
+
+from esper.tolaria.run import run_training
+
+ESPER = str(Path(sys.executable).parent / "esper")
+# 25 steps an epoch, so that a signal lands inside one.
+LONG = {"data.kwargs": {"n_samples": 1600}}
+
+
+@pytest.fixture(scope="module")
+def forged():
+    root = short_dir("cli-train-stops-")
+    ws, _ = forged_workspace(root)
+    yield ws, root
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def whole(forged):
+    """The weights of the uninterrupted run the stopped ones must end with."""
+    ws, _ = forged
+    return load_file(run_training(tiny_config(**LONG), workspace=ws, run_id="whole").run_dir
+                     / "model.safetensors")
+
+
+def write_config(path: Path, **overrides) -> Path:
+    path.write_text(yaml.safe_dump(tiny_config(**overrides).model_dump(mode="json")))
+    return path
+
+
+def esper(ws, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([ESPER, "--workspace", str(ws.root), *args], check=False,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])
+def test_a_signal_mid_epoch_stops_cleanly_and_resume_ends_with_the_uninterrupted_weights(
+        forged, whole, signum):
+    ws, root = forged
+    config = write_config(root / "long.yaml", **LONG)
+    run = f"stopped-{signum.name.lower()}"
+    proc = subprocess.Popen([ESPER, "--workspace", str(ws.root), "train", str(config),
+                             "--run-id", run], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    metrics = ws.root / "runs" / run / "metrics.jsonl"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 4:
+            break
+        time.sleep(0.01)
+    else:
+        proc.kill()
+        pytest.fail(f"the run never reached epoch 4: {proc.communicate()[1][-2000:]}")
+    time.sleep(0.05)  # into the next epoch
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-2000:]
+    reached = len(metrics.read_text().splitlines())
+    assert reached < 12, "the run finished before the signal; lengthen it"
+    assert f"interrupted: run {run} continues from its last checkpoint with `esper train " \
+           f"--resume {run}`" in stderr
+    assert "Traceback" not in stderr
+    assert not (ws.root / "runs" / run / "model.safetensors").exists()
+
+    resumed = esper(ws, "train", "--resume", run)
+    assert resumed.returncode == 0, resumed.stderr
+    assert same_state(whole, load_file(ws.root / "runs" / run / "model.safetensors")) == []
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == list(range(1, 13))
+
+
+pytestmark = pytest.mark.timeout(600)
