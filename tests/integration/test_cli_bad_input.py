@@ -4,7 +4,15 @@ where, the exit code of DESIGN.md section 14 (2 for input, 3 for integrity), nev
 
 from __future__ import annotations
 
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+import yaml
+from tolaria_helpers import tiny_config
 from typer.testing import CliRunner
 
 from esper.workspace import Workspace
@@ -26,9 +34,12 @@ def esper(ws: Workspace, *args: str):
 
 
 def one_error_line(result, code: int, *expected: str) -> str:
-    """The result's one stderr line, checked: the exit code, each expected text, no bug report."""
+    """The one stderr line of a CliRunner or subprocess result, checked: the exit code, each
+    expected text, no bug report."""
     lines = result.stderr.strip().splitlines()
-    assert result.exit_code == code, result.output
+    exit_code = (result.returncode if isinstance(result, subprocess.CompletedProcess)
+                 else result.exit_code)
+    assert exit_code == code, result.stderr
     assert len(lines) == 1, result.stderr
     assert "internal error" not in lines[0] and all(e in lines[0] for e in expected), lines[0]
     return lines[0]
@@ -71,8 +82,6 @@ LINEAGE = {"format": "esper.lineage/1", "run_id": "r", "other_outcomes": [],
 def test_a_lineage_file_of_the_wrong_shape_is_named_with_its_field(ws, tmp_path, edit, field):
     """Exit 2, as for a lineage.json that is not JSON at all: exit 3 is kept for evidence that
     the workspace's audit chain contradicts."""
-    import json
-
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text("{}")
@@ -84,8 +93,6 @@ def test_a_lineage_file_of_the_wrong_shape_is_named_with_its_field(ws, tmp_path,
 
 
 def test_a_metrics_host_or_port_that_cannot_be_bound_is_one_line(ws):
-    import socket
-
     result = esper(ws, "watch", "--once", "--metrics-port", "0", "--metrics-host", "bad..host")
     one_error_line(result, 2, "'bad..host'", "not a valid host name")
     with socket.socket() as taken:
@@ -94,3 +101,28 @@ def test_a_metrics_host_or_port_that_cannot_be_bound_is_one_line(ws):
         port = str(taken.getsockname()[1])
         result = esper(ws, "watch", "--once", "--metrics-port", port)
         one_error_line(result, 2, f"port {port}", "Address already in use")
+
+
+@pytest.mark.parametrize(("source", "error"), [
+    ('raise RuntimeError("boom")\n', "RuntimeError: boom"),
+    ("def model(:\n", "SyntaxError: invalid syntax"),
+])
+def test_a_model_module_that_fails_on_import_is_named_and_leaves_no_run(ws, tmp_path, source,
+                                                                          error):
+    """The real `esper` in the directory that holds the user's module, as `python -m` runs."""
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(epochs=1).model_dump(mode="json")))
+    module = tmp_path / "my_model_mod.py"
+    module.write_text(source)
+    command = [str(Path(sys.executable).parent / "esper"), "--workspace", str(ws.root), "train",
+               str(config), "model.name=my_model_mod:Model", "--run-id", "mine"]
+
+    def train() -> subprocess.CompletedProcess:
+        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300, check=False)
+
+    one_error_line(train(), 2, "'my_model_mod'", error, "field 'model.name'")
+    assert not (ws.runs_dir / "mine").exists()
+    module.write_text("from esper.tolaria.models import MLP as Model\n")
+    rerun = train()
+    assert rerun.returncode == 0, rerun.stderr
