@@ -56,9 +56,17 @@ def register(urza: Urza, irs: list[tuple[BlueprintIR, str]], *, origin: str,
 def read_ir_files(paths: list[Path]) -> list[tuple[BlueprintIR, str]]:
     irs = []
     for path in paths:
-        if not path.is_file():
+        if path.is_dir():
+            raise BadInputError(f"{path}: is a directory; name the IR files in it")
+        if not path.exists():
             raise NotFoundError(f"{path}: no such file")
-        irs.append((load_ir(path.read_bytes(), source=str(path)), str(path)))
+        if not path.is_file():
+            raise BadInputError(f"{path}: not a regular file")
+        try:
+            data = path.read_bytes()
+        except OSError as e:
+            raise BadInputError(f"{path}: cannot read ({e.strerror or e})") from None
+        irs.append((load_ir(data, source=str(path)), str(path)))
     return irs
 
 

@@ -126,3 +126,14 @@ def test_a_model_module_that_fails_on_import_is_named_and_leaves_no_run(ws, tmp_
     module.write_text("from esper.tolaria.models import MLP as Model\n")
     rerun = train()
     assert rerun.returncode == 0, rerun.stderr
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("irs", "is a directory"), ("/dev/null", "not a regular file"), ("missing.json", "no such file"),
+])
+def test_library_import_says_what_is_there_instead_of_a_file(ws, tmp_path, name, expected):
+    (tmp_path / "irs").mkdir()
+    path = tmp_path / name
+    before = esper(ws, "--json", "library", "stats").stdout
+    one_error_line(esper(ws, "library", "import", str(path)), 2, str(path), expected)
+    assert esper(ws, "--json", "library", "stats").stdout == before
