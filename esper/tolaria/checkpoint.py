@@ -12,7 +12,9 @@ A checkpoint is written into a temporary directory beside the others, every file
 renamed into place (a directory rename is atomic) and the parent fsynced: a reader, a resumed run
 or a rollback sees whole checkpoints only, whatever moment the writer was killed at. Names carry
 a sequence number that only grows (a checkpoint written after a rollback is newer than the one it
-restored, though its epoch is older); the last `keep_last` are kept.
+restored, though its epoch is older); the last `keep_last` are kept. A checkpoint that does not
+verify when a run resumes is renamed `<name>.damaged` and kept for its owner to look at: it is
+no longer a checkpoint (neither restored, nor counted, nor pruned), and its number is not reused.
 
 Nothing here unpickles: safetensors and JSON only.
 """
@@ -42,6 +44,8 @@ FORMAT = "esper.tolaria.checkpoint/1"
 TENSORS_FILE = "tensors.safetensors"
 STATE_FILE = "state.json"
 _NAME = re.compile(r"^ckpt-(\d{6})-e(\d{5})$")
+DAMAGED_SUFFIX = ".damaged"
+_SEQ = re.compile(r"^ckpt-(\d{6})-")  # every name that took a number, whole or not, damaged or not
 
 
 @dataclass(frozen=True)
@@ -91,12 +95,35 @@ class CheckpointStore:
         found = self.list()
         return found[-1] if found else None
 
+    def newest_verified(self) -> tuple[Checkpoint, dict[str, torch.Tensor], dict[str, Any],
+                                       list[tuple[Checkpoint, IntegrityError]]]:
+        """The newest checkpoint that verifies, read (tensors, state), and the newer ones that do
+        not, with why; IntegrityError if none does. For --resume: `keep_last` keeps the older
+        ones for exactly this."""
+        damaged: list[tuple[Checkpoint, IntegrityError]] = []
+        for checkpoint in reversed(self.list()):
+            try:
+                return (checkpoint, *checkpoint.read(), damaged)
+            except IntegrityError as e:
+                damaged.append((checkpoint, e))
+        if not damaged:
+            raise NotFoundError(f"{self.directory}: no checkpoint")
+        raise IntegrityError(f"no checkpoint of {self.directory} verifies; the newest: "
+                             f"{damaged[0][1]}")
+
+    def set_aside(self, checkpoint: Checkpoint) -> Path:
+        """Rename a damaged checkpoint out of the store (kept, not deleted); the new path."""
+        target = checkpoint.path.with_name(checkpoint.path.name + DAMAGED_SUFFIX)
+        os.replace(checkpoint.path, target)
+        fsync_dir(self.directory)
+        return target
+
     def write(self, epoch: int, tensors: Mapping[str, torch.Tensor], state: dict[str, Any]) -> Checkpoint:
         """Write a checkpoint atomically, then drop all but the newest `keep_last`."""
         self.directory.mkdir(parents=True, exist_ok=True)
         self._sweep()
-        latest = self.latest()
-        seq = (latest.seq if latest else 0) + 1
+        seq = max((int(m[1]) for c in self.directory.iterdir() if (m := _SEQ.match(c.name))),
+                  default=0) + 1
         final = self.directory / f"ckpt-{seq:06d}-e{epoch:05d}"
         tmp = self.directory / f".tmp-ckpt-{seq:06d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)

@@ -300,8 +300,9 @@ class TolariaTrainer:
         """Run every epoch left; write the outputs; return (model, history)."""
         started = time.perf_counter()
         try:
+            given = list(self.history.notices)  # the caller's; _setup says its own as they come
             self._setup()
-            for text in self.history.notices:
+            for text in given:
                 self._emit("notice", text=text)
             while self.epoch < self.config.epochs and self._stop is None:
                 self._run_epoch(self.epoch + 1)
@@ -327,8 +328,15 @@ class TolariaTrainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         latest = self.checkpoints.latest()
         if self.resume and latest is not None:
-            self._restore(latest, resuming=True)
-            self._notice(f"resumed run {self.run_id} from {latest.path.name} (epoch {self.epoch})")
+            checkpoint, tensors, state, damaged = self.checkpoints.newest_verified()
+            kept = [self.checkpoints.set_aside(c).name for c, _ in damaged]
+            self._restore(checkpoint, tensors, state, resuming=True)
+            text = f"resumed run {self.run_id} from {checkpoint.path.name} (epoch {self.epoch})"
+            if damaged:  # one line: what was wrong, where it went, where the run goes on from
+                text += (f", the newest checkpoint that verifies: {damaged[0][1]}"
+                         + "".join(f"; {e}" for _, e in damaged[1:])
+                         + f" (kept as {', '.join(kept)})")
+            self._notice(text)
         else:
             if latest is not None:
                 raise BadInputError(f"{self.run_dir} already holds a run; resume it or choose "
@@ -649,7 +657,7 @@ class TolariaTrainer:
             raise TrainingDivergedError(f"run {self.run_id} diverged at epoch {epoch} ({reason}) "
                                         f"and {why}")
         latest = self.checkpoints.latest()
-        self._restore(latest, resuming=False)
+        self._restore(latest, *latest.read(), resuming=False)
         self.tamiyo.on_rollback(suspect, reason)
         if suspect is not None:
             layer_id, index = seed_key(suspect)
@@ -694,8 +702,9 @@ class TolariaTrainer:
         }
         self.checkpoints.write(self.epoch, tensors, state)
 
-    def _restore(self, checkpoint, *, resuming: bool) -> None:
-        tensors, state = checkpoint.read()
+    def _restore(self, checkpoint, tensors: dict[str, torch.Tensor], state: dict[str, Any], *,
+                 resuming: bool) -> None:
+        """Load a checkpoint already read (and so verified): `Checkpoint.read()`."""
         if state.get("state_format") != STATE_FORMAT:
             raise EsperError(f"{checkpoint.path}: not a Tolaria run state ({STATE_FORMAT})")
         self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
@@ -763,7 +772,8 @@ class TolariaTrainer:
         self._said.add(text)
         if text not in self.history.notices:
             self.history.notices.append(text)
-        log.info("tolaria: %s", text)
+        # Said once: by the progress display when there is one (`esper train`), else in the log.
+        log.log(logging.INFO if self.progress is None else logging.DEBUG, "tolaria: %s", text)
         self._emit("notice", text=text)
 
     def _emit(self, kind: str, **fields: Any) -> None:

@@ -2,7 +2,8 @@
 in a subprocess on a workspace holding real, VALIDATED kernels.
 
 SIGTERM stops a run as Ctrl-C does (exit 130, a resume hint, the run resumable to the weights of
-an uninterrupted run)."""
+an uninterrupted run); a damaged newest checkpoint is set aside and the run resumes from the one
+before it."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import yaml
 from safetensors.torch import load_file
 from tolaria_helpers import forged_workspace, same_state, short_dir, tiny_config
 
+from esper.tolaria.checkpoint import CheckpointStore
 from esper.tolaria.run import run_training
 
 ESPER = str(Path(sys.executable).parent / "esper")
@@ -86,6 +88,51 @@ def test_a_signal_mid_epoch_stops_cleanly_and_resume_ends_with_the_uninterrupted
     assert same_state(whole, load_file(ws.root / "runs" / run / "model.safetensors")) == []
     lines = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["epoch"] for r in lines] == list(range(1, 13))
+
+
+def test_resume_sets_a_damaged_newest_checkpoint_aside_and_goes_on_from_the_one_before(forged):
+    ws, root = forged
+    done = esper(ws, "train", str(write_config(root / "tiny.yaml")), "--run-id", "damaged")
+    assert done.returncode == 0, done.stderr
+    run_dir = ws.root / "runs" / "damaged"
+    finished = load_file(run_dir / "model.safetensors")
+    store = CheckpointStore(run_dir / "checkpoints")
+    *older, newest = store.list()
+    assert [c.epoch for c in older] == [10, 11] and newest.epoch == 12
+    tensors = newest.path / "tensors.safetensors"
+    damage = bytearray(tensors.read_bytes())
+    damage[len(damage) // 2] ^= 0xFF
+    tensors.write_bytes(damage)
+
+    resumed = esper(ws, "--json", "train", "--resume", "damaged")
+    assert resumed.returncode == 0, resumed.stderr
+    summary = json.loads(resumed.stdout)
+    assert summary["status"] == "completed" and summary["epochs"] == 12
+    (line,) = [n for n in summary["notices"] if n.startswith("resumed run damaged")]
+    assert line.startswith(f"resumed run damaged from {older[-1].path.name} (epoch 11)")
+    assert str(newest.path) in line and f"kept as {newest.path.name}.damaged" in line
+    assert [x for x in resumed.stderr.splitlines() if "resumed run" in x] == [line]
+    # Epoch 12 trained again from epoch 11's checkpoint, to the weights it had.
+    assert same_state(finished, load_file(run_dir / "model.safetensors")) == []
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == list(range(1, 13))
+    # The damaged one is kept as it was; the new checkpoint takes the next number, and the two
+    # older ones are still there (keep_last 3 counts checkpoints, not the damaged one).
+    aside = newest.path.with_name(newest.path.name + ".damaged")
+    assert (aside / "tensors.safetensors").read_bytes() == damage
+    after = store.list()
+    assert [c.path.name for c in after[:2]] == [c.path.name for c in older]
+    assert after[2].seq == newest.seq + 1 and after[2].epoch == 12
+
+    # None verifies: exit 3, one line, nothing renamed.
+    for checkpoint in after:
+        (checkpoint.path / "state.json").write_text("{")
+    names = sorted(p.name for p in store.directory.iterdir())
+    broken = esper(ws, "train", "--resume", "damaged")
+    assert broken.returncode == 3, broken.stderr
+    assert broken.stderr.startswith("error: no checkpoint of ") and "verifies" in broken.stderr
+    assert len(broken.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in store.directory.iterdir()) == names
 
 
 pytestmark = pytest.mark.timeout(600)
