@@ -30,7 +30,7 @@ from esper.urza.migrations import LATEST_VERSION, applied_version, migrate
 from esper.urza.records import RecordCatalog
 from esper.urza.store import ArtifactStore, sha256_hex
 from esper.urza.values import now_iso, require_text
-from esper.workspace import KeyRole, Workspace
+from esper.workspace import KEY_ROLES, KeyRole, Workspace
 
 
 @dataclass(frozen=True)
@@ -140,8 +140,11 @@ class Urza(BlueprintCatalog, KernelCatalog, RecordCatalog):
     def verify(self) -> VerifyReport:
         """Check everything that can be checked: the database file, the audit chain, every
         blob's hash, every reference from a row to a blob, every kernel manifest's signature
-        against the forge key and every stored validation report's against the bench key."""
+        against the forge key and every stored validation report's against the bench key. Both
+        public keys are read even while nothing is signed: a damaged key is found by verify,
+        not by the first kernel the forge builds."""
         problems: list[str] = []
+        keys = {role: self._trusted_key(role, problems) for role in KEY_ROLES}
         for (line,) in self.db.execute("PRAGMA quick_check").fetchall():
             if line != "ok":
                 problems.append(f"database: {line}")
@@ -152,11 +155,11 @@ class Urza(BlueprintCatalog, KernelCatalog, RecordCatalog):
         blobs = sum(1 for _ in self.store.iter_hashes())
         with self._snapshot():
             problems += self._check_blueprint_refs()
-            problems += self._check_manifests()
+            problems += self._check_manifests(keys["forge"])
             reports = self._rows("SELECT id, kernel_id, signed_blob, body FROM validation_reports"
                                  " ORDER BY id")
-            problems += self._check_reports(reports)
-            problems += self._check_tag_refreshes()
+            problems += self._check_reports(reports, keys["bench"])
+            problems += self._check_tag_refreshes(keys["bench"])
         return VerifyReport(audit=audit, blobs_checked=blobs, reports_checked=len(reports),
                             problems=problems)
 
@@ -200,11 +203,9 @@ class Urza(BlueprintCatalog, KernelCatalog, RecordCatalog):
                                 "is missing")
         return problems
 
-    def _check_manifests(self) -> list[str]:
+    def _check_manifests(self, forge_key: Ed25519PublicKey | None) -> list[str]:
         problems = []
-        rows = self._rows("SELECT id, kernel_binary_ref FROM kernels ORDER BY id")
-        forge_key = self._trusted_key("forge", problems) if rows else None
-        for row in rows:
+        for row in self._rows("SELECT id, kernel_binary_ref FROM kernels ORDER BY id"):
             what = f"kernel {row['id']}: manifest"
             try:
                 document = self.store.get(row["kernel_binary_ref"])
@@ -219,15 +220,13 @@ class Urza(BlueprintCatalog, KernelCatalog, RecordCatalog):
             problems.append(f"kernel {row['id']}: VALIDATED without a passing bench-signed report")
         return problems
 
-    def _check_tag_refreshes(self) -> list[str]:
+    def _check_tag_refreshes(self, bench_key: Ed25519PublicKey | None) -> list[str]:
         """Every applied tag refresh is a bench-signed document in the store."""
-        rows = self._rows("SELECT seq, details FROM audit_log WHERE action = 'kernel.retagged'"
-                          " ORDER BY seq")
         problems: list[str] = []
-        bench_key = self._trusted_key("bench", problems) if rows else None
         if bench_key is None:
             return problems
-        for row in rows:
+        for row in self._rows("SELECT seq, details FROM audit_log WHERE action = 'kernel.retagged'"
+                              " ORDER BY seq"):
             what = f"tag refresh (audit row {row['seq']})"
             try:
                 body = open_signed(self.store.get(json.loads(row["details"])["refresh_blob"]),
@@ -237,9 +236,9 @@ class Urza(BlueprintCatalog, KernelCatalog, RecordCatalog):
                 problems.append(f"{what}: {e}")
         return problems
 
-    def _check_reports(self, reports: list[dict[str, Any]]) -> list[str]:
+    def _check_reports(self, reports: list[dict[str, Any]],
+                       bench_key: Ed25519PublicKey | None) -> list[str]:
         problems: list[str] = []
-        bench_key = self._trusted_key("bench", problems) if reports else None
         if bench_key is None:
             return problems
         for row in reports:

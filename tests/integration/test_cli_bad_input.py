@@ -137,3 +137,16 @@ def test_library_import_says_what_is_there_instead_of_a_file(ws, tmp_path, name,
     before = esper(ws, "--json", "library", "stats").stdout
     one_error_line(esper(ws, "library", "import", str(path)), 2, str(path), expected)
     assert esper(ws, "--json", "library", "stats").stdout == before
+
+
+@pytest.mark.parametrize("role", ["forge", "bench"])
+@pytest.mark.parametrize("damage", ["garble", "remove"])
+def test_library_verify_finds_a_damaged_public_key_before_anything_is_signed(ws, role, damage):
+    assert esper(ws, "library", "verify").exit_code == 0  # blueprints only: nothing signed yet
+    key = ws.public_key_path(role)
+    if damage == "garble":
+        key.write_text("not a key\n")
+    else:
+        key.unlink()
+    line = one_error_line(esper(ws, "library", "verify"), 3, f"{role} public key", str(key))
+    assert "1 integrity problem" in line
