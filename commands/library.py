@@ -181,7 +181,7 @@ def export(
     if out is None:
         typer.echo(text, nl=False)
     else:
-        write_output(out, text)
+        write_output(out, text, workspace=get_context(ctx).workspace)
 
 
 @app.command()

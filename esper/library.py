@@ -127,18 +127,22 @@ _NOT_REGULAR = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
                 (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
-def write_output(path: Path, text: str) -> Path:
+def write_output(path: Path, text: str, *, workspace: Workspace | None = None) -> Path:
     """Write `text` to a file the user named (`-o PATH`), atomically; returns the file written.
 
     A symlink is followed: the file it points to is replaced and the link stays as it is.
     Refused with one line (exit 2), before anything is written: a directory, a path whose
     directory does not exist (none is made), anything that exists and is not a regular file (a
     FIFO, device or socket is never replaced by a file), an existing file this user may not
-    write. An existing file keeps its permission bits.
+    write, a path among `workspace`'s own files (its catalog, store, keys, runs). An existing
+    file keeps its permission bits.
     """
     path = Path(path)
     target = Path(os.path.realpath(path))
     where = f"{path} (-> {target})" if path.is_symlink() else str(path)
+    if workspace is not None and workspace.holds(target):
+        raise BadInputError(f"{where}: inside the workspace's own files ({workspace.root}); "
+                            "write the export elsewhere")
     try:
         info = os.stat(target)
     except (FileNotFoundError, NotADirectoryError):

@@ -85,6 +85,17 @@ class Workspace:
     def public_key_path(self, role: KeyRole) -> Path:
         return self.keys_dir / f"{role}.pub"
 
+    def holds(self, path: str | os.PathLike[str]) -> bool:
+        """Whether `path` is, or is under, one of the workspace's own files or directories (the
+        layout above, the catalog's -wal, -shm and -journal files, the init lock): where a
+        file the user named would replace Esper's state. Symlinks are resolved on both sides."""
+        root, target = Path(os.path.realpath(self.root)), Path(os.path.realpath(path))
+        db = self.db_path.name
+        own = [self.marker.name, db, f"{db}-wal", f"{db}-shm", f"{db}-journal", ".init.lock",
+               *(d.name for d in (self.artifacts_dir, self.runs_dir, self.policies_dir,
+                                  self.keys_dir, self.oona_dir))]
+        return any(target.is_relative_to(root / name) for name in own)
+
     # Life -----------------------------------------------------------------------------------
     def exists(self) -> bool:
         return self.marker.is_file()

@@ -150,3 +150,29 @@ def test_library_verify_finds_a_damaged_public_key_before_anything_is_signed(ws,
         key.unlink()
     line = one_error_line(esper(ws, "library", "verify"), 3, f"{role} public key", str(key))
     assert "1 integrity problem" in line
+
+
+@pytest.mark.parametrize("inside", ["urza.db", "urza.db-wal", "workspace.json", "keys/forge.pub",
+                                    "artifacts/blob", "artifacts/new.json", "runs/new.json",
+                                    "link to urza.db"])
+def test_library_export_refuses_to_write_into_the_workspace_itself(ws, tmp_path, inside):
+    blueprint = json.loads(esper(ws, "--json", "library", "list").stdout)[0]["id"]
+    files = {p: p.read_bytes() for p in ws.root.rglob("*") if p.is_file()}
+    if inside == "artifacts/blob":
+        out = next(p for p in files if p.is_relative_to(ws.artifacts_dir))
+    elif inside == "link to urza.db":
+        out = tmp_path / "branch.json"
+        out.symlink_to(ws.db_path)
+    else:
+        out = ws.root / inside
+    one_error_line(esper(ws, "library", "export", blueprint, "-o", str(out)), 2, str(out),
+                   "inside the workspace's own files")
+    assert {p: p.read_bytes() for p in ws.root.rglob("*") if p.is_file()} == files
+    assert esper(ws, "library", "verify").exit_code == 0
+
+
+def test_library_export_may_write_beside_the_workspace_files(ws):
+    blueprint = json.loads(esper(ws, "--json", "library", "list").stdout)[0]["id"]
+    result = esper(ws, "library", "export", blueprint, "-o", str(ws.root / "branch.json"))
+    assert result.exit_code == 0, result.output
+    assert json.loads((ws.root / "branch.json").read_text())["name"]
