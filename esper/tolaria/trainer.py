@@ -144,7 +144,7 @@ class TrainingHistory:
     notices: list[str] = field(default_factory=list)
     lineage: dict[str, Any] = field(default_factory=dict)
     summary: dict[str, Any] = field(default_factory=dict)
-    status: Literal["completed", "stopped"] = "completed"
+    status: Literal["completed", "stopped", "diverged"] = "completed"
 
 
 def new_run_id(name: str) -> str:
@@ -308,6 +308,11 @@ class TolariaTrainer:
                 self._run_epoch(self.epoch + 1)
             self.history.status = "stopped" if self._stop else "completed"
             self._finish(time.perf_counter() - started)
+        except TrainingDivergedError as e:
+            # The run ended: say how in its folder, or it reads as one killed mid-run.
+            self.history.status, self._stop = "diverged", str(e)
+            self._finish(time.perf_counter() - started)
+            raise
         finally:
             self._close()
         return self.model, self.history
@@ -807,8 +812,11 @@ class TolariaTrainer:
         metric = self.config.tamiyo.plateau.metric
         history.lineage = build_lineage(self.model, history.field_reports, run_id=self.run_id,
                                         metric=metric, urza=self.urza)
-        remember_lineage(self.model, history.lineage)
-        save_model(self.model, self.run_dir, metadata={"run_id": self.run_id})
+        # A diverged run's model in memory is the diverged one (its checkpoints hold the last
+        # good state): none is saved.
+        if history.status != "diverged":
+            remember_lineage(self.model, history.lineage)
+            save_model(self.model, self.run_dir, metadata={"run_id": self.run_id})
         history.summary = self._summary(seconds)
         atomic_write_text(self.run_dir / SUMMARY_FILE, json.dumps(history.summary, indent=2) + "\n")
         self._emit("end", epoch=self.epoch, record=history.summary)
@@ -826,6 +834,9 @@ class TolariaTrainer:
                  if not any(S(s) in GROWING for s in r["stages_during"]) for t in r["step_ms"]]
         best = min((r["validation_loss"] for r in history.epochs
                     if math.isfinite(r["validation_loss"])), default=None)
+        outputs = (METRICS_FILE, SUMMARY_FILE)
+        if history.status != "diverged":
+            outputs = ("model.safetensors", "model.json", "lineage.json", *outputs)
         return {
             "run_id": self.run_id, "status": history.status, "stop_reason": self._stop,
             "epochs": self.epoch, "epochs_planned": self.config.epochs,
@@ -846,8 +857,7 @@ class TolariaTrainer:
             "wall_seconds": round(seconds, 3),
             "bus_dropped": (self.bus.dropped if self.bus is not None else 0),
             "notices": list(history.notices),
-            "outputs": {name: str(self.run_dir / name) for name in
-                        ("model.safetensors", "model.json", "lineage.json", METRICS_FILE, SUMMARY_FILE)},
+            "outputs": {name: str(self.run_dir / name) for name in outputs},
         }
 
     def _close(self) -> None:

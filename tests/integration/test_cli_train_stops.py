@@ -3,7 +3,7 @@ in a subprocess on a workspace holding real, VALIDATED kernels.
 
 SIGTERM stops a run as Ctrl-C does (exit 130, a resume hint, the run resumable to the weights of
 an uninterrupted run); a damaged newest checkpoint is set aside and the run resumes from the one
-before it."""
+before it; a run that diverges past its rollbacks records that it diverged."""
 
 from __future__ import annotations
 
@@ -133,6 +133,25 @@ def test_resume_sets_a_damaged_newest_checkpoint_aside_and_goes_on_from_the_one_
     assert broken.stderr.startswith("error: no checkpoint of ") and "verifies" in broken.stderr
     assert len(broken.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in store.directory.iterdir()) == names
+
+
+def test_a_run_that_diverges_past_its_rollbacks_records_that_it_diverged(forged):
+    """NaN losses at epochs 2 and 3 with one rollback allowed: Tamiyo's divergence rule asks for
+    a rollback twice, the second is past the budget, and the run ends. Its summary.json says
+    so (it had none: the folder of a diverged run read as one killed mid-run)."""
+    ws, root = forged
+    config = write_config(root / "diverges.yaml", **{"epochs": 4, "faults.nan_loss_epochs": [2, 3],
+                                                     "rollback.max_rollbacks": 1})
+    done = esper(ws, "train", str(config), "--run-id", "diverges")
+    assert done.returncode == 1, done.stderr
+    (line,) = [x for x in done.stderr.splitlines() if x.startswith("error:")]
+    assert "run diverges diverged at epoch 3 (non-finite" in line
+    run_dir = ws.root / "runs" / "diverges"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["stop_reason"] == line[len("error: "):]
+    assert summary["epochs"] == 2 and summary["rollbacks"] == 2
+    assert sorted(summary["outputs"]) == ["metrics.jsonl", "summary.json"]
+    assert not (run_dir / "model.safetensors").exists()
 
 
 pytestmark = pytest.mark.timeout(600)
