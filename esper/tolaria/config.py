@@ -453,7 +453,7 @@ def resolve_import_path(path: str) -> Any:
         obj = importlib.import_module(module_name)
     except ImportError as e:
         raise BadInputError(f"cannot import {module_name!r} for {path!r}: {e}") from None
-    except Exception as e:  # the module's own code failed as it ran (or did not compile)
+    except Exception as e:  # noqa: BLE001 - the user's module failed as it ran or compiled
         raise BadInputError(f"cannot import {module_name!r} for {path!r}: it raised "
                             f"{type(e).__name__}: {e}") from None
     for part in attribute.split("."):

@@ -129,7 +129,8 @@ def test_a_model_module_that_fails_on_import_is_named_and_leaves_no_run(ws, tmp_
 
 
 @pytest.mark.parametrize(("name", "expected"), [
-    ("irs", "is a directory"), ("/dev/null", "not a regular file"), ("missing.json", "no such file"),
+    ("irs", "is a directory"), ("/dev/null", "not a regular file"),
+    ("missing.json", "no such file"),
 ])
 def test_library_import_says_what_is_there_instead_of_a_file(ws, tmp_path, name, expected):
     (tmp_path / "irs").mkdir()
