@@ -10,7 +10,7 @@ publishes through a `BufferedPublisher`, which rides out an unreachable bus.
 """
 
 from esper.oona.buffered import BufferedPublisher
-from esper.oona.client import GroupInfo, Oona, redact_url
+from esper.oona.client import GroupInfo, Oona, check_url, redact_url
 from esper.oona.consumer import (
     Consumer,
     Delivery,
@@ -37,6 +37,7 @@ __all__ = [
     "GroupInfo",
     "IdempotencyLedger",
     "Oona",
+    "check_url",
     "dead_letter_key",
     "embedded_running",
     "ensure_embedded",

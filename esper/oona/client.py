@@ -312,6 +312,12 @@ def redact_url(url: str) -> str:
     return parts._replace(netloc=f"{user}:***@{hostport}").geturl()
 
 
+def check_url(url: str) -> None:
+    """BadInputError naming what is wrong with a Redis URL; nothing connects. For a command
+    that must refuse a malformed URL before it starts, not find out from a background thread."""
+    _client_for_url(url).close()
+
+
 def _client_for_url(url: str) -> redis.Redis:
     try:
         scheme = _checked_scheme(url)

@@ -30,6 +30,7 @@ from torch import nn
 import kasmina
 from esper.contracts import KernelQuery
 from esper.errors import BadInputError, NotFoundError
+from esper.oona import check_url
 from esper.tolaria.checkpoint import seed_everything
 from esper.tolaria.config import TrainConfig
 from esper.tolaria.data import build_data
@@ -98,6 +99,10 @@ def run_training(config: TrainConfig | None, *, workspace: Any = None, redis_url
     Returns the RunResult; raises BadInputError (exit 2) for a bad config or run,
     TrainingDivergedError (exit 1) when the run diverges past its rollbacks, IntegrityError
     (exit 3) for a checkpoint that does not verify."""
+    if redis_url:
+        # Malformed is bad input, refused before anything is written; a well-formed URL of a
+        # Redis that does not answer is not: the run trains and publishes when it can.
+        check_url(redis_url)
     if resume is not None:
         run_dir = find_run(resume, workspace, config.out_dir if config is not None else None)
         saved = TrainConfig.from_mapping(json.loads((run_dir / CONFIG_FILE).read_text()),
