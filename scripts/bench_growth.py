@@ -42,7 +42,8 @@ of `static_small` at the same seed (same initial weights, same data order) on th
 inputs. A seed in TRAINING is isolated from the host, so any drift comes from grafts blending
 in elsewhere and from what the host learned around them.
 
-The workspace (`--workspace`, kept between invocations) holds the config's blueprints,
+The workspace (`--workspace`, kept between invocations) holds the config's blueprints
+(standard-library names, or IR files: entries ending in .json, relative to the config),
 compiled by `esper forge --once` and validated by `esper bench --once` (the real gauntlet) for
 every seed interface of the tasks; a second invocation reuses them.
 """
@@ -199,11 +200,17 @@ def interfaces(bench: dict[str, Any], device: str) -> list[str]:
     return sorted(found)
 
 
+def _from_root(path: Path) -> str:
+    """`path` relative to the repository (as results record it) where it lies inside."""
+    path = path.resolve()
+    return str(path.relative_to(ROOT) if path.is_relative_to(ROOT) else path)
+
+
 def build_workspace(bench: dict[str, Any], root: Path, device: str, jobs: int) -> dict[str, Any]:
     """Register the config's blueprints, forge them for every interface, bench them (`jobs`
     benches in parallel). Idempotent: what is VALIDATED already is kept."""
     from esper.blueprints import standard_library
-    from esper.library import register
+    from esper.library import read_ir_files, register
     from esper.urza import Urza
     from esper.workspace import Workspace
 
@@ -211,10 +218,12 @@ def build_workspace(bench: dict[str, Any], root: Path, device: str, jobs: int) -
     ws = Workspace(root)
     ws.create()
     wanted = bench.get("blueprints")
+    files = read_ir_files([ROOT / b for b in wanted or [] if b.endswith(".json")])
     with Urza.open(ws) as urza:
         known = {b.name for b in urza.list_blueprints()}
         irs = [(ir, f"standard library: {ir.name}") for ir in standard_library()
                if (wanted is None or ir.name in wanted) and ir.name not in known]
+        irs += [(ir, source) for ir, source in files if ir.name not in known]
         if irs:
             register(urza, irs, origin="library", actor="bench_growth")
     faces = interfaces(bench, device)
@@ -787,6 +796,9 @@ def main() -> None:
         return
     config_path = args.config or (QUICK if args.quick else FULL)
     bench = parse_yaml(config_path.read_text())  # Esper's config YAML: 3e-3 is a float
+    # A `blueprints` entry ending in .json is an IR file, relative to the config file.
+    bench["blueprints"] = [_from_root(config_path.parent / b) if b.endswith(".json") else b
+                           for b in bench.get("blueprints") or []] or None
     if args.seeds:
         bench["seeds"] = args.seeds
     if args.tasks:

@@ -26,7 +26,8 @@ def full():
     return parse_yaml((ROOT / "configs/benchmarks/growth.yaml").read_text())
 
 
-@pytest.mark.parametrize("name", ["growth.yaml", "growth-quick.yaml", "growth-gpu.yaml"])
+@pytest.mark.parametrize("name", ["growth.yaml", "growth-quick.yaml", "growth-gpu.yaml",
+                                  "growth-wide.yaml"])
 def test_every_arm_of_every_config_is_a_valid_train_config(bench_growth, name):
     bench = parse_yaml((ROOT / "configs/benchmarks" / name).read_text())
     for task in bench["tasks"]:
