@@ -83,7 +83,8 @@ def render_dashboard(state: WatchState, alerts: Sequence[Alert], *,
         last = "-" if run.last_epoch_at is None else _age(now - run.last_epoch_at)
         runs.add_row(run.run_id, epoch, _num(run.train_loss), _num(run.validation_loss),
                      _num(run.validation_accuracy, ".3f"), str(run.active_seeds),
-                     str(run.fossilized_seeds), last + (" done" if run.finished else ""))
+                     str(run.fossilized_seeds),
+                     last + (f" {run.status}" if run.finished else ""))
         for layer, stages in run.seeds_by_layer().items():
             text = " ".join(f"{s.value}:{stages[s]}" for s in STAGE_ORDER if stages.get(s))
             seeds.add_row(run.run_id, run.layer_names.get(layer, str(layer)), text)

@@ -35,6 +35,11 @@ DECISIONS_KEPT = 5
 FIELD_REPORTS_KEPT = 8
 # Forge and bench throughput: results in this trailing window, per minute.
 THROUGHPUT_WINDOW_S = 600.0
+# A training run beats on system.heartbeats as this daemon, its run id as the worker; its last
+# beat, as its process ends (completed, stopped, diverged, interrupted or failed), is "stopping".
+RUN_DAEMON = "tolaria"
+# How a run says it ended in its summary.json ("status").
+RUN_OUTCOMES = frozenset({"completed", "stopped", "diverged"})
 
 
 @dataclass
@@ -52,6 +57,8 @@ class RunView:
     last_epoch_at: float | None = None  # unix time of the last EpochEvent
     first_seen_at: float = 0.0
     stopped: bool = False  # a control.run STOP was issued
+    ended_at: float | None = None  # its process's last heartbeat said "stopping"
+    outcome: str | None = None  # how it ended, as its summary.json says (RUN_OUTCOMES)
     seeds: dict[str, SeedLifecycle] = field(default_factory=dict)  # "layer:index" -> stage
     # When each seed's stage was said (the event's timestamp): a sampled HealthSignal read after
     # a newer transition does not turn the seed back.
@@ -62,8 +69,40 @@ class RunView:
 
     @property
     def finished(self) -> bool:
-        return self.stopped or (self.planned_epochs is not None and self.epoch is not None
-                                and self.epoch >= self.planned_epochs)
+        return self.stopped or self.ended_at is not None or self._last_epoch_done
+
+    @property
+    def status(self) -> str:
+        """"running", or how the run ended: what its summary.json says (completed, stopped,
+        diverged) when the watcher could read it, else what the bus says: "stopped" (a STOP was
+        issued), "completed" (its last planned epoch), "ended" (its process said it was stopping
+        and nothing says why: interrupted, failed, or a summary this watcher cannot read)."""
+        if self.outcome is not None:
+            return self.outcome
+        if self.stopped:
+            return "stopped"
+        if self._last_epoch_done:
+            return "completed"
+        return "ended" if self.ended_at is not None else "running"
+
+    @property
+    def _last_epoch_done(self) -> bool:
+        return (self.planned_epochs is not None and self.epoch is not None
+                and self.epoch >= self.planned_epochs)
+
+    def beat(self, state: str, at: float) -> None:
+        """Its process's heartbeat: "stopping" ends the run; a later one of another state (a
+        --resume of it) starts it again."""
+        if state == "stopping":
+            if self.ended_at is None or at >= self.ended_at:
+                self.ended_at = at
+        else:
+            self.restarted(at)
+
+    def restarted(self, at: float) -> None:
+        """Something the run sent at `at`: after the end it knew of, the run goes on (resumed)."""
+        if self.ended_at is not None and at > self.ended_at:
+            self.ended_at = self.outcome = None
 
     def set_seed(self, seed: str, stage: SeedLifecycle, at: float) -> None:
         """The seed is at `stage` as of `at`, unless something newer was already said."""
@@ -124,6 +163,7 @@ class WatchState:
         message = envelope.payload
         if isinstance(message, EpochEvent):
             run = self._run(message.run_id, at)
+            run.restarted(at)
             run.epoch, run.global_step = message.epoch, message.global_step
             run.train_loss, run.validation_loss = message.train_loss, message.validation_loss
             run.validation_accuracy, run.learning_rate = (message.validation_accuracy,
@@ -163,6 +203,9 @@ class WatchState:
                                            state=message.state, last_beat_at=at,
                                            interval_s=message.interval_s,
                                            published=dict(message.published), beats=beats)
+            run = self.runs.get(message.worker_id) if message.daemon == RUN_DAEMON else None
+            if run is not None:
+                run.beat(message.state, at)
         return True
 
     def _run(self, run_id: str, at: float) -> RunView:

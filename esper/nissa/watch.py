@@ -19,6 +19,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from esper.contracts import Envelope, Topic
 from esper.errors import EsperError
@@ -31,7 +32,7 @@ from esper.nissa.reader import (
     BusReader,
     entry_order,
 )
-from esper.nissa.state import WatchState
+from esper.nissa.state import RUN_OUTCOMES, RunView, WatchState
 from esper.urza import Urza
 from esper.workspace import Workspace
 
@@ -42,6 +43,9 @@ log = logging.getLogger("esper.nissa")
 ALERT_EXIT_CODE = 4
 # Urza's counts and the groups' XINFO are read at most this often.
 REFRESH_S = 2.0
+# A run's record of how it ended, in its folder (esper.tolaria.trainer.SUMMARY_FILE; Nissa sits
+# below Tolaria and does not import it).
+RUN_SUMMARY_FILE = "summary.json"
 
 
 class Watcher:
@@ -65,6 +69,7 @@ class Watcher:
         self._urza: Urza | None = None
         self._last_refresh = 0.0
         self._planned_looked_up: set[str] = set()
+        self._outcomes_looked_up: set[tuple[str, float]] = set()  # (run, when it ended)
 
     # Events -------------------------------------------------------------------------------------
     def start(self) -> list[Envelope]:
@@ -117,18 +122,45 @@ class Watcher:
                 self._urza = Urza.open(self.workspace)
             self.state.catalog = self._urza.stats()
             for run in self.state.runs.values():
-                if run.run_id in self._planned_looked_up:
+                ended = run.ended_at is not None and run.outcome is None and (
+                    (run.run_id, run.ended_at) not in self._outcomes_looked_up)
+                if run.run_id in self._planned_looked_up and not ended:
                     continue
                 try:
                     config = json.loads(self._urza.get_run(run.run_id).config_json)
                 except EsperError:
                     continue  # not registered (yet): judged by its epoch events alone
+                if not isinstance(config, dict):
+                    continue
                 self._planned_looked_up.add(run.run_id)
-                epochs = config.get("epochs") if isinstance(config, dict) else None
+                epochs = config.get("epochs")
                 if isinstance(epochs, int):
                     run.planned_epochs = epochs
+                if ended:
+                    self._outcomes_looked_up.add((run.run_id, run.ended_at))
+                    run.outcome = self._outcome(run, config)
         except EsperError as e:
             log.warning("nissa: cannot read the catalog: %s", e)
+
+    def _outcome(self, run: RunView, config: dict) -> str | None:
+        """How a run that ended says it did: `status` of the summary.json in its folder (written
+        before its last heartbeat; the bus carries no such word), where its registered config
+        puts it (`out_dir`, relative to the workspace). None when there is none to read (a run
+        interrupted or failed, a folder elsewhere) or it is of an earlier end of the run."""
+        out_dir = config.get("out_dir", "runs")
+        if self.workspace is None or not isinstance(out_dir, str):
+            return None
+        root = Path(out_dir).expanduser()
+        path = (root if root.is_absolute() else self.workspace.root / root) / run.run_id
+        try:
+            summary = json.loads((path / RUN_SUMMARY_FILE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(summary, dict) or summary.get("status") not in RUN_OUTCOMES:
+            return None
+        if run.epoch is not None and summary.get("epochs") != run.epoch:
+            return None  # an earlier session's summary: this one ended without writing its own
+        return summary["status"]
 
     def close(self) -> None:
         self.reader.close()

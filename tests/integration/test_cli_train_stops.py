@@ -7,6 +7,7 @@ before it; a run that diverges past its rollbacks records that it diverged."""
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import signal
@@ -20,6 +21,9 @@ import yaml
 from safetensors.torch import load_file
 from tolaria_helpers import forged_workspace, same_state, short_dir, tiny_config
 
+from esper.nissa import Watcher
+from esper.nissa.dashboard import render_dashboard
+from esper.oona import stop_embedded
 from esper.tolaria.checkpoint import CheckpointStore
 from esper.tolaria.run import run_training
 
@@ -152,6 +156,45 @@ def test_a_run_that_diverges_past_its_rollbacks_records_that_it_diverged(forged)
     assert summary["epochs"] == 2 and summary["rollbacks"] == 2
     assert sorted(summary["outputs"]) == ["metrics.jsonl", "summary.json"]
     assert not (run_dir / "model.safetensors").exists()
+
+
+def test_watch_sees_that_a_diverged_run_ended_and_shows_it_diverged(forged):
+    """The same run on the workspace's bus, then `esper watch`: the run's process said it was
+    stopping (tolaria's last heartbeat) and its summary.json says diverged, so it is no stalled
+    run (before: run_stalled, exit 4, as Nissa knew only a STOP or the last planned epoch as an
+    end) and the dashboard shows it as diverged."""
+    ws, root = forged
+    config = write_config(root / "diverges-watched.yaml",
+                          **{"epochs": 4, "faults.nan_loss_epochs": [2, 3],
+                             "rollback.max_rollbacks": 1, "telemetry.bus": True})
+    rules = root / "stale.yaml"
+    rules.write_text("epoch_stale_s: 0.2\n")
+    try:
+        done = esper(ws, "train", str(config), "--run-id", "diverges-watched")
+        assert done.returncode == 1, done.stderr
+        time.sleep(0.3)  # past epoch_stale_s since its last epoch event
+        watched = esper(ws, "watch", "--once", "--alerts", str(rules), "--run",
+                        "diverges-watched")
+        assert watched.returncode == 0, watched.stdout + watched.stderr
+        assert "run_stalled" not in watched.stdout + watched.stderr
+        watcher = Watcher(ws, None, since_ms=0, run="diverges-watched", publish_alerts=False,
+                          start_embedded=False)
+        try:
+            watcher.start()
+            assert watcher.refresh(force=True) == []
+            run = watcher.state.runs["diverges-watched"]
+            assert run.finished and run.status == "diverged" and run.epoch == 2
+            from rich.console import Console
+
+            console = Console(record=True, width=200, file=io.StringIO())
+            console.print(render_dashboard(watcher.state, []))
+            (row,) = [x for x in console.export_text().splitlines() if "diverges-watched" in x
+                      and "/4" in x]
+            assert row.rstrip(" │").endswith("diverged"), row
+        finally:
+            watcher.close()
+    finally:
+        stop_embedded(ws)
 
 
 pytestmark = pytest.mark.timeout(600)

@@ -62,6 +62,39 @@ def test_state_folds_seeds_by_layer_and_filters_runs():
     assert other.runs["c"].finished
 
 
+def test_a_run_whose_process_said_it_was_stopping_has_ended_until_it_resumes():
+    from datetime import UTC, datetime
+
+    from esper.contracts import DaemonHeartbeat
+
+    def at(seconds, topic, message):
+        envelope = wrap(topic, message)
+        return envelope.model_copy(update={"timestamp": datetime.fromtimestamp(seconds, UTC)})
+
+    def beat(seconds, state):
+        return at(seconds, Topic.SYSTEM_HEARTBEATS, DaemonHeartbeat(
+            daemon="tolaria", worker_id="d", state=state, interval_s=10))
+
+    state = WatchState()
+    state.apply(at(100, Topic.SYSTEM_EVENTS_EPOCH, EpochEvent(
+        run_id="d", epoch=2, global_step=9, train_loss=0.5, validation_loss=0.6,
+        epochs_planned=4)))
+    run = state.runs["d"]
+    assert not run.finished and run.status == "running"
+    state.apply(beat(101, "stopping"))  # diverged, interrupted or failed: it ended short
+    rules = AlertRules(epoch_stale_s=10)
+    assert run.finished and run.status == "ended" and evaluate(state, rules, now=200) == []
+    run.outcome = "diverged"  # what the watcher reads in its summary.json
+    assert run.status == "diverged"
+    state.apply(beat(150, "busy"))  # --resume
+    assert not run.finished and run.outcome is None
+    assert [a.rule for a in evaluate(state, rules, now=200)] == ["run_stalled"]
+    # Another daemon's worker of the same name is not the run.
+    state.apply(at(160, Topic.SYSTEM_HEARTBEATS, DaemonHeartbeat(
+        daemon="tezzeret", worker_id="d", state="stopping", interval_s=10)))
+    assert not run.finished
+
+
 def test_plain_line_is_one_line():
     line = plain_line(wrap(Topic.LIFECYCLE_SEED_TRANSITIONS, SeedTransition(
         run_id="a", seed_id="0:0", epoch=1, from_stage=S.DORMANT, to_stage=S.GERMINATED,
