@@ -302,7 +302,11 @@ def build_model(spec: ModelConfig | Mapping[str, Any] | str, input_shape: Sequen
     if spec.name not in ZOO:
         accepted = _parameter_names(builder)
         given = {k: v for k, v in given.items() if k in accepted}
-    model = builder(**given, **spec.kwargs)
+    try:
+        model = builder(**given, **spec.kwargs)
+    except Exception as e:  # noqa: BLE001 - the user's constructor: any error is the model's
+        raise BadInputError(f"field 'model.name': building {spec.name!r} raised "
+                            f"{type(e).__name__}: {e}") from None
     if not isinstance(model, nn.Module):
         raise BadInputError(f"field 'model.name': {spec.name!r} returned a {type(model).__name__}, "
                             "not a torch.nn.Module")

@@ -128,6 +128,34 @@ def test_a_model_module_that_fails_on_import_is_named_and_leaves_no_run(ws, tmp_
     assert rerun.returncode == 0, rerun.stderr
 
 
+@pytest.mark.parametrize("source", [
+    ("from torch import nn\n\nclass Model(nn.Module):\n"
+     "    def __init__(self, input_shape, out_dim, widths):\n"
+     "        raise ValueError('widths must be positive')\n"),
+    "def Model(input_shape, out_dim, widths):\n    raise ValueError('widths must be positive')\n",
+], ids=["class", "function"])
+def test_a_model_that_raises_as_it_is_built_is_named_and_leaves_no_run(ws, tmp_path, source):
+    """The model's module imports, but building the model raises: one line naming the model
+    and the error, exit 2, no run folder; the same --run-id runs once the model is fixed."""
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(epochs=1).model_dump(mode="json")))
+    module = tmp_path / "my_model_ctor.py"
+    module.write_text(source)
+    command = [str(Path(sys.executable).parent / "esper"), "--workspace", str(ws.root), "train",
+               str(config), "model.name=my_model_ctor:Model", "--run-id", "mine"]
+
+    def train() -> subprocess.CompletedProcess:
+        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True,
+                              timeout=300, check=False)
+
+    one_error_line(train(), 2, "field 'model.name'", "'my_model_ctor:Model'",
+                   "ValueError: widths must be positive")
+    assert not (ws.runs_dir / "mine").exists()
+    module.write_text("from esper.tolaria.models import MLP as Model\n")
+    rerun = train()
+    assert rerun.returncode == 0, rerun.stderr
+
+
 @pytest.mark.parametrize(("name", "expected"), [
     ("irs", "is a directory"), ("/dev/null", "not a regular file"),
     ("missing.json", "no such file"),
