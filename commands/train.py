@@ -120,18 +120,16 @@ def _sigterm_interrupts() -> Iterator[None]:
 
 def _saved_config(resume: str, workspace, changes: list[str]):
     """A resumed run's saved config with --epochs/--device/--out applied."""
-    import json
-
     from esper.tolaria.config import TrainConfig, apply_override
-    from esper.tolaria.run import find_run
+    from esper.tolaria.run import find_run, saved_config
     from esper.tolaria.trainer import CONFIG_FILE
 
     out_dir = next((c.split("=", 1)[1] for c in changes if c.startswith("out_dir=")), None)
-    path = find_run(resume, workspace, out_dir) / CONFIG_FILE
-    data = json.loads(path.read_text())
+    run_dir = find_run(resume, workspace, out_dir)
+    data = saved_config(run_dir).model_dump(mode="json")
     for change in changes:
-        apply_override(data, change, str(path))
-    return TrainConfig.from_mapping(data, source=str(path))
+        apply_override(data, change, str(run_dir / CONFIG_FILE))
+    return TrainConfig.from_mapping(data, source=str(run_dir / CONFIG_FILE))
 
 
 class _Progress:

@@ -25,14 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from filelock import FileLock, Timeout
+from pydantic import ValidationError
 from torch import nn
 
 import kasmina
 from esper.contracts import KernelQuery
-from esper.errors import BadInputError, NotFoundError
+from esper.errors import BadInputError, IntegrityError, NotFoundError
 from esper.oona import check_url
 from esper.tolaria.checkpoint import seed_everything
-from esper.tolaria.config import TrainConfig
+from esper.tolaria.config import TrainConfig, describe_problems, validation_problems
 from esper.tolaria.data import build_data
 from esper.tolaria.export import ModelOrigin
 from esper.tolaria.models import build_model, freeze_host, init_host
@@ -91,6 +92,34 @@ def find_run(run: str | os.PathLike[str], workspace: Any, out_dir: str | None = 
     raise NotFoundError(f"no run {str(run)!r} (neither a run directory nor a run id under {root})")
 
 
+def saved_config(run_dir: Path) -> TrainConfig:
+    """The config a run saved in its folder as it began (config.json), for --resume.
+
+    Tolaria wrote it, validated, with an atomic write; one that does not read back as a run
+    config (not UTF-8 JSON, not an object, a field no config has) is damaged, as a checkpoint
+    that does not verify is: IntegrityError (exit 3) naming the file; an unreadable one is
+    BadInputError (exit 2)."""
+    path = run_dir / CONFIG_FILE
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise IntegrityError(f"{path}: damaged run config: not UTF-8 text") from None
+    except OSError as e:
+        raise BadInputError(f"{path}: cannot read the run's config ({e.strerror or e})") from None
+    try:
+        data = json.loads(text)
+    except ValueError as e:
+        raise IntegrityError(f"{path}: damaged run config: not JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise IntegrityError(f"{path}: damaged run config: a JSON {type(data).__name__}, "
+                             "not an object")
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as e:
+        problem = describe_problems(validation_problems(e)).removeprefix("invalid run config: ")
+        raise IntegrityError(f"{path}: damaged run config: {problem}") from None
+
+
 def run_training(config: TrainConfig | None, *, workspace: Any = None, redis_url: str | None = None,
                  resume: str | os.PathLike[str] | None = None, progress: Progress | None = None,
                  run_id: str | None = None) -> RunResult:
@@ -105,8 +134,7 @@ def run_training(config: TrainConfig | None, *, workspace: Any = None, redis_url
         check_url(redis_url)
     if resume is not None:
         run_dir = find_run(resume, workspace, config.out_dir if config is not None else None)
-        saved = TrainConfig.from_mapping(json.loads((run_dir / CONFIG_FILE).read_text()),
-                                         source=str(run_dir / CONFIG_FILE))
+        saved = saved_config(run_dir)
         return _train(_resumable(saved, config), saved, run_dir.name, run_dir, workspace,
                       redis_url, True, progress)
     if config is None:
@@ -218,4 +246,4 @@ def _resumable(saved: TrainConfig, given: TrainConfig | None) -> TrainConfig:
     return saved.model_copy(update={k: getattr(given, k) for k in RESUMABLE_CHANGES})
 
 
-__all__: Sequence[str] = ("RunResult", "find_run", "run_training", "runs_root")
+__all__: Sequence[str] = ("RunResult", "find_run", "run_training", "runs_root", "saved_config")

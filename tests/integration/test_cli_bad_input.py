@@ -156,6 +156,29 @@ def test_a_model_that_raises_as_it_is_built_is_named_and_leaves_no_run(ws, tmp_p
     assert rerun.returncode == 0, rerun.stderr
 
 
+@pytest.mark.parametrize(("damage", "expected"), [
+    (b'{"name": "tiny", "epo', "not JSON (Unterminated string"),
+    (PNG, "not UTF-8 text"),
+    (b'["tiny"]', "a JSON list, not an object"),
+    (b'"tiny"', "a JSON str, not an object"),
+    (json.dumps({**tiny_config().model_dump(mode="json"), "epochs": "many"}).encode(),
+     "field 'epochs': Input should be a valid integer"),
+], ids=["truncated", "binary", "list", "string", "field"])
+@pytest.mark.parametrize("extra", [[], ["--epochs", "3"]], ids=["resume", "resume-epochs"])
+def test_a_damaged_saved_run_config_is_named_exit_3(ws, damage, expected, extra):
+    """config.json is Tolaria's, written validated as the run began: one that does not read
+    back is damaged, exit 3 as for a checkpoint that does not verify (was an internal
+    JSONDecodeError or UnicodeDecodeError, exit 1, or exit 2 for a list). Nothing is written."""
+    run_dir = ws.runs_dir / "damaged"
+    run_dir.mkdir(parents=True)
+    config = run_dir / "config.json"
+    config.write_bytes(damage)
+    one_error_line(esper(ws, "train", "--resume", "damaged", *extra), 3, str(config),
+                   "damaged run config", expected)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json"]
+    assert config.read_bytes() == damage
+
+
 @pytest.mark.parametrize(("name", "expected"), [
     ("irs", "is a directory"), ("/dev/null", "not a regular file"),
     ("missing.json", "no such file"),
