@@ -115,8 +115,22 @@ def wrap(model: nn.Module, config: KasminaConfig | dict[str, Any] | None = None,
     types = {"linear": nn.Linear, "conv2d": nn.Conv2d}
     chosen: list[tuple[str, nn.Module, KernelInterface]] = []
     claimed: list[str] = []
+    # Every path of every module: a module shared by several parents (tied) is one host, wrapped
+    # once and replaced at each of its paths, so the model stays tied to the one layer.
+    aliases: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(module), []).append(path)
     modules = dict(model.named_modules())
+    # A model wrapped before: its layers keep their ids and their hosts stay as they are.
+    wrapped = [p for p, m in modules.items() if isinstance(m, KasminaLayer)]
+    first_id = 1 + max((modules[p].layer_id for p in wrapped), default=-1)
     for path, module in modules.items():
+        inside = next((w for w in wrapped if w == "" or path.startswith(w + ".")), None)
+        if inside is not None:
+            if config.include and any(_matches(path, p) for p in config.include):
+                raise BadInputError(f"kasmina: cannot wrap {path}: it is inside the KasminaLayer "
+                                    f"{inside or '(root)'} (the model is already wrapped there)")
+            continue
         if isinstance(module, KasminaLayer) or any(path.startswith(c + ".") for c in claimed):
             continue
         excluded = any(_matches(path, p) for p in config.exclude)
@@ -143,26 +157,32 @@ def wrap(model: nn.Module, config: KasminaConfig | dict[str, Any] | None = None,
         chosen.append((path, module, interface))
         claimed.append(path)
 
-    for layer_id, (path, module, interface) in enumerate(chosen):
+    layers_by_path = []
+    for layer_id, (path, module, interface) in enumerate(chosen, start=first_id):
         if config.chunk_width is not None:
             if interface.out_features % config.chunk_width:
-                raise BadInputError(f"kasmina: layer {path}: chunk_width {config.chunk_width} does "
-                                    f"not divide its {interface.out_features} outputs")
+                raise BadInputError(f"kasmina: layer {path or '(root)'}: chunk_width "
+                                    f"{config.chunk_width} does not divide its "
+                                    f"{interface.out_features} outputs")
             seeds = interface.out_features // config.chunk_width
         else:
             seeds = config.seeds_per_layer
             if interface.out_features % seeds:
-                raise BadInputError(f"kasmina: layer {path}: seeds_per_layer {seeds} does not "
-                                    f"divide its {interface.out_features} outputs")
-        layer = KasminaLayer(module, interface, seeds, layer_id=layer_id, layer_name=path,
-                             config=config, cache=cache)
-        if path == "":
-            model = layer
-        else:
-            parent_path, _, name = path.rpartition(".")
-            setattr(model.get_submodule(parent_path), name, layer)
-        report.layers.append(WrappedLayer(layer_id, path, interface.kind, seeds, layer.chunk_width,
-                                          layer.seed_interface))
+                raise BadInputError(f"kasmina: layer {path or '(root)'}: seeds_per_layer {seeds} "
+                                    f"does not divide its {interface.out_features} outputs")
+        layers_by_path.append((path, module, KasminaLayer(
+            module, interface, seeds, layer_id=layer_id, layer_name=path, config=config,
+            cache=cache)))
+    # Replace only once every layer is built: a bad chunk count leaves the model untouched.
+    for path, module, layer in layers_by_path:
+        for alias in aliases[id(module)]:
+            if alias == "":
+                model = layer
+            else:
+                parent_path, _, name = alias.rpartition(".")
+                setattr(model.get_submodule(parent_path), name, layer)
+        report.layers.append(WrappedLayer(layer.layer_id, path, layer.interface.kind, layer.seeds,
+                                          layer.chunk_width, layer.seed_interface))
     return model, report
 
 
