@@ -144,8 +144,10 @@ class _Progress:
         if event.kind == "notice":
             self._line(Text.assemble(("note", "yellow"), f" {event.text}"), event.text)
         elif event.kind == "rollback":
-            what = f" to epoch {event.epoch}: {event.text}"
-            self._line(Text.assemble(("rollback", "red"), what), "rollback" + what)
+            # The text says which epoch failed, why, where the run went back to, what was
+            # quarantined; a rollback is not also shown as a note.
+            self._line(Text.assemble(("rollback", "red"), f": {event.text}"),
+                       f"rollback: {event.text}")
         elif event.kind == "start":
             self.run_id = event.run_id
             self._start(event)

@@ -114,7 +114,8 @@ class ProgressEvent:
       `steps` the steps per epoch;
     - `step`: step `step` of `steps` of epoch `epoch` finished (no loss: reading it would sync);
     - `epoch`: epoch `epoch` finished; `record` is its metrics.jsonl line;
-    - `rollback`: the run went back to epoch `epoch`; `text` says why;
+    - `rollback`: the run went back to epoch `epoch`; `text` says why (the summary keeps it
+      among its notices; no `notice` event repeats it);
     - `notice`: something the user should read once (`text`);
     - `end`: the run is over; `record` is the summary.
     """
@@ -680,8 +681,8 @@ class TolariaTrainer:
         self._freeze_heap()
         text = (f"epoch {epoch}: {reason}; rolled back to epoch {self.epoch}"
                 + (f", seed {suspect} quarantined (ROLLED_BACK)" if suspect else ""))
-        self._notice(text, once=False)
-        self._emit("rollback", epoch=self.epoch, text=text)
+        # One line: a "rollback" event (the display's red line), recorded as a notice.
+        self._notice(text, once=False, kind="rollback", epoch=self.epoch)
 
     # --- checkpoints -----------------------------------------------------------------
 
@@ -771,7 +772,10 @@ class TolariaTrainer:
         lines = "".join(json.dumps(r, sort_keys=True) + "\n" for r in self.history.epochs)
         atomic_write_text(self.run_dir / METRICS_FILE, lines)
 
-    def _notice(self, text: str, *, once: bool = True) -> None:
+    def _notice(self, text: str, *, once: bool = True, kind: str = "notice",
+                **fields: Any) -> None:
+        """Say `text` once (unless not `once`): in the summary's notices, and as one progress
+        event of `kind` (a notice, or a rollback with its `epoch`) or else one log line."""
         if once and text in self._said:
             return
         self._said.add(text)
@@ -779,7 +783,7 @@ class TolariaTrainer:
             self.history.notices.append(text)
         # Said once: by the progress display when there is one (`esper train`), else in the log.
         log.log(logging.INFO if self.progress is None else logging.DEBUG, "tolaria: %s", text)
-        self._emit("notice", text=text)
+        self._emit(kind, text=text, **fields)
 
     def _emit(self, kind: str, **fields: Any) -> None:
         if self.progress is not None:

@@ -158,6 +158,21 @@ def test_a_run_that_diverges_past_its_rollbacks_records_that_it_diverged(forged)
     assert not (run_dir / "model.safetensors").exists()
 
 
+def test_a_rollback_is_one_line_on_stderr(forged):
+    """A NaN loss at epoch 2: the run rolls back once and completes. stderr says so once, on
+    the rollback line (before: also as a 'note' line of the same text)."""
+    ws, root = forged
+    config = write_config(root / "rolls-back.yaml", **{"epochs": 3, "faults.nan_loss_epochs": [2]})
+    done = esper(ws, "train", str(config), "--run-id", "rolls-back")
+    assert done.returncode == 0, done.stderr
+    lines = [x for x in done.stderr.splitlines() if "rolled back" in x]
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("rollback: epoch 2: non-finite") and "to epoch 1" in lines[0]
+    summary = json.loads((ws.root / "runs" / "rolls-back" / "summary.json").read_text())
+    assert summary["rollbacks"] == 1
+    assert [n for n in summary["notices"] if "rolled back" in n] == [lines[0][len("rollback: "):]]
+
+
 def test_watch_sees_that_a_diverged_run_ended_and_shows_it_diverged(forged):
     """The same run on the workspace's bus, then `esper watch`: the run's process said it was
     stopping (tolaria's last heartbeat) and its summary.json says diverged, so it is no stalled
