@@ -259,15 +259,5 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, model: nn.Module,
     optimizer.load_state_dict({"state": per_param, "param_groups": groups})
 
 
-def find_run_checkpoint(run_dir: Path) -> Checkpoint:
-    """The newest checkpoint of a run, for --resume."""
-    store = CheckpointStore(Path(run_dir) / "checkpoints")
-    latest = store.latest()
-    if latest is None:
-        raise NotFoundError(f"{run_dir}: no checkpoint to resume from")
-    return latest
-
-
-__all__ = ["Checkpoint", "CheckpointStore", "capture_rng", "find_run_checkpoint",
-           "load_optimizer_state", "optimizer_state", "parameter_names", "restore_rng",
-           "seed_everything"]
+__all__ = ["Checkpoint", "CheckpointStore", "capture_rng", "load_optimizer_state",
+           "optimizer_state", "parameter_names", "restore_rng", "seed_everything"]
