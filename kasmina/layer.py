@@ -883,12 +883,22 @@ class KasminaLayer(nn.Module):
     # --- device moves and checkpoints ---------------------------------------------------------
 
     def _apply(self, fn, recurse=True):
+        from_meta = self.state.alpha.is_meta
         module = super()._apply(fn, recurse)
         grad = self._probe.grad
         device = fn(self._probe.detach()).device  # the probe keeps float64 through .half() etc.
-        self._probe = self._probe.detach().to(device).requires_grad_()
-        if grad is not None:
-            self._probe.grad = grad.to(device)
+        if from_meta and device.type != "meta":
+            # `to_empty` of a layer built on the meta device: its buffers hold no data, so the
+            # seed state is what the host mirror says (fresh, until a state dict is loaded).
+            self._probe = kernels.new_probe(self.seeds, device)
+            self.state = SeedState(self.seeds).to(device)
+            self.state.write_control(self._control)
+            self.loss_ema = torch.full((), float("nan"), device=device)
+            self.meta = torch.zeros(0, dtype=torch.uint8, device=device)
+        else:
+            self._probe = self._probe.detach().to(device).requires_grad_()
+            if grad is not None:
+                self._probe.grad = grad.to(device)
         self._plan = self._build_plan()
         self._warmed = set()  # warm-ups are per device
         return module
@@ -909,15 +919,14 @@ class KasminaLayer(nn.Module):
         if meta_key in state_dict and prefix + "loss_ema" not in state_dict:  # saved before it was kept
             state_dict[prefix + "loss_ema"] = torch.full((), float("nan"))
         if meta_key in state_dict and lifecycle_key in state_dict:
-            meta = json.loads(bytes(state_dict[meta_key].cpu().numpy().tobytes()).decode())
-            if meta.get("format") != META_FORMAT:
-                error_msgs.append(f"{prefix}meta: unknown format {meta.get('format')!r}")
+            read = _read_saved_state(state_dict, prefix, self.seeds, self._control)
+            if isinstance(read, str):
+                error_msgs.append(read)  # the layer keeps the state it had
                 return
+            meta, control = read
             self._kernel_table = list(meta["kernel_table"])
             self._step, self._epoch = int(meta["step"]), int(meta["epoch"])
             self.meta = torch.empty_like(state_dict[meta_key], device=self.meta.device)
-            control = {name: state_dict[prefix + "state." + name].cpu().numpy().copy()
-                       for name in self._control}
             self._rebuild_banks({}, control)  # empty, then filled by the recursive load
             for bank in self.banks.values():
                 for p in bank.parameters():
@@ -934,6 +943,40 @@ class KasminaLayer(nn.Module):
     def extra_repr(self) -> str:
         return (f"layer_id={self.layer_id}, name={self.layer_name!r}, seeds={self.seeds}, "
                 f"chunk_width={self.chunk_width}, interface={self.interface}")
+
+
+def _read_saved_state(state_dict, prefix: str, seeds: int, current: dict[str, np.ndarray]
+                      ) -> tuple[dict, dict[str, np.ndarray]] | str:
+    """The saved layer record and control arrays, or the reason they cannot be taken (a record
+    that is not this format's, a control array of another seed count, a code out of range)."""
+    where = f"{prefix}meta"
+    try:
+        meta = json.loads(bytes(state_dict[where].cpu().numpy().tobytes()).decode())
+    except (ValueError, TypeError, RuntimeError) as e:  # not UTF-8 JSON, not a byte tensor
+        return f"{where}: not a Kasmina layer record ({type(e).__name__}: {e})"
+    if not isinstance(meta, dict) or meta.get("format") != META_FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        return f"{where}: unknown format {found!r}"
+    table = meta.get("kernel_table")
+    if (not isinstance(table, list) or not all(isinstance(k, str) for k in table)
+            or any(not isinstance(meta.get(k), int) for k in ("step", "epoch"))):
+        return f"{where}: kernel_table (a list of ids), step and epoch (integers) are required"
+    control = {}
+    for name, like in current.items():
+        key = f"{prefix}state.{name}"
+        if key not in state_dict:
+            return f"{key}: missing"
+        saved = state_dict[key].cpu().numpy().copy()
+        if saved.shape != like.shape:
+            return f"{key}: {tuple(saved.shape)} values for {seeds} seeds"
+        control[name] = saved
+    if int(control["lifecycle"].max(initial=0)) >= len(S):
+        return f"{prefix}state.lifecycle: a code that is no lifecycle stage"
+    for seed, (code, slot) in enumerate(zip(control["lifecycle"], control["kernel_slot"])):
+        if S.from_code(int(code)) in HAS_KERNEL and not 0 <= int(slot) < len(table):
+            return (f"{prefix}state.kernel_slot: seed {seed} names kernel {int(slot)} of the "
+                    f"{len(table)} in {where}")
+    return meta, control
 
 
 def _after_load(layer: KasminaLayer, incompatible_keys) -> None:

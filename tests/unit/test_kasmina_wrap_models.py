@@ -98,3 +98,79 @@ def test_a_module_shared_by_two_parents_is_one_layer_at_both_places():
     restored, _ = kasmina.wrap(Tied(), {"seeds_per_layer": 2}, kernel_source=source)
     restored.load_state_dict(model.state_dict())
     assert restored.second is restored.first and torch.equal(restored(x), grafted)
+
+
+def grafted_mlp():
+    """A wrapped mlp() whose layer 0 has a seed GRAFTING at alpha 0.5 with non-zero weights."""
+    source = kasmina.BlueprintKernelSource()
+    model, _ = kasmina.wrap(mlp(), {"seeds_per_layer": 2}, kernel_source=source)
+    layer = kasmina.layers(model)[0]
+    kernel = source.add(LIBRARY["mlp_gelu_w8"], layer.seed_interface)
+    for stage in (S.GERMINATED, S.LOADING, S.GRAFTING):
+        layer.transition(1, stage, kernel_artifact_id=kernel if stage is S.GERMINATED else None)
+    with torch.no_grad():
+        layer.state.alpha.fill_(0.5)
+        for p in layer.seed_parameters():
+            p.add_(0.25)
+    return model, source
+
+
+def test_a_model_wrapped_on_the_meta_device_is_materialized_by_to_empty():
+    x = torch.randn(3, 4)
+    trained, source = grafted_mlp()
+    with torch.device("meta"):
+        skeleton = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+    model, _ = kasmina.wrap(skeleton, {"seeds_per_layer": 2}, kernel_source=source)
+    assert model(torch.randn(3, 4, device="meta")).is_meta
+    model = model.to_empty(device="cpu")  # was NotImplementedError: cannot copy out of meta
+    model.load_state_dict(trained.state_dict())
+    assert kasmina.layers(model)[0].stages == [S.DORMANT, S.GRAFTING]
+    assert torch.equal(model(x), trained(x))
+    assert all(layer.rollback_requested is None for layer in kasmina.layers(model))
+
+
+def test_a_meta_wrap_given_host_weights_only_has_fresh_seed_state_not_garbage():
+    host = mlp()
+    x = torch.randn(3, 4)
+    with torch.device("meta"):
+        skeleton = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 4))
+    model, _ = kasmina.wrap(skeleton, {"seeds_per_layer": 2})
+    model = model.to_empty(device="cpu")
+    for i in (0, 2):
+        model[i].host.load_state_dict(host[i].state_dict())
+    assert torch.equal(model(x), host(x))
+    # The seed state is the fresh one: no corrupt-state rollback at the first boundary.
+    assert [layer.verify_state() for layer in kasmina.layers(model)] == [None, None]
+    kasmina.on_epoch_end(model, 1)
+    assert kasmina.rollback_requests(model) == []
+    assert all(layer.stages == [S.DORMANT, S.DORMANT] for layer in kasmina.layers(model))
+
+
+def _meta_bytes(text: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(text), dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("edit,named", [
+    (lambda s: s.__setitem__("0.meta", _meta_bytes(b"\xff\x00garbage")), "0.meta: not a Kasmina"),
+    (lambda s: s.__setitem__("0.meta", _meta_bytes(b"[1, 2]")), "0.meta: unknown format 'list'"),
+    (lambda s: s.__setitem__("0.meta", _meta_bytes(b'{"format": "kasmina.layer/1"}')),
+     "0.meta: kernel_table"),
+    (lambda s: s.__setitem__("0.state.lifecycle", torch.zeros(3, dtype=torch.uint8)),
+     r"0.state.lifecycle: \(3,\) values for 2 seeds"),
+    (lambda s: s.__setitem__("0.state.lifecycle", torch.full((2,), 200, dtype=torch.uint8)),
+     "0.state.lifecycle: a code that is no lifecycle stage"),
+    (lambda s: s.__setitem__("0.state.kernel_slot", torch.full((2,), 7, dtype=torch.int32)),
+     "0.state.kernel_slot: seed 1 names kernel 7 of the 1"),
+])
+def test_a_damaged_layer_record_is_named_by_load_state_dict(edit, named):
+    """torch's own load error, naming the key (was a JSONDecodeError, KeyError, IndexError or
+    ValueError from inside the layer's hook). The seeds are not rebuilt from the record; the
+    tensors torch copies anyway are its business, and the checksum catches those."""
+    trained, source = grafted_mlp()
+    state = dict(trained.state_dict())
+    edit(state)
+    model, _ = kasmina.wrap(mlp(), {"seeds_per_layer": 2}, kernel_source=source)
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=named):
+            model.load_state_dict(state, strict=strict)
+    assert kasmina.layers(model)[0].stages == [S.DORMANT, S.DORMANT]
