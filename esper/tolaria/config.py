@@ -190,9 +190,17 @@ class TelemetryConfig(_Strict):
 
     @field_validator("redis_url")
     @classmethod
-    def _redis_scheme(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError("expected a redis://, rediss:// or unix:// URL")
+    def _redis_url(cls, value: str | None) -> str | None:
+        """Oona's own rule (`esper.oona.check_url`: the scheme, a host, a port that is a number),
+        here rather than as a warning from the bus thread once the run has started."""
+        if value is not None:
+            from esper.errors import BadInputError
+            from esper.oona import check_url  # redis: only for a config that names a URL
+
+            try:
+                check_url(value)
+            except BadInputError as e:
+                raise ValueError(str(e)) from None
         return value
 
 

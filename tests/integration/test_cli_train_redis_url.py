@@ -39,6 +39,29 @@ def test_a_malformed_redis_url_is_refused_before_the_run_starts(setup, url, expe
         assert not (ws.root / "runs" / "bad-url").exists()
 
 
+@pytest.mark.parametrize(("url", "expected"), [
+    ("redis://", "no host"),
+    ("redis://localhost:notaport/0", "Port could not be cast"),
+    ("unix://", "needs the socket's path"),
+    ("localhost:6379", "the scheme must be redis://, rediss:// or unix://"),
+])
+def test_a_malformed_redis_url_in_the_config_is_its_field(setup, url, expected):
+    """telemetry.redis_url is checked by the same rule as --redis-url, when the config is read:
+    exit 2 naming the file and the field (before: a URL with a scheme but no host or port
+    passed, the run trained without a bus and only warned)."""
+    ws, config = setup
+    data = yaml.safe_load(config.read_text())
+    data["telemetry"]["redis_url"] = url
+    config.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(app, ["--workspace", str(ws.root), "train", str(config),
+                                      "--run-id", "bad-url"])
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith(f"error: {config}: ") and "field 'telemetry.redis_url'" in line
+    assert expected in line and "internal error" not in line
+    assert not (ws.root / "runs" / "bad-url").exists()
+
+
 def test_an_unreachable_redis_still_trains_without_the_bus(setup):
     ws, config = setup
     result = CliRunner().invoke(app, ["--workspace", str(ws.root), "--json", "--redis-url",
