@@ -13,14 +13,14 @@ import stat
 import subprocess
 
 import pytest
+from catalog_helpers import mlp_ir
+from process_helpers import ESPER
 from typer.testing import CliRunner
 
 from esper.errors import IntegrityError
 from esper.urza import Urza
 from esper.workspace import Workspace
 from esper_cli.main import app
-from tests.catalog_helpers import mlp_ir
-from tests.process_helpers import ESPER
 
 
 def esper(ws: Workspace, *args: str):

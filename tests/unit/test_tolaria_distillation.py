@@ -7,10 +7,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from tolaria_helpers import tiny_config
 
 from esper.errors import BadInputError
 from esper.tolaria.trainer import distillation
-from tests.tolaria_helpers import tiny_config
 
 
 def test_zero_when_the_outputs_match_and_the_scaled_kl_otherwise():
