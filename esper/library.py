@@ -19,11 +19,13 @@ from pathlib import Path
 from esper._fs import replace_file
 from esper.blueprints import (
     BlueprintIR,
+    BlueprintValidationError,
     canonical_json,
     load_ir,
     standard_library,
     validate,
 )
+from esper.blueprints.ir import MAX_IR_BYTES
 from esper.contracts import Blueprint, BlueprintSubmitted, Topic
 from esper.errors import BadInputError, BusUnavailableError, EsperError, NotFoundError
 from esper.oona import Oona
@@ -63,7 +65,12 @@ def read_ir_files(paths: list[Path]) -> list[tuple[BlueprintIR, str]]:
         if not path.is_file():
             raise BadInputError(f"{path}: not a regular file")
         try:
-            data = path.read_bytes()
+            size = path.stat().st_size
+            if size > MAX_IR_BYTES:  # refused unread: a file of any size costs nothing
+                raise BlueprintValidationError("schema", f"the IR is {size} bytes; the limit is "
+                                               f"{MAX_IR_BYTES}", source=str(path))
+            with path.open("rb") as f:
+                data = f.read(MAX_IR_BYTES + 1)  # one that grew since is still refused
         except OSError as e:
             raise BadInputError(f"{path}: cannot read ({e.strerror or e})") from None
         irs.append((load_ir(data, source=str(path)), str(path)))

@@ -191,6 +191,27 @@ def test_library_import_says_what_is_there_instead_of_a_file(ws, tmp_path, name,
     assert esper(ws, "--json", "library", "stats").stdout == before
 
 
+def test_library_import_refuses_an_oversized_file_without_reading_it(ws, tmp_path):
+    """An 8 GiB (sparse) file, imported by the real `esper` under a 1 GiB address-space limit:
+    the size limit is checked on the file's size before a byte is read (before: the whole file
+    was read first, here a MemoryError, an internal error)."""
+    import resource
+
+    path = tmp_path / "huge.json"
+    with path.open("wb") as f:
+        f.truncate(8 << 30)
+    before = esper(ws, "--json", "library", "stats").stdout
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    result = subprocess.run([str(Path(sys.executable).parent / "esper"), "--workspace",
+                             str(ws.root), "library", "import", str(path)], capture_output=True,
+                            text=True, timeout=120, check=False, preexec_fn=limit)
+    one_error_line(result, 2, str(path), f"the IR is {8 << 30} bytes; the limit is 1048576")
+    assert esper(ws, "--json", "library", "stats").stdout == before
+
+
 @pytest.mark.parametrize("role", ["forge", "bench"])
 @pytest.mark.parametrize("damage", ["garble", "remove"])
 def test_library_verify_finds_a_damaged_public_key_before_anything_is_signed(ws, role, damage):
