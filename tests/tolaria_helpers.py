@@ -7,10 +7,14 @@ tested with Urabrask.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from catalog_helpers import library_ir, plant
 
@@ -19,6 +23,8 @@ from esper.contracts import LATENCY_MS, MEMORY_MB, UrabraskValidationReport
 from esper.tolaria.config import TrainConfig
 from esper.urza import Urza
 from esper.workspace import Workspace
+
+ESPER = str(Path(sys.executable).parent / "esper")
 
 # The tiny run's seeds: layers.1 of an MLP 32 -> 32, two seeds of 16 outputs.
 INTERFACE = "linear:32:16"
@@ -100,3 +106,26 @@ def reversed_digits(*, seed: int, val_fraction: float):
 
     bundle = digits(seed=seed, val_fraction=val_fraction)
     return tuple((x, 9 - y) for x, y in (part.tensors for part in (bundle.train, bundle.val)))
+
+
+def signal_mid_epoch(ws: Workspace, config: Path, run_id: str, signum: int,
+                     epoch: int = 4) -> tuple[int, str]:
+    """Start `esper train CONFIG --run-id RUN_ID` in a subprocess, let it finish `epoch` epochs,
+    send `signum` a moment into the next one and wait for it to end: its exit code and stderr.
+    The config's epochs must be long enough (steps) for that moment to land inside one."""
+    proc = subprocess.Popen([ESPER, "--workspace", str(ws.root), "train", str(config),
+                             "--run-id", run_id], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = ws.root / "runs" / run_id / "metrics.jsonl"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= epoch:
+            break
+        time.sleep(0.01)
+    else:
+        proc.kill()
+        pytest.fail(f"the run never reached epoch {epoch}: {proc.communicate()[1][-2000:]}")
+    time.sleep(0.05)  # into the next epoch
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=60)
+    return proc.returncode, stderr

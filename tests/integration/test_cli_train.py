@@ -9,19 +9,22 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from safetensors.torch import load_file
-from tolaria_helpers import forged_workspace, same_state, short_dir, tiny_config
+from tolaria_helpers import (
+    ESPER,
+    forged_workspace,
+    same_state,
+    short_dir,
+    signal_mid_epoch,
+    tiny_config,
+)
 from typer.testing import CliRunner
 
 from esper_cli.main import app
-
-ESPER = str(Path(sys.executable).parent / "esper")
 
 
 @pytest.fixture(scope="module")
@@ -89,21 +92,8 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(forge
     whole = esper(ws, "train", str(config), "--run-id", "whole")
     assert whole.returncode == 0, whole.stderr
 
-    proc = subprocess.Popen([ESPER, "--workspace", str(ws.root), "train", str(config),
-                             "--run-id", "killed"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    signal_mid_epoch(ws, config, "killed", signal.SIGKILL)
     metrics = ws.root / "runs" / "killed" / "metrics.jsonl"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 4:
-            break
-        time.sleep(0.01)
-    else:
-        proc.kill()
-        pytest.fail(f"the run never reached epoch 4: {proc.communicate()[1][-2000:]}")
-    time.sleep(0.05)  # into the next epoch
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=30)
     reached = len(metrics.read_text().splitlines())
     assert reached < 12, "the run finished before the kill; lengthen it"
 

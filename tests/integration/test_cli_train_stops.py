@@ -12,14 +12,20 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 from safetensors.torch import load_file
-from tolaria_helpers import forged_workspace, same_state, short_dir, tiny_config
+from tolaria_helpers import (
+    ESPER,
+    forged_workspace,
+    same_state,
+    short_dir,
+    signal_mid_epoch,
+    tiny_config,
+)
 
 from esper.nissa import Watcher
 from esper.nissa.dashboard import render_dashboard
@@ -27,7 +33,6 @@ from esper.oona import stop_embedded
 from esper.tolaria.checkpoint import CheckpointStore
 from esper.tolaria.run import run_training
 
-ESPER = str(Path(sys.executable).parent / "esper")
 # 25 steps an epoch, so that a signal lands inside one.
 LONG = {"data.kwargs": {"n_samples": 1600}}
 
@@ -64,22 +69,9 @@ def test_a_signal_mid_epoch_stops_cleanly_and_resume_ends_with_the_uninterrupted
     ws, root = forged
     config = write_config(root / "long.yaml", **LONG)
     run = f"stopped-{signum.name.lower()}"
-    proc = subprocess.Popen([ESPER, "--workspace", str(ws.root), "train", str(config),
-                             "--run-id", run], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    code, stderr = signal_mid_epoch(ws, config, run, signum)
+    assert code == 130, stderr[-2000:]
     metrics = ws.root / "runs" / run / "metrics.jsonl"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        if metrics.is_file() and len(metrics.read_text().splitlines()) >= 4:
-            break
-        time.sleep(0.01)
-    else:
-        proc.kill()
-        pytest.fail(f"the run never reached epoch 4: {proc.communicate()[1][-2000:]}")
-    time.sleep(0.05)  # into the next epoch
-    proc.send_signal(signum)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == 130, stderr[-2000:]
     reached = len(metrics.read_text().splitlines())
     assert reached < 12, "the run finished before the signal; lengthen it"
     assert f"interrupted: run {run} continues from its last checkpoint with `esper train " \
