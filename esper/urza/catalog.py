@@ -57,7 +57,8 @@ class Urza(BlueprintCatalog, KernelCatalog, RecordCatalog):
         created. A damaged file is an IntegrityError, an unwritable one an EsperError, each
         naming the file."""
         workspace.require()
-        _refuse_replacing_catalog(workspace, _catalog_file_state(workspace.db_path))
+        _refuse_replacing_catalog(workspace, _catalog_file_state(workspace.db_path),
+                                  look_again=True)
         try:
             db = connect(workspace.db_path, busy_timeout_s)
         except sqlite3.Error as e:
@@ -282,12 +283,20 @@ def _catalog_file_state(path) -> str | None:
     return "an empty file" if info.st_size == 0 else None
 
 
-def _refuse_replacing_catalog(workspace: Workspace, state: str | None) -> None:
-    """An IntegrityError if the catalog holds nothing (`state`) in a workspace that had one."""
+def _refuse_replacing_catalog(workspace: Workspace, state: str | None, *,
+                              look_again: bool = False) -> None:
+    """An IntegrityError if the catalog holds nothing (`state`) in a workspace that had one.
+
+    `look_again`: `state` is what the file looked like a moment ago, outside any lock. The record
+    that the catalog exists is written only after its schema committed, so a catalog that another
+    process created between that look and the reading of the record is on disk now: look at the
+    file once more before calling it lost (two `esper library init` at once)."""
     if state is None:
         return
     evidence = workspace.catalog_evidence()
-    if evidence is not None:
+    if evidence is not None and look_again:
+        state = _catalog_file_state(workspace.db_path)
+    if evidence is not None and state is not None:
         raise IntegrityError(
             f"{workspace.db_path}: the catalog is {state}, but this workspace had one "
             f"({evidence}); restore urza.db from a backup (a new, empty catalog would orphan "
