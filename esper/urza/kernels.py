@@ -27,6 +27,7 @@ from esper.contracts import (
 )
 from esper.errors import (
     BadInputError,
+    EsperError,
     IllegalTransitionError,
     IntegrityError,
     NotFoundError,
@@ -289,7 +290,10 @@ class KernelCatalog(LeaseCatalog):
 
         Like a validation report, the document must verify against the bench public key and is
         kept in the store; every kernel it names must be VALIDATED on its target, or nothing is
-        applied. Returns kernel id -> previous tags for the kernels whose tags changed.
+        applied. A refresh computed against fewer peers than the target has now is stale (another
+        bench validated a kernel since: its own refresh, computed after, is the current one) and
+        is refused with an EsperError, nothing applied. Returns kernel id -> previous tags for
+        the kernels whose tags changed.
         """
         require_text(actor, "actor")
         if not isinstance(signed_refresh, bytes):
@@ -300,6 +304,12 @@ class KernelCatalog(LeaseCatalog):
         blob = self.store.put(signed_refresh)
         changed: dict[str, list[str]] = {}
         with self.transaction():
+            peers = self._scalar("SELECT count(*) FROM kernels WHERE status = 'VALIDATED'"
+                                 " AND target = ?", (refresh.target,)) - 1
+            if refresh.population < peers:
+                raise EsperError(f"tag refresh for target {refresh.target} was computed against "
+                                 f"{refresh.population} peers; each kernel now has {peers}: a "
+                                 "kernel was validated since, and its bench re-tags against it")
             for kernel_id, tags in sorted(refresh.tags.items()):
                 row = self._kernel_row(kernel_id)
                 if row is None:

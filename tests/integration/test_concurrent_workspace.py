@@ -11,7 +11,21 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+from catalog_helpers import blueprint, kernel
 from process_helpers import ESPER, wait_for
+
+from esper.contracts import (
+    LATENCY_MS,
+    MEMORY_MB,
+    KernelStatus,
+    UrabraskTagRefresh,
+    UrabraskValidationReport,
+)
+from esper.errors import EsperError
+from esper.signing import sign
+from esper.urza import Urza
+from pipelines.urabrask import tags
 
 # Runs `esper ARGS...` in this interpreter, paused at the first open() of PAUSE_AT (an absolute
 # path) until GO exists; PAUSED is created when it stops there.
@@ -62,3 +76,47 @@ def test_two_inits_at_once_both_succeed_when_the_other_creates_the_catalog(tmp_p
     assert "0 standard blueprints added" in out
     verify = _esper("--workspace", str(ws), "library", "verify")
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+def _validate(urza, bp, variant: str, latency_ms: float):
+    """A kernel registered as the forge does and validated by a bench-signed report."""
+    k = kernel(urza, bp, variant=variant)
+    report = UrabraskValidationReport(
+        kernel_artifact_id=k.id, blueprint_id=k.blueprint_id, passed_validation=True,
+        benchmark_results={LATENCY_MS: latency_ms, MEMORY_MB: 10.0}, generated_tags=[])
+    signed = sign(report.to_json().encode(), urza.workspace.private_key("bench"), signer="bench")
+    return urza.apply_validation_report(signed, actor="bench")
+
+
+def _signed_refresh_as_the_bench_computes_it(urza) -> bytes | None:
+    """What a bench's tag refresh holds (Bench._refresh_tags): the plan for the target's
+    VALIDATED kernels as they stand now, signed."""
+    validated = urza.list_kernels(status=KernelStatus.VALIDATED, target="cpu")
+    changes = tags.retag_plan(validated, device_kind="cpu")
+    if not changes:
+        return None
+    refresh = UrabraskTagRefresh(target="cpu", tags={k: new for k, (_, new) in changes.items()},
+                                 population=len(validated) - 1, policy="percentile")
+    return sign(refresh.to_json().encode(), urza.workspace.private_key("bench"), signer="bench")
+
+
+def test_a_tag_refresh_computed_before_another_bench_validated_a_kernel_is_not_applied(
+        workspace):
+    """Two benches: A plans its refresh against 21 kernels; B validates a 22nd (the fastest) and
+    applies its own refresh; then A's arrives. Applied, it would tag the kernels against a
+    population that no longer is, and nothing would ever correct it once both benches go idle."""
+    with Urza.open(workspace) as a, Urza.open(workspace) as b:
+        bp = blueprint(a, "mlp")
+        for i in range(tags.MIN_POPULATION + 1):
+            _validate(a, bp, f"k{i}", latency_ms=1.0 + i)
+        stale = _signed_refresh_as_the_bench_computes_it(a)
+        assert stale is not None
+        _validate(b, bp, "fastest", latency_ms=0.5)
+        b.apply_tag_refresh(_signed_refresh_as_the_bench_computes_it(b), actor="bench-b")
+        audit_rows = b.stats()["audit_rows"]
+        with pytest.raises(EsperError, match="computed against 20 peers"):
+            a.apply_tag_refresh(stale, actor="bench-a")
+        validated = a.list_kernels(status=KernelStatus.VALIDATED, target="cpu")
+        assert tags.retag_plan(validated, device_kind="cpu") == {}
+        assert a.stats()["audit_rows"] == audit_rows
+        assert a.verify().ok
