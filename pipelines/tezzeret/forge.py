@@ -66,7 +66,13 @@ from pipelines.tezzeret.plan import (
     missing_jobs,
     wanted_jobs,
 )
-from pipelines.tezzeret.sandbox import Limits, SandboxOutcome, WarmWorker, run_sandboxed
+from pipelines.tezzeret.sandbox import (
+    Limits,
+    SandboxOutcome,
+    WarmWorker,
+    make_scratch,
+    run_sandboxed,
+)
 
 log = logging.getLogger("esper.tezzeret")
 
@@ -278,8 +284,7 @@ class Forge:
         """Work until stopped (or, with `once`, until no work is left); never raises for one
         blueprint's or one job's failure."""
         started = time.monotonic()
-        _sweep_dead_scratch()
-        self._scratch = Path(tempfile.mkdtemp(prefix=f"{_SCRATCH_PREFIX}{os.getpid()}-"))
+        self._scratch = make_scratch(_SCRATCH_PREFIX)
         try:
             with self._stop.on_signals():
                 self._loop(once)
@@ -554,21 +559,6 @@ class Forge:
 
     def _max_jobs_reached(self) -> bool:
         return self.options.max_jobs is not None and self.summary.jobs >= self.options.max_jobs
-
-
-def _sweep_dead_scratch() -> None:
-    """Remove the scratch folders of forges that died without cleaning up (kill -9)."""
-    root = Path(tempfile.gettempdir())
-    for folder in root.glob(f"{_SCRATCH_PREFIX}*-*"):
-        pid = folder.name[len(_SCRATCH_PREFIX):].split("-", 1)[0]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(folder, ignore_errors=True)
-        except PermissionError:
-            pass  # alive, someone else's
 
 
 def _failure_details(job: PlannedJob, stage: str, reason: str | None) -> dict[str, Any]:

@@ -40,6 +40,7 @@ import json
 import logging
 import os
 import selectors
+import shutil
 import signal
 import subprocess
 import sys
@@ -157,6 +158,29 @@ class ChildRun:
     seconds: float
     peak_rss_mb: float
     stopped: bool = False  # by the caller (a signal, a lost claim), not by a limit
+
+
+def make_scratch(prefix: str) -> Path:
+    """A new scratch folder, `<tmp>/<prefix><pid>-XXXX`, for one daemon's job files, after
+    removing the folders that dead daemons of its kind (`prefix`) left behind: one killed with
+    kill -9 never removes its own."""
+    sweep_dead_scratch(prefix)
+    return Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
+
+
+def sweep_dead_scratch(prefix: str) -> None:
+    """Remove the `<tmp>/<prefix><pid>-*` folders whose process is gone."""
+    root = Path(tempfile.gettempdir())
+    for folder in root.glob(f"{prefix}*-*"):
+        pid = folder.name[len(prefix):].split("-", 1)[0]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+        except PermissionError:
+            pass  # alive, someone else's
 
 
 def run_child(module_args: list[str], limits: Limits, scratch: Path, *,

@@ -34,7 +34,6 @@ import os
 import re
 import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,13 +56,15 @@ from esper.workspace import Workspace
 from pipelines import daemon_bus
 from pipelines.daemon_bus import DaemonBus
 from pipelines.stopping import GracefulStop
-from pipelines.tezzeret.sandbox import Limits
+from pipelines.tezzeret.sandbox import Limits, make_scratch
 from pipelines.urabrask import risk, tags
 from pipelines.urabrask.gauntlet import GauntletJob
 
 log = logging.getLogger("esper.urabrask")
 
 CONSUMER_GROUP = "urabrask"
+# Job files live in <tmp>/esper-bench-<pid>-XXXX/ while the bench runs.
+_SCRATCH_PREFIX = "esper-bench-"
 SIGNER = "bench"
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
@@ -180,7 +181,7 @@ class Bench:
     # The loop -------------------------------------------------------------------------------
     def run(self, once: bool) -> BenchSummary:
         started = time.monotonic()
-        self._scratch = Path(tempfile.mkdtemp(prefix=f"esper-bench-{os.getpid()}-"))
+        self._scratch = make_scratch(_SCRATCH_PREFIX)
         try:
             with self._stop.on_signals():
                 self._loop(once)

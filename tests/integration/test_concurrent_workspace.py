@@ -7,6 +7,7 @@ does, is the real CLI on a real workspace.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -120,3 +121,36 @@ def test_a_tag_refresh_computed_before_another_bench_validated_a_kernel_is_not_a
         assert tags.retag_plan(validated, device_kind="cpu") == {}
         assert a.stats()["audit_rows"] == audit_rows
         assert a.verify().ok
+
+
+def _scratch_of(tmp: Path, daemon: str, pid: int) -> list[Path]:
+    return sorted(tmp.glob(f"esper-{daemon}-{pid}-*"))
+
+
+@pytest.mark.parametrize("daemon", ["bench", "forge"])
+def test_a_daemon_clears_the_scratch_folder_of_one_killed_before_it(tmp_path, daemon):
+    """A forge or bench killed with kill -9 cannot remove its folder of job files in the temp
+    directory; the next daemon of its kind does, and leaves a live one's alone."""
+    ws, tmp = tmp_path / "ws", tmp_path / "tmp"
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    assert _esper("--workspace", str(ws), "library", "init").returncode == 0
+    daemons = [subprocess.Popen([ESPER, "--workspace", str(ws), daemon, "--poll-interval-s",
+                                 "60"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env=env) for _ in range(2)]
+    try:
+        dead, live = daemons
+        for d in daemons:
+            wait_for(lambda d=d: _scratch_of(tmp, daemon, d.pid), 60, f"{daemon} {d.pid}'s scratch")
+        dead.kill()
+        dead.wait(timeout=30)
+        assert _scratch_of(tmp, daemon, dead.pid)
+        once = subprocess.run([ESPER, "--workspace", str(ws), daemon, "--once"],
+                              capture_output=True, text=True, env=env, timeout=120, check=False)
+        assert once.returncode == 0, once.stderr
+        assert _scratch_of(tmp, daemon, dead.pid) == []
+        assert _scratch_of(tmp, daemon, live.pid)
+    finally:
+        for d in daemons:
+            d.kill()
+            d.wait(timeout=30)
