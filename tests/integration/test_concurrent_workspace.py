@@ -24,8 +24,10 @@ from esper.contracts import (
     UrabraskValidationReport,
 )
 from esper.errors import EsperError
+from esper.oona import stop_embedded
 from esper.signing import sign
 from esper.urza import Urza
+from esper.workspace import Workspace
 from pipelines.urabrask import tags
 
 # Runs `esper ARGS...` in this interpreter, paused at the first open() of PAUSE_AT (an absolute
@@ -154,3 +156,4 @@ def test_a_daemon_clears_the_scratch_folder_of_one_killed_before_it(tmp_path, da
         for d in daemons:
             d.kill()
             d.wait(timeout=30)
+        stop_embedded(Workspace(ws))  # the daemons started the workspace's bus
