@@ -7,6 +7,7 @@ tested with Urabrask.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import tempfile
@@ -113,9 +114,16 @@ def signal_mid_epoch(ws: Workspace, config: Path, run_id: str, signum: int,
     """Start `esper train CONFIG --run-id RUN_ID` in a subprocess, let it finish `epoch` epochs,
     send `signum` a moment into the next one and wait for it to end: its exit code and stderr.
     The config's epochs must be long enough (steps) for that moment to land inside one."""
-    proc = subprocess.Popen([ESPER, "--workspace", str(ws.root), "train", str(config),
-                             "--run-id", run_id], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    # SIGINT as a terminal's Ctrl-C finds it: a suite started in the background of a
+    # non-interactive shell (`./scripts/test.sh &`) has SIGINT ignored, a child inherits that,
+    # and Python then sets no KeyboardInterrupt handler. A handler here is reset by exec.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([ESPER, "--workspace", str(ws.root), "train", str(config),
+                                 "--run-id", run_id], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     metrics = ws.root / "runs" / run_id / "metrics.jsonl"
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
@@ -129,3 +137,4 @@ def signal_mid_epoch(ws: Workspace, config: Path, run_id: str, signum: int,
     proc.send_signal(signum)
     _, stderr = proc.communicate(timeout=60)
     return proc.returncode, stderr
+
