@@ -327,8 +327,11 @@ def test_dashboard_in_a_pty_follows_a_real_training_and_forge(tmp_path):
     term = forge = train = None
     try:
         config = tmp_path / "tiny.yaml"
-        config.write_text(yaml.safe_dump(tiny_config(**{"telemetry.bus": True}).model_dump(
-            mode="json")))
+        # 50 steps an epoch, not 7: the dashboard shows the stages it finds at each redraw, so
+        # a stage must outlast a few of them even when the forge and the run share two busy
+        # cores with the watcher (at 7 steps, three stages in a row fell between two redraws).
+        config.write_text(yaml.safe_dump(tiny_config(**{
+            "telemetry.bus": True, "data.kwargs": {"n_samples": 3200}}).model_dump(mode="json")))
         ir_file = tmp_path / "mlp_relu_w4.json"
         ir_file.write_bytes(canonical_json(next(ir for ir in standard_library()
                                                  if ir.name == "mlp_relu_w4")))
