@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 from catalog_helpers import library_ir, plant
 
 from esper import signing
@@ -107,6 +108,18 @@ def reversed_digits(*, seed: int, val_fraction: float):
 
     bundle = digits(seed=seed, val_fraction=val_fraction)
     return tuple((x, 9 - y) for x, y in (part.tensors for part in (bundle.train, bundle.val)))
+
+
+def write_config(path: Path, **overrides: Any) -> Path:
+    """`tiny_config(**overrides)` as the YAML file `esper train` reads."""
+    path.write_text(yaml.safe_dump(tiny_config(**overrides).model_dump(mode="json")))
+    return path
+
+
+def esper(ws: Workspace, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """The real `esper` in a child process on `ws`."""
+    return subprocess.run([ESPER, "--workspace", str(ws.root), *args], check=False,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 def signal_mid_epoch(ws: Workspace, config: Path, run_id: str, signum: int,

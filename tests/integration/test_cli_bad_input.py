@@ -21,14 +21,6 @@ from esper_cli.main import app
 PNG = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06\x00\x00\x00"
 
 
-@pytest.fixture
-def ws(tmp_path) -> Workspace:
-    ws = Workspace(tmp_path / "ws")
-    result = CliRunner().invoke(app, ["--workspace", str(ws.root), "library", "init"])
-    assert result.exit_code == 0, result.output
-    return ws
-
-
 def esper(ws: Workspace, *args: str):
     return CliRunner().invoke(app, ["--workspace", str(ws.root), *args])
 
@@ -103,53 +95,36 @@ def test_a_metrics_host_or_port_that_cannot_be_bound_is_one_line(ws):
         one_error_line(result, 2, f"port {port}", "Address already in use")
 
 
-@pytest.mark.parametrize(("source", "error"), [
-    ('raise RuntimeError("boom")\n', "RuntimeError: boom"),
-    ("def model(:\n", "SyntaxError: invalid syntax"),
-])
-def test_a_model_module_that_fails_on_import_is_named_and_leaves_no_run(ws, tmp_path, source,
-                                                                          error):
-    """The real `esper` in the directory that holds the user's module, as `python -m` runs."""
+CTOR_RAISES = ("from torch import nn\n\nclass Model(nn.Module):\n"
+               "    def __init__(self, input_shape, out_dim, widths):\n"
+               "        raise ValueError('widths must be positive')\n")
+
+
+@pytest.mark.parametrize(("source", "expected"), [
+    ('raise RuntimeError("boom")\n', ["'my_model'", "RuntimeError: boom"]),
+    ("def model(:\n", ["'my_model'", "SyntaxError: invalid syntax"]),
+    (CTOR_RAISES, ["'my_model:Model'", "ValueError: widths must be positive"]),
+    ("def Model(input_shape, out_dim, widths):\n    raise ValueError('widths must be positive')\n",
+     ["'my_model:Model'", "ValueError: widths must be positive"]),
+], ids=["import-raises", "syntax-error", "class-raises", "function-raises"])
+def test_a_model_that_fails_to_import_or_build_is_named_and_leaves_no_run(ws, tmp_path, source,
+                                                                         expected):
+    """The user's model module raises as it is imported, or building the model raises: one
+    line naming the field, the module or model and the error, exit 2, no run folder; the same
+    --run-id runs once the model is fixed. The real `esper` in the directory that holds the
+    module, as `python -m` runs."""
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(tiny_config(epochs=1).model_dump(mode="json")))
-    module = tmp_path / "my_model_mod.py"
+    module = tmp_path / "my_model.py"
     module.write_text(source)
     command = [str(Path(sys.executable).parent / "esper"), "--workspace", str(ws.root), "train",
-               str(config), "model.name=my_model_mod:Model", "--run-id", "mine"]
+               str(config), "model.name=my_model:Model", "--run-id", "mine"]
 
     def train() -> subprocess.CompletedProcess:
         return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True,
                               timeout=300, check=False)
 
-    one_error_line(train(), 2, "'my_model_mod'", error, "field 'model.name'")
-    assert not (ws.runs_dir / "mine").exists()
-    module.write_text("from esper.tolaria.models import MLP as Model\n")
-    rerun = train()
-    assert rerun.returncode == 0, rerun.stderr
-
-
-@pytest.mark.parametrize("source", [
-    ("from torch import nn\n\nclass Model(nn.Module):\n"
-     "    def __init__(self, input_shape, out_dim, widths):\n"
-     "        raise ValueError('widths must be positive')\n"),
-    "def Model(input_shape, out_dim, widths):\n    raise ValueError('widths must be positive')\n",
-], ids=["class", "function"])
-def test_a_model_that_raises_as_it_is_built_is_named_and_leaves_no_run(ws, tmp_path, source):
-    """The model's module imports, but building the model raises: one line naming the model
-    and the error, exit 2, no run folder; the same --run-id runs once the model is fixed."""
-    config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(epochs=1).model_dump(mode="json")))
-    module = tmp_path / "my_model_ctor.py"
-    module.write_text(source)
-    command = [str(Path(sys.executable).parent / "esper"), "--workspace", str(ws.root), "train",
-               str(config), "model.name=my_model_ctor:Model", "--run-id", "mine"]
-
-    def train() -> subprocess.CompletedProcess:
-        return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True,
-                              timeout=300, check=False)
-
-    one_error_line(train(), 2, "field 'model.name'", "'my_model_ctor:Model'",
-                   "ValueError: widths must be positive")
+    one_error_line(train(), 2, "field 'model.name'", *expected)
     assert not (ws.runs_dir / "mine").exists()
     module.write_text("from esper.tolaria.models import MLP as Model\n")
     rerun = train()

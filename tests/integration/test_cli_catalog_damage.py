@@ -34,13 +34,6 @@ def one_line(result) -> str:
     return lines[0]
 
 
-@pytest.fixture
-def ws(tmp_path) -> Workspace:
-    ws = Workspace(tmp_path / "ws")
-    assert esper(ws, "library", "init").exit_code == 0
-    return ws
-
-
 # A missing or emptied catalog -----------------------------------------------------------------
 
 @pytest.mark.parametrize("command", [("library", "verify"), ("library", "list"),

@@ -10,24 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
-
-from esper.workspace import Workspace
-from esper_cli.main import app
 
 ESPER = str(Path(sys.executable).parent / "esper")
 
 
 def env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-
-
-@pytest.fixture
-def ws(tmp_path) -> Workspace:
-    ws = Workspace(tmp_path / "ws")
-    result = CliRunner().invoke(app, ["--workspace", str(ws.root), "library", "init"])
-    assert result.exit_code == 0, result.output
-    return ws
 
 
 @pytest.mark.parametrize("args, code", [

@@ -31,14 +31,6 @@ def esper(ws: Workspace | None, *args: str):
     return CliRunner().invoke(app, [*prefix, *args], catch_exceptions=False)
 
 
-@pytest.fixture
-def ws(tmp_path) -> Workspace:
-    ws = Workspace(tmp_path / "ws")
-    result = esper(ws, "library", "init")
-    assert result.exit_code == 0, result.output
-    return ws
-
-
 def snapshot(ws: Workspace) -> tuple:
     """Everything a failed command must leave untouched: rows of every table, and the blobs."""
     conn = sqlite3.connect(ws.db_path)

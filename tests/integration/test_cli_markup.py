@@ -23,13 +23,6 @@ def esper(ws: Workspace, *args: str):
     return CliRunner().invoke(app, ["--workspace", str(ws.root), *args], catch_exceptions=False)
 
 
-@pytest.fixture
-def ws(tmp_path) -> Workspace:
-    ws = Workspace(tmp_path / "ws")
-    assert esper(ws, "library", "init").exit_code == 0
-    return ws
-
-
 @pytest.mark.parametrize("args, shown", [
     (["library", "show", "abcd[/]"], "'abcd[/]'"),
     (["train", "{tmp}/a[/x]b.yaml"], "{tmp}/a[/x]b.yaml: no such config file"),

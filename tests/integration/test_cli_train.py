@@ -8,19 +8,19 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 from safetensors.torch import load_file
 from tolaria_helpers import (
-    ESPER,
+    esper,
     forged_workspace,
     same_state,
     short_dir,
     signal_mid_epoch,
     tiny_config,
+    write_config,
 )
 from typer.testing import CliRunner
 
@@ -33,16 +33,6 @@ def forged():
     ws, kernels = forged_workspace(root)
     yield ws, kernels["mlp_gelu_w8"], root
     shutil.rmtree(root, ignore_errors=True)
-
-
-def write_config(path: Path, **overrides) -> Path:
-    path.write_text(yaml.safe_dump(tiny_config(**overrides).model_dump(mode="json")))
-    return path
-
-
-def esper(ws, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([ESPER, "--workspace", str(ws.root), *args], check=False,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def test_a_run_grows_a_seed_and_its_lineage_checks_out(forged):

@@ -11,20 +11,18 @@ import io
 import json
 import shutil
 import signal
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
-import yaml
 from safetensors.torch import load_file
 from tolaria_helpers import (
-    ESPER,
+    esper,
     forged_workspace,
     same_state,
     short_dir,
     signal_mid_epoch,
     tiny_config,
+    write_config,
 )
 
 from esper.nissa import Watcher
@@ -51,16 +49,6 @@ def whole(forged):
     ws, _ = forged
     return load_file(run_training(tiny_config(**LONG), workspace=ws, run_id="whole").run_dir
                      / "model.safetensors")
-
-
-def write_config(path: Path, **overrides) -> Path:
-    path.write_text(yaml.safe_dump(tiny_config(**overrides).model_dump(mode="json")))
-    return path
-
-
-def esper(ws, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([ESPER, "--workspace", str(ws.root), *args], check=False,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["sigint", "sigterm"])

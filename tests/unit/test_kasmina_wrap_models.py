@@ -84,13 +84,7 @@ def test_a_module_shared_by_two_parents_is_one_layer_at_both_places():
     # A graft acts at both calls, as the shared module does (a wrap of one alias left the other
     # call on the bare Linear: half the model ignored the seed).
     layer = model.first
-    kernel = source.add(LIBRARY["mlp_gelu_w8"], layer.seed_interface)
-    for stage in (S.GERMINATED, S.LOADING, S.GRAFTING):
-        layer.transition(0, stage, kernel_artifact_id=kernel if stage is S.GERMINATED else None)
-    with torch.no_grad():
-        layer.state.alpha.fill_(1.0)
-        for p in layer.seed_parameters():
-            p.add_(0.5)
+    graft(layer, source, seed=0, alpha=1.0, shift=0.5)
     host = layer.host
     grafted = model(x)
     once = host(torch.relu(layer(x)))  # the seed at the first call only
@@ -100,18 +94,23 @@ def test_a_module_shared_by_two_parents_is_one_layer_at_both_places():
     assert restored.second is restored.first and torch.equal(restored(x), grafted)
 
 
+def graft(layer, source, *, seed: int, alpha: float, shift: float) -> None:
+    """Take `seed` of `layer` to GRAFTING with an mlp_gelu_w8 kernel, at `alpha`, its weights
+    moved by `shift` off their zero-output start (so the graft changes the output)."""
+    kernel = source.add(LIBRARY["mlp_gelu_w8"], layer.seed_interface)
+    for stage in (S.GERMINATED, S.LOADING, S.GRAFTING):
+        layer.transition(seed, stage, kernel_artifact_id=kernel if stage is S.GERMINATED else None)
+    with torch.no_grad():
+        layer.state.alpha.fill_(alpha)
+        for p in layer.seed_parameters():
+            p.add_(shift)
+
+
 def grafted_mlp():
     """A wrapped mlp() whose layer 0 has a seed GRAFTING at alpha 0.5 with non-zero weights."""
     source = kasmina.BlueprintKernelSource()
     model, _ = kasmina.wrap(mlp(), {"seeds_per_layer": 2}, kernel_source=source)
-    layer = kasmina.layers(model)[0]
-    kernel = source.add(LIBRARY["mlp_gelu_w8"], layer.seed_interface)
-    for stage in (S.GERMINATED, S.LOADING, S.GRAFTING):
-        layer.transition(1, stage, kernel_artifact_id=kernel if stage is S.GERMINATED else None)
-    with torch.no_grad():
-        layer.state.alpha.fill_(0.5)
-        for p in layer.seed_parameters():
-            p.add_(0.25)
+    graft(kasmina.layers(model)[0], source, seed=1, alpha=0.5, shift=0.25)
     return model, source
 
 
