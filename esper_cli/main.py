@@ -47,8 +47,17 @@ def _report(ctx, error: BaseException, unexpected: bool = False) -> None:
         err_console.print_exception(show_locals=False)
     prefix = f"internal error ({type(error).__name__})" if unexpected else "error"
     hint = "" if debug or not unexpected else " (rerun with --log-level debug for the traceback)"
-    err_console.print(Text.assemble((f"{prefix}:", "bold red"), f" {error}{hint}"),
+    err_console.print(Text.assemble((f"{prefix}:", "bold red"), f" {one_line(error)}{hint}"),
                       soft_wrap=True)
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line: a multi-line one (a user model's exception, a library's
+    report) has its lines stripped and joined with " / ", so a log or a `2>&1 | tail -1` keeps it
+    whole."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    text = " / ".join(line for line in lines if line)
+    return text.replace(": / ", ": ")
 
 
 app = typer.Typer(

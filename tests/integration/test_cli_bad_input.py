@@ -106,7 +106,10 @@ CTOR_RAISES = ("from torch import nn\n\nclass Model(nn.Module):\n"
     (CTOR_RAISES, ["'my_model:Model'", "ValueError: widths must be positive"]),
     ("def Model(input_shape, out_dim, widths):\n    raise ValueError('widths must be positive')\n",
      ["'my_model:Model'", "ValueError: widths must be positive"]),
-], ids=["import-raises", "syntax-error", "class-raises", "function-raises"])
+    (("def Model(input_shape, out_dim, widths):\n"
+      "    raise ValueError('bad widths:\\n  layer 0: 0\\n  layer 1: -3')\n"),
+     ["'my_model:Model'", "ValueError: bad widths: layer 0: 0 / layer 1: -3"]),
+], ids=["import-raises", "syntax-error", "class-raises", "function-raises", "multi-line-error"])
 def test_a_model_that_fails_to_import_or_build_is_named_and_leaves_no_run(ws, tmp_path, source,
                                                                          expected):
     """The user's model module raises as it is imported, or building the model raises: one
