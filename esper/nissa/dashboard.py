@@ -75,6 +75,8 @@ def render_dashboard(state: WatchState, alerts: Sequence[Alert], *,
 
     runs = _table("runs", ["run", "epoch", "train", "val", "acc", "active", "fossil", "last"])
     seeds = _table("seeds by stage", ["run", "layer", "stages"], wrap=("stages",))
+    # Every stage change, even those between two redraws, where the counts above skip a stage.
+    moves = _table("seed transitions", ["run", "ep", "seed", "transition", "why"], wrap=("why",))
     decisions = _table("Tamiyo decisions", ["run", "ep", "action", "seed", "why"], wrap=("why",))
     for run in state.runs.values():
         epoch = "-" if run.epoch is None else str(run.epoch)
@@ -88,9 +90,12 @@ def render_dashboard(state: WatchState, alerts: Sequence[Alert], *,
         for layer, stages in run.seeds_by_layer().items():
             text = " ".join(f"{s.value}:{stages[s]}" for s in STAGE_ORDER if stages.get(s))
             seeds.add_row(run.run_id, run.layer_names.get(layer, str(layer)), text)
+        for t in run.transitions:
+            moves.add_row(run.run_id, str(t.epoch), t.seed_id,
+                          f"{t.from_stage.value} -> {t.to_stage.value}", t.reason or "-")
         for d in run.decisions:
             decisions.add_row(run.run_id, str(d.epoch), d.action, d.seed_id or "-", d.explanation)
-    parts += [runs, seeds, decisions] if state.runs else [Text("no runs seen", style="dim")]
+    parts += [runs, seeds, moves, decisions] if state.runs else [Text("no runs seen", style="dim")]
 
     pipeline = _table("pipeline", ["what", "counts"], wrap=("counts",))
     for table in ("blueprints", "kernels"):

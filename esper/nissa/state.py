@@ -32,6 +32,9 @@ from esper.oona import GroupInfo
 
 # How much history the dashboard keeps per run and overall.
 DECISIONS_KEPT = 5
+# A seed's whole path (DORMANT to FOSSILIZED) is 8 transitions; the dashboard lists them all,
+# even those between two redraws, where its stage counts show only what each redraw found.
+TRANSITIONS_KEPT = 10
 FIELD_REPORTS_KEPT = 8
 # Forge and bench throughput: results in this trailing window, per minute.
 THROUGHPUT_WINDOW_S = 600.0
@@ -65,6 +68,9 @@ class RunView:
     seed_at: dict[str, float] = field(default_factory=dict)
     layer_names: dict[int, str] = field(default_factory=dict)
     decisions: deque[TamiyoDecision] = field(default_factory=lambda: deque(maxlen=DECISIONS_KEPT))
+    # The newest last, in the order the events were applied.
+    transitions: deque[SeedTransition] = field(
+        default_factory=lambda: deque(maxlen=TRANSITIONS_KEPT))
     outcomes: Counter[SeedLifecycle] = field(default_factory=Counter)  # terminal transitions
 
     @property
@@ -180,6 +186,7 @@ class WatchState:
         elif isinstance(message, SeedTransition):
             run = self._run(message.run_id, at)
             run.set_seed(message.seed_id, message.to_stage, at)
+            run.transitions.append(message)
             if message.to_stage in TERMINAL_STAGES:
                 run.outcomes[message.to_stage] += 1
         elif isinstance(message, TamiyoDecision):

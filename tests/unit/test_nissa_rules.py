@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import io
+import itertools
+
 import pytest
 
 from esper.contracts import Envelope, EpochEvent, SeedTransition, Topic
@@ -9,6 +12,7 @@ from esper.contracts import SeedLifecycle as S
 from esper.errors import BadInputError
 from esper.nissa import AlertRules, WatchState, evaluate, parse_since
 from esper.nissa.dashboard import plain_line
+from esper.nissa.state import TRANSITIONS_KEPT
 
 
 def test_parse_since():
@@ -102,3 +106,54 @@ def test_plain_line_is_one_line():
     assert line.endswith("lifecycle.seed.transitions tolaria: run a seed 0:0 DORMANT -> "
                          "GERMINATED (plateau)")
     assert "\n" not in line
+
+
+def seed_path(run_id: str, seed: str, stages: list[S], epoch: int = 1) -> list[Envelope]:
+    """The SeedTransition events that move `seed` of `run_id` along `stages`, one per step."""
+    return [wrap(Topic.LIFECYCLE_SEED_TRANSITIONS, SeedTransition(
+        run_id=run_id, seed_id=seed, epoch=epoch + i, from_stage=a, to_stage=b,
+        reason=f"step {i}")) for i, (a, b) in enumerate(itertools.pairwise(stages))]
+
+
+def test_state_keeps_each_run_recent_transitions_in_event_order():
+    growth = [S.DORMANT, S.GERMINATED, S.LOADING, S.TRAINING, S.GRAFTING, S.STABILIZATION,
+              S.EVALUATING, S.FINE_TUNING, S.FOSSILIZED]
+    state = WatchState(run_filter="a")
+    # Two seeds of run "a" interleaved, 8 + 4 = 12 transitions; run "b" filtered out.
+    first, second = seed_path("a", "0:0", growth), seed_path("a", "1:2", growth[:5])
+    events = [e for pair in itertools.zip_longest(first, second) for e in pair if e is not None]
+    for envelope in events + seed_path("b", "0:0", growth[:3]):
+        state.apply(envelope)
+    assert list(state.runs) == ["a"]
+    kept = [(t.seed_id, t.from_stage, t.to_stage) for t in state.runs["a"].transitions]
+    everything = [(e.payload.seed_id, e.payload.from_stage, e.payload.to_stage) for e in events]
+    assert len(everything) > TRANSITIONS_KEPT and kept == everything[-TRANSITIONS_KEPT:]
+    # Per run: another run's transitions are kept apart from "a"'s.
+    both = WatchState()
+    for envelope in seed_path("a", "0:0", growth[:3]) + seed_path("b", "0:0", growth[:4]):
+        both.apply(envelope)
+    assert [t.to_stage for t in both.runs["a"].transitions] == [S.GERMINATED, S.LOADING]
+    assert [t.to_stage for t in both.runs["b"].transitions] == [S.GERMINATED, S.LOADING,
+                                                                  S.TRAINING]
+
+
+def test_dashboard_lists_every_recent_transition_newest_last():
+    from rich.console import Console
+
+    from esper.nissa.dashboard import render_dashboard
+
+    state = WatchState()
+    for envelope in seed_path("a", "1:0", [S.DORMANT, S.GERMINATED, S.LOADING, S.TRAINING]):
+        state.apply(envelope)
+    state.apply(wrap(Topic.LIFECYCLE_SEED_TRANSITIONS, SeedTransition(
+        run_id="b", seed_id="0:3", epoch=4, from_stage=S.DORMANT, to_stage=S.GERMINATED)))
+    console = Console(record=True, width=120, file=io.StringIO())
+    console.print(render_dashboard(state, [], now=0.0))
+    screen = console.export_text()
+    panel = screen[screen.index("seed transitions"):].splitlines()[1:]
+    rows = [[cell.strip() for cell in line.strip(" │").split("│")] for line in panel
+            if "->" in line]
+    assert rows == [["a", "1", "1:0", "DORMANT -> GERMINATED", "step 0"],
+                    ["a", "2", "1:0", "GERMINATED -> LOADING", "step 1"],
+                    ["a", "3", "1:0", "LOADING -> TRAINING", "step 2"],
+                    ["b", "4", "0:3", "DORMANT -> GERMINATED", "-"]]
