@@ -90,7 +90,8 @@ class KasminaConfig(_Strict):
     Selection: modules of the `targets` types, narrowed to module paths matching `include` (if
     given) and not matching `exclude`; plus `blocks`, named blocks by path pattern. Patterns are
     globs on the dotted path (`blocks.*.mlp.fc1`), or regular expressions when prefixed `re:`.
-    Chunking: `seeds_per_layer` or `chunk_width`, exactly one.
+    A pattern that matches no module it could select is an error (`wrap`); `targets: []` with
+    no `blocks` wraps nothing: a run without seeds. Chunking: `seeds_per_layer` or `chunk_width`, exactly one.
     """
 
     targets: list[Literal["linear", "conv2d"]] = Field(default_factory=lambda: ["linear"])

@@ -56,6 +56,38 @@ def _matches(path: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(path, pattern)
 
 
+TARGET_TYPES = {"linear": nn.Linear, "conv2d": nn.Conv2d}
+
+
+def _some(paths: list[str]) -> str:
+    return ", ".join(paths[:6]) + (", ..." if len(paths) > 6 else "")
+
+
+def _check_patterns(config: KasminaConfig, modules: dict[str, nn.Module]) -> None:
+    """Every include, exclude and blocks pattern must match a module it could select: a typo
+    would train without the seeds it asked for, or with the ones it meant to keep out. Patterns
+    match one module's own path, so an exclude that names only a container excludes nothing."""
+    types = tuple(TARGET_TYPES[t] for t in config.targets)
+    # A layer wrapped before counts as its host: wrapping again with the same include is fine.
+    targets = [p for p, m in modules.items()
+               if isinstance(m.host if isinstance(m, KasminaLayer) else m, types)]
+    blocks = [p for p in modules if any(_matches(p, pattern) for pattern in config.blocks)]
+    for pattern in config.include:
+        if not any(_matches(p, pattern) for p in targets):
+            kind = "/".join(config.targets)
+            hint = (f"{kind} module of the model (it has {_some(targets) or 'none'})" if kind
+                    else "module: kasmina.targets is empty, and include narrows the targets")
+            raise BadInputError(f"field 'kasmina.include': {pattern!r} matches no {hint}")
+    for pattern in config.exclude:
+        if not any(_matches(p, pattern) for p in targets + blocks):
+            raise BadInputError(f"field 'kasmina.exclude': {pattern!r} matches no module kasmina "
+                                f"selects (it selects {_some(targets + blocks) or 'none'})")
+    for pattern in config.blocks:
+        if not any(_matches(p, pattern) for p in modules if p):
+            raise BadInputError(f"field 'kasmina.blocks': {pattern!r} matches no module of the "
+                                f"model (it has {_some([p for p in modules if p])})")
+
+
 def _host_interface(module: nn.Module) -> tuple[KernelInterface | None, str]:
     if isinstance(module, nn.Linear):
         return KernelInterface(kind=LayerKind.LINEAR, in_features=module.in_features,
@@ -102,17 +134,20 @@ def _block_interface(path: str, module: nn.Module, spec: BlockSpec) -> KernelInt
 
 
 def wrap(model: nn.Module, config: KasminaConfig | dict[str, Any] | None = None, *,
-         kernel_source: KernelSource | None = None) -> tuple[nn.Module, WrapReport]:
+         kernel_source: KernelSource | None = None,
+         check_patterns: bool = True) -> tuple[nn.Module, WrapReport]:
     """Wrap the configured modules of `model` in place; returns (model, report).
 
     `kernel_source` (the forge's verifying loader, injected by Tolaria) can also be attached
-    later with `attach_kernel_source`.
+    later with `attach_kernel_source`. An include, exclude or blocks pattern that matches no
+    module it could select is a BadInputError; `check_patterns=False` rebuilds a model from a
+    config an earlier version ran (an export, a resumed run), which may hold one: earlier
+    versions spelled "no seeds" `include: ["no-layer"]` (now `targets: []`).
     """
     if not isinstance(config, KasminaConfig):
         config = KasminaConfig.from_mapping(config)
     cache = KernelCache(kernel_source, config.cache_bytes, config.load_workers) if kernel_source else None
     report = WrapReport()
-    types = {"linear": nn.Linear, "conv2d": nn.Conv2d}
     chosen: list[tuple[str, nn.Module, KernelInterface]] = []
     claimed: list[str] = []
     # Every path of every module: a module shared by several parents (tied) is one host, wrapped
@@ -121,6 +156,8 @@ def wrap(model: nn.Module, config: KasminaConfig | dict[str, Any] | None = None,
     for path, module in model.named_modules(remove_duplicate=False):
         aliases.setdefault(id(module), []).append(path)
     modules = dict(model.named_modules())
+    if check_patterns:
+        _check_patterns(config, modules)
     # A model wrapped before: its layers keep their ids and their hosts stay as they are.
     wrapped = [p for p, m in modules.items() if isinstance(m, KasminaLayer)]
     first_id = 1 + max((modules[p].layer_id for p in wrapped), default=-1)
@@ -139,7 +176,7 @@ def wrap(model: nn.Module, config: KasminaConfig | dict[str, Any] | None = None,
             chosen.append((path, module, _block_interface(path, module, block)))
             claimed.append(path)
             continue
-        if not isinstance(module, tuple(types[t] for t in config.targets)) or excluded:
+        if not isinstance(module, tuple(TARGET_TYPES[t] for t in config.targets)) or excluded:
             continue
         explicit = bool(config.include) and any(_matches(path, p) for p in config.include)
         if config.include and not explicit:

@@ -76,6 +76,7 @@ from esper.tolaria.config import parse_yaml
 FULL = ROOT / "configs/benchmarks/growth.yaml"
 QUICK = ROOT / "configs/benchmarks/growth-quick.yaml"
 PHASE_TWO = ("random_placement", "static_adapters", "gromo")  # sized from the esper arm's runs
+NO_SEEDS = {"kasmina": {"targets": []}}  # the arms that train the bare host: kasmina wraps nothing
 ESPER_CLI = ("import sys; from esper_cli.main import main; sys.argv[0] = 'esper'; main()")
 
 
@@ -105,19 +106,18 @@ def train_config(bench: dict[str, Any], task: str, arm: str, seed: int, device: 
         model["kwargs"]["adapter_width"] = extra["adapter_width"]
     config = merge(bench.get("common", {}), {
         "name": f"{task}-{arm}"[:64].replace("_", "-"), "seed": seed, "device": device,
-        "epochs": spec["epochs"], "out_dir": out_dir, "model": model, "data": spec["data"],
-        "kasmina": {"include": ["no-layer"]}})
-    if grows(arm):
-        config = merge(config, {"kasmina": {"include": []}})
-        config = merge(config, bench["esper"])
-        config = merge(config, bench.get(arm, {}) if arm.startswith("esper_") else {})
-        if arm == "random_placement":
-            config = merge(config, {"tamiyo": {
-                "location": {"strategy": "random", "random_seed": seed},
-                "max_germinations": extra["max_germinations"]}})
-        location = config.get("tamiyo", {}).get("location", {})
-        if location.get("strategy") == "random" and "random_seed" not in location:
-            config = merge(config, {"tamiyo": {"location": {"random_seed": seed}}})  # a draw per seed
+        "epochs": spec["epochs"], "out_dir": out_dir, "model": model, "data": spec["data"]})
+    if not grows(arm):
+        return merge(config, NO_SEEDS)
+    config = merge(config, bench["esper"])
+    config = merge(config, bench.get(arm, {}) if arm.startswith("esper_") else {})
+    if arm == "random_placement":
+        config = merge(config, {"tamiyo": {
+            "location": {"strategy": "random", "random_seed": seed},
+            "max_germinations": extra["max_germinations"]}})
+    location = config.get("tamiyo", {}).get("location", {})
+    if location.get("strategy") == "random" and "random_seed" not in location:
+        config = merge(config, {"tamiyo": {"location": {"random_seed": seed}}})  # a draw per seed
     return config
 
 
@@ -133,20 +133,19 @@ def continual_config(bench: dict[str, Any], arm: str, seed: int, device: str, ou
     config = merge(bench.get("common", {}), {
         "name": f"continual-{arm}-p{phase}".replace("_", "-"), "seed": seed, "device": device,
         "epochs": spec["epochs"][phase - 1], "out_dir": out_dir, "model": model,
-        "data": merge(spec["data"], {"classes": list(spec["first" if phase == 1 else "second"])}),
-        "kasmina": {"include": ["no-layer"]}})
+        "data": merge(spec["data"], {"classes": list(spec["first" if phase == 1 else "second"])})})
     if phase == 1:
-        return config
+        return merge(config, NO_SEEDS)
     model = config["model"]
     model["init_from"] = extra["init_from"]
     if arm != "finetune":
         model["freeze"] = ["layers.*", "head.*"]  # the host as phase 1 left it; adapters are new
     if arm == "static_adapters":
         model["kwargs"]["adapter_width"] = extra["adapter_width"]
-    if arm.startswith("esper"):
-        config = merge(merge(merge(config, {"kasmina": {"include": []}}), bench["esper"]), spec["esper"])
-        config = merge(config, spec.get(arm, {}) if arm != "esper" else {})
-    return config
+    if not arm.startswith("esper"):
+        return merge(config, NO_SEEDS)
+    config = merge(merge(config, bench["esper"]), spec["esper"])
+    return merge(config, spec.get(arm, {}) if arm != "esper" else {})
 
 
 def materialise(bench: dict[str, Any]) -> None:

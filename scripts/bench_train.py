@@ -11,7 +11,7 @@ them (`--validation signed` replaces the gauntlet by a bench-signed passing repo
 do). Then the same run config (one model, one data order, one seed) trains three ways through
 `run_training`, the function `esper train` calls:
 
-  (a) none:     kasmina wraps no layer (`kasmina.include` matches nothing): the bare host;
+  (a) none:     kasmina wraps no layer (`kasmina.targets: []`): the bare host;
   (b) dormant:  seeds wrapped, Tamiyo never germinates (`tamiyo.max_germinations=0`);
   (c) growing:  Tamiyo sees a plateau at every epoch after its warm-up and germinates up to
                 `max_germinations` seeds, `max_concurrent` at a time, through the whole
@@ -203,7 +203,7 @@ def arm_config(base: dict[str, Any], arm: str) -> Any:
 
     config = json.loads(json.dumps(base))
     if arm == "none":
-        config["kasmina"]["include"] = ["no.such.layer"]
+        config["kasmina"].update(targets=[], include=[])  # no seeds
     elif arm == "dormant":
         config["tamiyo"]["max_germinations"] = 0
     config["name"] = f"bench-train-{arm}"

@@ -212,7 +212,8 @@ def load_model(path: str | os.PathLike[str], *, host: nn.Module | None = None,
     model = host
     if architecture["kasmina"] is not None:
         model, _ = kasmina.wrap(host, KasminaConfig.model_validate(architecture["kasmina"]),
-                                kernel_source=kasmina.BlueprintKernelSource(entries))
+                                kernel_source=kasmina.BlueprintKernelSource(entries),
+                                check_patterns=False)  # as it was made, by whichever version
     model.load_state_dict(load(data))
     model.to(device)
     model.eval()

@@ -184,10 +184,12 @@ def _train(config: TrainConfig, registered: TrainConfig, run_id: str, run_dir: P
     if config.model.init_from is not None and not resume:  # a resume has the weights
         init_host(host, config.model.init_from)
     freeze_host(host, config.model.freeze)
-    model, report = kasmina.wrap(host, config.kasmina)
+    # A resumed run's config was checked when it began, maybe by an earlier version that
+    # spelled "no seeds" include: ["no-layer"] (a pattern that matches nothing).
+    model, report = kasmina.wrap(host, config.kasmina, check_patterns=not resume)
     model.to(device)
     notices = []
-    if not report.layers:
+    if not report.layers and (config.kasmina.targets or config.kasmina.blocks):  # [] is no seeds
         notices.append("kasmina wrapped no layer (check kasmina.include/exclude/targets): the "
                        "model trains without seeds")
 

@@ -107,7 +107,7 @@ def test_a_graft_on_a_span_widens_the_layer_and_the_export_keeps_it():
     try:
         ws, kernels = forged_workspace(root, interface="linear:32:2")
         config = tiny_config(**{"model.kwargs": {"widths": [32, 32], "spans": True},
-                                "kasmina.include": ["no-layer"], "kasmina.seeds_per_layer": 1,
+                                "kasmina.targets": [], "kasmina.include": [], "kasmina.seeds_per_layer": 1,
                                 "kasmina.blocks": {"spans.1": {"kind": "linear"}}})
         result = run_training(config, workspace=ws)
         (layer,) = kasmina.layers(result.model)
@@ -353,7 +353,7 @@ def test_a_frozen_host_from_a_saved_one_grows_seeds_and_keeps_its_weights(forged
     and a seed that learns on its own (whether it helps is the growth benchmark's question); the
     run ends with the host exactly as saved."""
     ws, _ = forged
-    first = run_training(tiny_config(**{"kasmina.include": ["no-layer"], "epochs": 3,
+    first = run_training(tiny_config(**{"kasmina.targets": [], "kasmina.include": [], "epochs": 3,
                                         "out_dir": str(tmp_path)}), workspace=None)
     saved = load_file(first.run_dir / "model.safetensors")
     second = run_training(tiny_config(**{"model.init_from": str(first.run_dir), "model.freeze": ["*"],
@@ -377,7 +377,7 @@ def test_the_guard_reads_the_first_task_and_culls_the_grafts_that_forget_it(forg
     without that graft."""
     ws, _ = forged
     digits = {"name": "digits", "batch_size": 64}
-    first = run_training(tiny_config(**{"kasmina.include": ["no-layer"], "data": digits,
+    first = run_training(tiny_config(**{"kasmina.targets": [], "kasmina.include": [], "data": digits,
                                         "out_dir": str(tmp_path)}), workspace=None)
     limit = 0.05
     second = run_training(tiny_config(**{
@@ -415,7 +415,7 @@ def test_distillation_holds_the_grafts_off_the_guarded_task(forged, tmp_path):
     task less, and the task loss they train on is reported without the penalty."""
     ws, _ = forged
     digits = {"name": "digits", "batch_size": 64}
-    first = run_training(tiny_config(**{"kasmina.include": ["no-layer"], "data": digits,
+    first = run_training(tiny_config(**{"kasmina.targets": [], "kasmina.include": [], "data": digits,
                                         "out_dir": str(tmp_path)}), workspace=None)
 
     def phase_two(name, **guard):
@@ -450,7 +450,7 @@ def test_a_guard_of_another_kind_of_task_is_refused_before_anything_is_written(t
 
 
 def test_freeze_some_host_parameters_and_train_the_rest(tmp_path):
-    config = {"kasmina.include": ["no-layer"], "epochs": 2, "out_dir": str(tmp_path)}
+    config = {"kasmina.targets": [], "kasmina.include": [], "epochs": 2, "out_dir": str(tmp_path)}
     first = run_training(tiny_config(**config), workspace=None)
     saved = load_file(first.run_dir / "model.safetensors")
     second = run_training(tiny_config(**config, **{"model.init_from": str(first.run_dir),
@@ -462,7 +462,7 @@ def test_freeze_some_host_parameters_and_train_the_rest(tmp_path):
 def test_init_from_refuses_a_grafted_model_and_an_unfit_one(reference, tmp_path):
     with pytest.raises(BadInputError, match="init_from.*1 grafted seed"):
         run_training(tiny_config(**{"model.init_from": str(reference.run_dir), "out_dir": str(tmp_path)}))
-    plain = run_training(tiny_config(**{"kasmina.include": ["no-layer"], "epochs": 1, "out_dir": str(tmp_path)}))
+    plain = run_training(tiny_config(**{"kasmina.targets": [], "kasmina.include": [], "epochs": 1, "out_dir": str(tmp_path)}))
     with pytest.raises(BadInputError, match="init_from.*does not fit this model"):
         run_training(tiny_config(**{"model.init_from": str(plain.run_dir), "model.kwargs": {"widths": [16, 32]},
                                     "out_dir": str(tmp_path), "name": "wider"}))

@@ -36,8 +36,8 @@ def test_every_arm_of_every_config_is_a_valid_train_config(bench_growth, name):
                 continue
             extra = {"adapter_width": 3, "max_germinations": 2}
             config = TrainConfig.from_mapping(bench_growth.train_config(bench, task, arm, 0, "cpu", "runs", **extra))
-            assert config.kasmina.include == (["no-layer"] if not bench_growth.grows(arm)
-                                              else config.kasmina.include)
+            if not bench_growth.grows(arm):  # the bare host: kasmina wraps nothing
+                assert config.kasmina.targets == [] and not config.kasmina.blocks
 
 
 def test_arms_differ_only_where_they_should(bench_growth, full):
@@ -73,10 +73,11 @@ def test_continual_phases(bench_growth, full):
 
     first = config("host", 1)
     assert first.data.classes == [0, 1, 2, 3, 4] and first.model.init_from is None
+    assert first.kasmina.targets == []  # phase 1 trains the bare host
     tune, esper, adapters = config("finetune", 2), config("esper", 2), config("static_adapters", 2)
     for c in (tune, esper, adapters):
         assert c.data.classes == [5, 6, 7, 8, 9] and c.model.init_from == "runs/p1"
-    assert tune.model.freeze == [] and tune.kasmina.include == ["no-layer"]
+    assert tune.model.freeze == [] and tune.kasmina.targets == adapters.kasmina.targets == []
     assert esper.model.freeze == adapters.model.freeze == ["layers.*", "head.*"]
     assert esper.kasmina.include == ["layers.*", "head"] and esper.kasmina.chunk_width == 2
     assert adapters.model.kwargs["adapter_width"] == 4

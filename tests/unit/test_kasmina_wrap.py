@@ -111,6 +111,62 @@ def test_config_errors_name_the_field_and_bad_chunking_is_refused():
         kasmina.wrap(Net(), {"targets": ["conv2d"], "include": ["odd"]})
 
 
+@pytest.mark.parametrize(("config", "expected"), [
+    ({"include": ["blocks.*.fc1", "blocks.*.fc3"]},
+     ("field 'kasmina.include': 'blocks.*.fc3' matches no linear module of the model (it has "
+      "blocks.0.fc1, blocks.0.fc2, blocks.1.fc1, blocks.1.fc2, head)")),
+    ({"targets": ["conv2d"], "include": ["re:up|dwn"], "chunk_width": 4},
+     "field 'kasmina.include': 're:up|dwn' matches no conv2d module of the model (it has stem, down, odd)"),
+    ({"targets": [], "include": ["head"]},
+     "field 'kasmina.include': 'head' matches no module: kasmina.targets is empty"),
+    ({"exclude": ["heads"]}, "field 'kasmina.exclude': 'heads' matches no module kasmina selects"),
+    ({"exclude": ["blocks"]}, "field 'kasmina.exclude': 'blocks' matches no module kasmina selects"),
+    ({"blocks": {"block.0": {"kind": "linear", "in_features": 8, "out_features": 8}}},
+     ("field 'kasmina.blocks': 'block.0' matches no module of the model (it has stem, down, odd, "
+      "blocks, blocks.0, blocks.0.fc1, ...)")),
+], ids=["include", "include-conv", "include-no-targets", "exclude", "exclude-a-container", "blocks"])
+def test_a_pattern_that_matches_nothing_is_refused_and_the_model_left_alone(config, expected):
+    """A typo'd pattern would train without the seeds it asked for (include, blocks) or with
+    the ones it meant to keep out (exclude): one line naming the field, the pattern and the
+    model's paths. An exclude matching only a container excludes nothing (patterns match one
+    module's own path), so it is refused too."""
+    net = Net()
+    with pytest.raises(BadInputError) as raised:
+        kasmina.wrap(net, config)
+    assert str(raised.value).startswith(expected) and "\n" not in str(raised.value)
+    assert kasmina.layers(net) == [] and isinstance(net.head, nn.Linear)
+
+
+def test_empty_targets_wrap_no_module_but_the_named_blocks():
+    """`targets: []` is how a config says "no seeds"; with `blocks` it wraps only those."""
+    model, report = kasmina.wrap(Net(), {"targets": []})
+    assert report.layers == [] and kasmina.layers(model) == []
+    _, report = kasmina.wrap(Net(), {"targets": [], "seeds_per_layer": 2,
+                                     "blocks": {"blocks.*": {"kind": "linear", "in_features": 8,
+                                                             "out_features": 8}}})
+    assert _paths(report) == ["blocks.0", "blocks.1"]
+
+
+def test_a_config_an_earlier_version_wrote_rebuilds_unchecked(tmp_path):
+    """Earlier versions spelled "no seeds" `include: ["no-layer"]` (a pattern matching nothing);
+    `check_patterns=False` rebuilds such a model as it was made, and an export of one loads."""
+    from esper.tolaria.export import load_model, save_model
+    from esper.tolaria.models import MLP
+
+    old = {"include": ["no-layer"], "seeds_per_layer": 1, "blocks": {"spans.*": {"kind": "linear"}}}
+    with pytest.raises(BadInputError, match="'kasmina.include': 'no-layer' matches no linear"):
+        kasmina.wrap(MLP((4,), 3, widths=[8], spans=True), old)
+    torch.manual_seed(0)
+    model, report = kasmina.wrap(MLP((4,), 3, widths=[8], spans=True), old, check_patterns=False)
+    assert _paths(report) == ["spans.0"]
+    x = torch.randn(5, 4)
+    want = model.eval()(x)
+    save_model(model, tmp_path)
+    loaded = load_model(tmp_path, host=MLP((4,), 3, widths=[8], spans=True))
+    assert [layer.layer_name for layer in kasmina.layers(loaded)] == ["spans.0"]
+    assert torch.equal(loaded(x), want)
+
+
 def test_a_bare_linear_model_is_itself_wrapped():
     model, report = kasmina.wrap(nn.Linear(4, 6), {"seeds_per_layer": 3})
     assert isinstance(model, kasmina.KasminaLayer) and _paths(report) == [""]

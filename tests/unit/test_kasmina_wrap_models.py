@@ -43,6 +43,8 @@ def test_wrapping_a_wrapped_model_again_leaves_its_layers_and_their_hosts_alone(
     before = structure(model)
     model, again = kasmina.wrap(model, {"seeds_per_layer": 2})
     assert again.layers == [] and structure(model) == before  # no KasminaLayer inside another
+    model, again = kasmina.wrap(model, {"seeds_per_layer": 2, "include": ["0", "2"]})
+    assert again.layers == [] and structure(model) == before  # its include names its layers
     assert [layer.layer_id for layer in kasmina.layers(model)] == [0, 1]
 
 
