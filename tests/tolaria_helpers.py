@@ -122,19 +122,20 @@ def esper(ws: Workspace, *args: str, timeout: float = 120) -> subprocess.Complet
                           capture_output=True, text=True, timeout=timeout)
 
 
-def signal_mid_epoch(ws: Workspace, config: Path, run_id: str, signum: int,
-                     epoch: int = 4) -> tuple[int, str]:
-    """Start `esper train CONFIG --run-id RUN_ID` in a subprocess, let it finish `epoch` epochs,
+def signal_mid_epoch(ws: Workspace, config: Path | None, run_id: str, signum: int,
+                     epoch: int = 4, *, extra: tuple[str, ...] = ()) -> tuple[int, str]:
+    """Start `esper train CONFIG --run-id RUN_ID` (no config: `esper train --resume RUN_ID`),
+    then `extra`, in a subprocess, let it finish `epoch` epochs (counted from the run's first),
     send `signum` a moment into the next one and wait for it to end: its exit code and stderr.
     The config's epochs must be long enough (steps) for that moment to land inside one."""
+    args = ["--resume", run_id] if config is None else [str(config), "--run-id", run_id]
     # SIGINT as a terminal's Ctrl-C finds it: a suite started in the background of a
     # non-interactive shell (`./scripts/test.sh &`) has SIGINT ignored, a child inherits that,
     # and Python then sets no KeyboardInterrupt handler. A handler here is reset by exec.
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
-        proc = subprocess.Popen([ESPER, "--workspace", str(ws.root), "train", str(config),
-                                 "--run-id", run_id], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen([ESPER, "--workspace", str(ws.root), "train", *args, *extra],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     finally:
         signal.signal(signal.SIGINT, previous)
     metrics = ws.root / "runs" / run_id / "metrics.jsonl"

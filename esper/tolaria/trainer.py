@@ -358,9 +358,19 @@ class TolariaTrainer:
             self.optimizer = build_optimizer(self.model, config.optimizer)
             self._write_metrics()
             self._checkpoint()  # epoch 0: the first known-good state
+        self._say_running()
         self._warm_up()
         self._freeze_heap()
         self._emit("start", epoch=self.epoch, steps=self.steps_per_epoch)
+
+    def _say_running(self) -> None:
+        """summary.json says "running" until the run's end writes the full one: a resumed run
+        that dies first (killed, an exception) leaves "running", not how an earlier session ended
+        (`esper watch` would show that outcome for a run dead mid-way)."""
+        running = {"run_id": self.run_id, "status": "running", "stop_reason": None,
+                   "epochs": self.epoch, "epochs_planned": self.config.epochs,
+                   "global_step": self.global_step, "device": str(self.device)}
+        atomic_write_text(self.run_dir / SUMMARY_FILE, json.dumps(running, indent=2) + "\n")
 
     def _warm_up(self) -> None:
         """When seeds are growing or blending (a resume, a rollback): pay their first-call costs
