@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
 from esper._fs import atomic_write_text
-from esper.errors import BadInputError, NotFoundError
+from esper.errors import BadInputError, EsperError, NotFoundError
 
 if TYPE_CHECKING:  # cryptography loads lazily: `esper --help` must stay fast
     from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -35,6 +37,10 @@ DEFAULT_WORKSPACE = "esper-workspace"
 WORKSPACE_FORMAT = 1
 KeyRole = Literal["forge", "bench"]
 KEY_ROLES: tuple[KeyRole, ...] = ("forge", "bench")
+# How long creating the workspace, or recording its new catalog, waits for another process's
+# .init.lock: those take well under a second, so a lock held longer is a process that does not
+# let go (stopped, hung, a stale NFS lock), and a command under cron must not wait for ever.
+INIT_LOCK_TIMEOUT_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -112,7 +118,7 @@ class Workspace:
         if self.root.exists() and not self.root.is_dir():
             raise BadInputError(f"workspace path {self.root} exists and is not a directory")
         self.root.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(self.root / ".init.lock")):
+        with self._init_lock():
             if self.exists():
                 return False
             for d in (self.artifacts_dir, self.runs_dir, self.policies_dir, self.oona_dir):
@@ -147,10 +153,27 @@ class Workspace:
 
     def record_catalog_created(self) -> None:
         """Note in workspace.json that urza.db now exists: from here on, its absence is damage."""
-        with FileLock(str(self.root / ".init.lock")):
+        with self._init_lock():
             marker = json.loads(self.marker.read_text(encoding="utf-8"))
             marker["catalog_created_at"] = datetime.now(UTC).isoformat()
             atomic_write_text(self.marker, json.dumps(marker, indent=2) + "\n")
+
+    @contextmanager
+    def _init_lock(self) -> Iterator[None]:
+        """Hold .init.lock, waiting at most INIT_LOCK_TIMEOUT_S for another process (exit 1, as
+        the embedded Redis's server.lock: the workspace is busy, the command was right)."""
+        lock = FileLock(str(self.root / ".init.lock"))
+        try:
+            lock.acquire(timeout=INIT_LOCK_TIMEOUT_S)
+        except Timeout:
+            raise EsperError(f"timed out after {INIT_LOCK_TIMEOUT_S:g} s waiting for "
+                             f"{lock.lock_file}: another esper process is creating this workspace "
+                             "and has not finished; if none is, end the one holding the lock "
+                             "(stopped or hung) and run the command again") from None
+        try:
+            yield
+        finally:
+            lock.release()
 
     # Keys -----------------------------------------------------------------------------------
     def private_key(self, role: KeyRole) -> Ed25519PrivateKey:
