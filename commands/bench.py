@@ -48,14 +48,17 @@ def bench(
     child (load with signature and hash checks, forward/backward, shapes, finiteness, gradient
     flow, determinism, function preservation; then latency, memory, drift, FLOPs), tags each by
     percentile against the kernels measured on the same target, scores its risk, and applies a
-    bench-signed report: VALIDATED, or REJECTED with the reason. Progress goes to stderr, one
-    line per kernel; the summary to stdout. SIGINT/SIGTERM finish or release the current claim.
+    bench-signed report: VALIDATED, or REJECTED with the reason. A kernel whose blobs the
+    artifact store cannot give back intact (missing, or failing their sha256) is not judged: it
+    stays PENDING_BENCHMARKING, and the bench exits 3 naming the blob once it stops. Progress
+    goes to stderr, one line per kernel; the summary to stdout. SIGINT/SIGTERM finish or release
+    the current claim.
 
     Example: esper bench --once --device cpu
     """
     from dataclasses import replace
 
-    from esper.errors import BadInputError
+    from esper.errors import BadInputError, IntegrityError
     from pipelines.tezzeret.sandbox import Limits
     from pipelines.urabrask.bench import BenchOptions, run_bench
 
@@ -73,6 +76,12 @@ def bench(
     summary = run_bench(ectx.workspace.require(), ectx.redis_url, options, once=once,
                         progress=progress_printer())
     ectx.emit(summary.to_jsonable(), lambda: _render(summary))
+    if summary.damaged:  # left PENDING_BENCHMARKING: a verdict on damaged bytes is no verdict
+        (kernel_id, damage), more = next(iter(summary.damaged.items())), len(summary.damaged) - 1
+        raise IntegrityError(
+            f"the artifact store is damaged: kernel {kernel_id} was not judged ({damage})"
+            + (f", nor {more} more kernel(s)" if more else "")
+            + "; restore it from a backup and run the bench again")
     if summary.sandbox_failure is not None:  # the limits given cannot run any gauntlet
         raise BadInputError(f"the bench stopped: {summary.sandbox_failure}")
 
@@ -80,9 +89,10 @@ def bench(
 def _render(summary) -> None:
     from commands._render import print_table
 
+    damaged = f", {len(summary.damaged)} not judged (store damage)" if summary.damaged else ""
     out_console.print(f"bench {summary.worker_id}: {summary.validated} validated, "
                       f"{summary.rejected} rejected, {summary.released} released, "
-                      f"{summary.retagged} re-tagged in "
+                      f"{summary.retagged} re-tagged{damaged} in "
                       f"{summary.seconds:.1f} s (risk model: {summary.risk_model})",
                       highlight=False, soft_wrap=True)
     rows = [[j.kernel_id, "VALIDATED" if j.validated else "REJECTED",

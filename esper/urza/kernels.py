@@ -334,21 +334,27 @@ class KernelCatalog(LeaseCatalog):
 
     # The bench's queue ------------------------------------------------------------------------
     def claim_next_kernel(self, worker: str, lease_seconds: float, *,
-                          targets: Iterable[str] | None = None) -> CompiledKernelArtifact | None:
+                          targets: Iterable[str] | None = None,
+                          exclude: Iterable[str] = ()) -> CompiledKernelArtifact | None:
         """Take the oldest PENDING_BENCHMARKING kernel nobody holds (or whose holder's lease
         expired), or None. `targets`: only kernels for these devices (a CPU-only bench cannot
-        measure a CUDA kernel). The status stays PENDING_BENCHMARKING while claimed."""
+        measure a CUDA kernel). `exclude`: kernel ids to pass over (those whose blobs the bench
+        found damaged). The status stays PENDING_BENCHMARKING while claimed."""
         require_text(worker, "worker")
         now, until = lease_window(lease_seconds)
         params: dict[str, Any] = {"worker": worker, "until": until, "now": now,
                                   "now_iso": now_iso()}
-        target_filter = ""
+        also_where = ""
         if targets is not None:
             params["targets"] = canonical_json(sorted(set(targets)))
-            target_filter = " AND target IN (SELECT value FROM json_each(:targets))"
+            also_where = " AND target IN (SELECT value FROM json_each(:targets))"
+        exclude = sorted(set(exclude))
+        if exclude:
+            params["exclude"] = canonical_json(exclude)
+            also_where += " AND id NOT IN (SELECT value FROM json_each(:exclude))"
         with self.transaction():
             claimed_id = self._take_lease(_BENCH_QUEUE, worker, until, params,
-                                          also_where=target_filter)
+                                          also_where=also_where)
             if claimed_id is None:
                 return None
             return kernel_from_row(self._kernel_row(claimed_id))

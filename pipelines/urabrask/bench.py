@@ -12,7 +12,12 @@ One kernel at a time (DESIGN.md section 9, HLD Appendix E):
    kernel with the reason; the bench goes on. A child that fails before it reaches its kernel
    (limits too small for Python and torch to start) blames no kernel: the claim is released,
    the summary says why (`sandbox_failure`), and the bench stops, since every gauntlet would
-   fail the same way (and the released kernel, the oldest waiting, would be claimed again);
+   fail the same way (and the released kernel, the oldest waiting, would be claimed again).
+   Nor does a kernel whose blobs the workspace's store cannot give back intact (a missing blob,
+   one that fails its sha256: `gauntlet.store_damage`): a verdict is one-way, and damage is no
+   evidence about the kernel. Its claim is released, one line and an audit row
+   (`kernel.store_damaged`) name the blob, the summary lists it (`damaged`), and this bench
+   claims it no more until, at an idle poll, its blobs verify again;
 3. stage 3 (tags.py) against the target's VALIDATED population, read from Urza at each job;
    after each validation the older kernels whose tags the grown population changes are
    re-tagged with one bench-signed UrabraskTagRefresh (`urza.apply_tag_refresh`);
@@ -58,7 +63,7 @@ from pipelines.daemon_bus import DaemonBus
 from pipelines.stopping import GracefulStop
 from pipelines.tezzeret.sandbox import Limits, make_scratch
 from pipelines.urabrask import risk, tags
-from pipelines.urabrask.gauntlet import GauntletJob
+from pipelines.urabrask.gauntlet import GauntletJob, store_damage
 
 log = logging.getLogger("esper.urabrask")
 
@@ -140,6 +145,9 @@ class BenchSummary:
     risk_model: str = "prior"
     stopped_by_signal: bool = False
     sandbox_failure: str | None = None  # why no gauntlet child could start: the bench stopped
+    # Kernels left unjudged, PENDING_BENCHMARKING, because the store cannot give back their
+    # blobs intact: kernel id -> the damage, one line, until its blobs verify again.
+    damaged: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
 
     @property
@@ -155,7 +163,9 @@ class BenchSummary:
                 "rejected": self.rejected, "released": self.released, "retagged": self.retagged,
                 "risk_model": self.risk_model, "jobs": [j.to_jsonable() for j in self.jobs],
                 "stopped_by_signal": self.stopped_by_signal,
-                "sandbox_failure": self.sandbox_failure, "seconds": round(self.seconds, 3)}
+                "sandbox_failure": self.sandbox_failure,
+                "damaged": [{"kernel_id": k, "reason": r} for k, r in self.damaged.items()],
+                "seconds": round(self.seconds, 3)}
 
 
 class Bench:
@@ -201,13 +211,15 @@ class Bench:
                and self.summary.sandbox_failure is None):
             kernel = self.urza.claim_next_kernel(self.options.worker_id,
                                                  self.options.lease_seconds,
-                                                 targets=[self.target])
+                                                 targets=[self.target],
+                                                 exclude=self.summary.damaged)
             if kernel is not None:
                 self._judge(kernel)
                 continue
             if once:
                 break
             self._bus.wait(self._stopping)
+            self._forget_repaired()
 
     # One kernel -----------------------------------------------------------------------------
     def _judge(self, kernel: CompiledKernelArtifact) -> None:
@@ -221,6 +233,9 @@ class Bench:
             should_stop=self._stop.job_must_stop, scratch_dir=self._scratch)
         if outcome.stopped:
             self._release(kernel)
+            return
+        if outcome.result is not None and outcome.result.store_damage is not None:
+            self._leave_damaged(kernel, outcome.result.store_damage)
             return
         if not outcome.reached_kernel:
             limits = self.options.limits
@@ -254,6 +269,30 @@ class Bench:
             latency_ms=result.get(LATENCY_MS), reason=report.rejection_reason))
         if validated:
             self._refresh_tags()
+
+    def _leave_damaged(self, kernel: CompiledKernelArtifact, damage: str) -> None:
+        """Give the kernel back unjudged, for good in this bench until its blobs verify again."""
+        self.summary.damaged[kernel.id] = damage
+        self._progress(f"{kernel.id} NOT JUDGED, the artifact store is damaged: {damage}; it "
+                       "stays PENDING_BENCHMARKING until that is repaired")
+        try:
+            self.urza.audit(self.options.worker_id, "kernel.store_damaged", kernel.id,
+                            {"reason": damage})
+            self.urza.release_kernel(kernel.id, self.options.worker_id)
+        except EsperError as e:  # its lease runs out instead
+            log.warning("urabrask: could not release %s: %s", kernel.id, e)
+
+    def _forget_repaired(self) -> None:
+        """At an idle poll: the damaged kernels whose blobs verify now are claimed again."""
+        for kernel_id in list(self.summary.damaged):
+            try:
+                repaired = store_damage(self.urza, kernel_id) is None
+            except EsperError as e:  # the catalog cannot answer now: asked again next poll
+                log.warning("urabrask: could not re-check %s: %s", kernel_id, e)
+                continue
+            if repaired:
+                del self.summary.damaged[kernel_id]
+                self._progress(f"{kernel_id}: its blobs verify again; it waits to be judged")
 
     def _refresh_tags(self) -> None:
         """Re-tag the target's VALIDATED kernels against the population as it now stands."""

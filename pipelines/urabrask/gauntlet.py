@@ -5,7 +5,10 @@ child (worker.py), never in the daemon.
 
 Stage 1, the gatekeeper, in this order (the first failure is the rejection reason):
 
-1. load: `load_kernel` verifies the forge signature and every hash before it deserializes;
+1. load: `load_kernel` verifies the forge signature and every hash before it deserializes.
+   A load that fails because the workspace's store cannot give back one of the kernel's blobs
+   intact (`store_damage`) judges nothing: the result says so and the bench leaves the kernel
+   waiting (bench.py);
 2. forward on a fresh random input of the interface's form: output shape per the interface,
    finite output, exactly zero output at init (function preservation);
 3. backward against a random upstream gradient: finite gradients;
@@ -125,6 +128,9 @@ class GauntletResult:
     # open: the process's age when the gauntlet began; Linux only), `load`, `gatekeep`,
     # `profile`. Not part of the report: for the bench's own cost (scripts/gpu_gauntlet.py).
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    # Set when the load failed on damage to the workspace's artifact store (`store_damage`):
+    # one line naming the blob. No evidence about the kernel: the bench does not judge it.
+    store_damage: str | None = None
 
     def to_jsonable(self) -> dict[str, Any]:
         return asdict(self)
@@ -173,12 +179,13 @@ def run_gauntlet(urza: Urza, job: GauntletJob, *,
             try:
                 kernel = load_kernel(urza, job.kernel_id, device=job.device,
                                      require_validated=False)
-            except EsperError as e:
+                ir = load_ir(urza.store.get(kernel.manifest.blueprint_id),
+                             source=f"blueprint {kernel.manifest.blueprint_id[:12]}")
+            except (EsperError, OSError) as e:  # OSError: a key file the loader cannot open
                 return GauntletResult(job.kernel_id, False, "load", f"load: {e}",
-                                      hardware=hardware, stage_seconds=stages)
+                                      hardware=hardware, stage_seconds=stages,
+                                      store_damage=store_damage(urza, job.kernel_id))
             interface = kernel.manifest.interface
-            ir = load_ir(urza.store.get(kernel.manifest.blueprint_id),
-                         source=f"blueprint {kernel.manifest.blueprint_id[:12]}")
             form = input_form(ir, interface)
             dtype = getattr(torch, kernel.manifest.dtype)
             clock = _lap(stages, "load", clock)
@@ -201,6 +208,46 @@ def run_gauntlet(urza: Urza, job: GauntletJob, *,
         hardware["compiled_fallback"] = kernel.fallback_reason[:200]
     return GauntletResult(job.kernel_id, True, metrics=metrics, baseline=baseline,
                           hardware=hardware, stage_seconds=stages)
+
+
+def store_damage(urza: Urza, kernel_id: str) -> str | None:
+    """What of this kernel the workspace cannot give back intact, in one line naming the blob,
+    or None if its blobs are whole. Damage is what `esper library verify` finds in the store (a
+    blob missing, or not hashing to its name) or a forge public key that cannot be read; it is
+    no evidence about the kernel, whose verdict is one-way, so the bench does not judge it.
+
+    The blobs are the loader's: the manifest, the blueprint IR, and the files the manifest names
+    once it verifies against the forge key. A manifest that does not verify is evidence (a
+    tampered artifact is refused): None, whatever files it names. One that verifies but names
+    another kernel is the load's to refuse, once the blobs are whole."""
+    from esper.errors import EsperError, IntegrityError, NotFoundError
+    from esper.signing import open_signed
+    from pipelines.tezzeret.artifact import Manifest
+
+    record = urza.kernel_load_record(kernel_id)
+    stored: dict[str, bytes] = {}
+    for name, digest in (("manifest", record.kernel_binary_ref),
+                         ("blueprint IR", record.blueprint_id)):
+        try:
+            stored[name] = urza.store.get(digest)
+        except (NotFoundError, IntegrityError) as e:
+            return f"{name}: {e}"
+    try:
+        forge_key = urza.workspace.public_key("forge")
+    except IntegrityError as e:
+        return str(e)  # it names the key file
+    what = f"kernel {record.id}: manifest"
+    try:
+        manifest = Manifest.from_json(open_signed(stored["manifest"], forge_key, what=what),
+                                      source=what)
+    except EsperError:
+        return None
+    for name, digest in sorted(manifest.files.items()):
+        try:
+            urza.store.get(digest)
+        except (NotFoundError, IntegrityError) as e:
+            return f"{name}: {e}"
+    return None
 
 
 def _no_compile_workers() -> None:

@@ -6,8 +6,10 @@
 Reads the GauntletJob JSON, opens the workspace's catalog (only to read the kernel's row and
 blobs), runs stages 1 and 2 (`run_gauntlet`: the loader verifies the forge signature and every
 hash first), writes OUT_DIR/result.json atomically and exits 0, whether the kernel passed or
-failed a check. A crash, a hang or a runaway allocation is the parent's to see: it kills the
-process group and rejects the kernel. The child never holds the bench key: the parent signs.
+failed a check, or could not be loaded because the workspace's store is damaged (the result's
+`store_damage`: the parent leaves that kernel unjudged). A crash, a hang or a runaway
+allocation is the parent's to see: it kills the process group and rejects the kernel. The
+child never holds the bench key: the parent signs.
 
 On a GPU it exits holding the GPU lock as active (gpu_lock.py), so that no measurement runs
 while its CUDA context is torn down.
