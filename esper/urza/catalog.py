@@ -28,7 +28,7 @@ from esper.urza.db import BUSY_TIMEOUT_S, connect, file_error
 from esper.urza.kernels import KernelCatalog
 from esper.urza.migrations import LATEST_VERSION, applied_version, migrate
 from esper.urza.records import RecordCatalog
-from esper.urza.store import ArtifactStore, sha256_hex
+from esper.urza.store import ArtifactStore, is_digest, sha256_hex
 from esper.urza.values import now_iso, require_text
 from esper.workspace import KEY_ROLES, KeyRole, Workspace
 
@@ -211,7 +211,10 @@ class Urza(BlueprintCatalog, KernelCatalog, RecordCatalog):
             try:
                 document = self.store.get(row["kernel_binary_ref"])
                 if forge_key is not None:
-                    open_signed(document, forge_key, what=what)
+                    body = open_signed(document, forge_key, what=what)
+                    problems += [f"{what}: {name} (blob {digest}) is not in the artifact store"
+                                 for name, digest in _named_files(body)
+                                 if not (is_digest(digest) and self.store.has(digest))]
             except (NotFoundError, IntegrityError) as e:
                 problems.append(str(e) if str(e).startswith(what) else f"{what}: {e}")
         for row in self._rows(
@@ -301,3 +304,16 @@ def _refuse_replacing_catalog(workspace: Workspace, state: str | None, *,
             f"{workspace.db_path}: the catalog is {state}, but this workspace had one "
             f"({evidence}); restore urza.db from a backup (a new, empty catalog would orphan "
             "every signed artifact and record)")
+
+
+def _named_files(manifest_body: bytes) -> list[tuple[str, str]]:
+    """The (file name, blob hash) pairs a signed manifest names, from its `files` field. The
+    manifest's schema is the loader's to check (pipelines/tezzeret/artifact.py); the catalog
+    only follows its references into the store, as it follows the rows'."""
+    try:
+        files = json.loads(manifest_body).get("files")
+    except (ValueError, AttributeError):
+        return []
+    if not isinstance(files, dict):
+        return []
+    return sorted((name, digest) for name, digest in files.items() if isinstance(digest, str))

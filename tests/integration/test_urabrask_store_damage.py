@@ -200,3 +200,15 @@ def test_a_missing_forge_public_key_leaves_every_kernel_pending(workspace, tmp_p
 
         assert summary.validated == 1 and summary.damaged == {}
         assert urza.get_kernel(kernel_id).status is KernelStatus.VALIDATED
+
+
+def test_verify_names_a_file_a_signed_manifest_names_but_the_store_lacks(workspace, tmp_path):
+    """`esper library verify` finds the damage the bench would: the weights a kernel's signed
+    manifest names are gone from the store (exit 3 there, one problem naming kernel and blob)."""
+    with Urza.open(workspace) as urza:
+        kernel_id = plant(urza, tmp_path, library_ir("low_rank_r2"), "linear:16:4")
+        assert urza.verify().ok
+        digest = blob_of(urza, kernel_id, WEIGHTS_FILE)
+        damage(urza, digest, "missing")
+        [problem] = urza.verify().problems
+    assert kernel_id in problem and WEIGHTS_FILE in problem and digest in problem, problem
