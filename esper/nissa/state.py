@@ -50,6 +50,7 @@ class RunView:
     run_id: str
     epoch: int | None = None
     planned_epochs: int | None = None  # from its EpochEvents, else its config in Urza
+    planned_by_events: bool = False  # its EpochEvents said planned_epochs
     global_step: int = 0
     train_loss: float | None = None
     validation_loss: float | None = None
@@ -59,7 +60,7 @@ class RunView:
     fossilized_seeds: int = 0
     last_epoch_at: float | None = None  # unix time of the last EpochEvent
     first_seen_at: float = 0.0
-    stopped: bool = False  # a control.run STOP was issued
+    stopped_at: float | None = None  # when a control.run STOP was issued to it
     ended_at: float | None = None  # its process's last heartbeat said "stopping"
     outcome: str | None = None  # how it ended, as its summary.json says (RUN_OUTCOMES)
     seeds: dict[str, SeedLifecycle] = field(default_factory=dict)  # "layer:index" -> stage
@@ -72,6 +73,10 @@ class RunView:
     transitions: deque[SeedTransition] = field(
         default_factory=lambda: deque(maxlen=TRANSITIONS_KEPT))
     outcomes: Counter[SeedLifecycle] = field(default_factory=Counter)  # terminal transitions
+
+    @property
+    def stopped(self) -> bool:
+        return self.stopped_at is not None
 
     @property
     def finished(self) -> bool:
@@ -106,9 +111,20 @@ class RunView:
             self.restarted(at)
 
     def restarted(self, at: float) -> None:
-        """Something the run sent at `at`: after the end it knew of, the run goes on (resumed)."""
+        """Something the run sent at `at`: after the end it knew of, the run goes on (resumed),
+        and a STOP issued before `at` is done with. Not after the STOP alone: a run stops at its
+        next step or epoch end, so an epoch event or a beat may follow the STOP before it ends."""
         if self.ended_at is not None and at > self.ended_at:
             self.ended_at = self.outcome = None
+            if self.stopped_at is not None and at > self.stopped_at:
+                self.stopped_at = None
+
+    def plan_from_config(self, epochs: int) -> None:
+        """The epochs the run's config in Urza plans: only a fallback, for a run whose epoch
+        events do not say. That config is the one the run registered as it began; a resume's
+        --epochs is in its events."""
+        if not self.planned_by_events:
+            self.planned_epochs = epochs
 
     def set_seed(self, seed: str, stage: SeedLifecycle, at: float) -> None:
         """The seed is at `stage` as of `at`, unless something newer was already said."""
@@ -177,7 +193,7 @@ class WatchState:
             run.active_seeds, run.fossilized_seeds = message.active_seeds, message.fossilized_seeds
             run.last_epoch_at = at
             if message.epochs_planned is not None:
-                run.planned_epochs = message.epochs_planned
+                run.planned_epochs, run.planned_by_events = message.epochs_planned, True
         elif isinstance(message, HealthSignal):
             run = self._run(message.run_id, at)
             run.layer_names[message.layer_id] = message.layer_name
@@ -193,7 +209,7 @@ class WatchState:
             self._run(message.run_id, at).decisions.append(message)
         elif isinstance(message, RunControl):
             if message.action is RunControlAction.STOP:
-                self._run(message.run_id, at).stopped = True
+                self._run(message.run_id, at).stopped_at = at
         elif isinstance(message, FieldReport):
             self.field_reports.append(message)
         elif isinstance(message, KernelReady):

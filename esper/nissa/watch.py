@@ -135,7 +135,7 @@ class Watcher:
                 self._planned_looked_up.add(run.run_id)
                 epochs = config.get("epochs")
                 if isinstance(epochs, int):
-                    run.planned_epochs = epochs
+                    run.plan_from_config(epochs)
                 if ended:
                     self._outcomes_looked_up.add((run.run_id, run.ended_at))
                     run.outcome = self._outcome(run, config)

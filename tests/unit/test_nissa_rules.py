@@ -99,6 +99,78 @@ def test_a_run_whose_process_said_it_was_stopping_has_ended_until_it_resumes():
     assert not run.finished
 
 
+def at(seconds, topic, message):
+    """`message` as the bus would carry it, sent at unix time `seconds`."""
+    from datetime import UTC, datetime
+
+    envelope = wrap(topic, message)
+    return envelope.model_copy(update={"timestamp": datetime.fromtimestamp(seconds, UTC)})
+
+
+def epoch_event(seconds, run_id, epoch, planned=None):
+    return at(seconds, Topic.SYSTEM_EVENTS_EPOCH, EpochEvent(
+        run_id=run_id, epoch=epoch, global_step=7 * epoch, train_loss=0.5, validation_loss=0.6,
+        epochs_planned=planned))
+
+
+def test_a_run_epoch_events_plan_its_epochs_over_its_registered_config():
+    """A run created with 3 epochs (so registered in Urza) and resumed with --epochs 12: its
+    epoch events say 12. Before, the watcher's catalog read replaced that with the registered 3,
+    and the run, dead or alive at epoch 4, showed "completed"."""
+    state = WatchState()
+    state.apply(epoch_event(100, "r", 4, planned=12))
+    run = state.runs["r"]
+    run.plan_from_config(3)  # what the watcher reads from the config the run registered
+    assert run.planned_epochs == 12 and not run.finished and run.status == "running"
+    # The registered config is the fallback for events that do not say (an older Tolaria's)...
+    older = WatchState()
+    older.apply(epoch_event(100, "o", 3))
+    older.runs["o"].plan_from_config(3)
+    assert older.runs["o"].planned_epochs == 3 and older.runs["o"].status == "completed"
+    # ...until one does: read before the run's events, it gives way to them.
+    older.apply(epoch_event(101, "o", 4, planned=12))
+    assert older.runs["o"].planned_epochs == 12 and older.runs["o"].status == "running"
+    older.runs["o"].plan_from_config(3)
+    assert older.runs["o"].planned_epochs == 12
+
+
+def test_a_stopped_run_is_stopped_until_it_goes_on_after_its_end():
+    """Before, a STOP stuck to the run: stopped, then resumed, it showed "stopped" for ever."""
+    from esper.contracts import DaemonHeartbeat, RunControl, RunControlAction
+
+    def beat(seconds, state):
+        return at(seconds, Topic.SYSTEM_HEARTBEATS, DaemonHeartbeat(
+            daemon="tolaria", worker_id="s", state=state, interval_s=10))
+
+    def stop(seconds):
+        return at(seconds, Topic.CONTROL_RUN, RunControl(run_id="s", action=RunControlAction.STOP))
+
+    state = WatchState()
+    state.apply(epoch_event(100, "s", 2, planned=12))
+    state.apply(stop(101))
+    run = state.runs["s"]
+    assert run.finished and run.status == "stopped"
+    # A STOP read during an epoch's evaluation: the run ends that epoch, beats, then stops.
+    for envelope in (epoch_event(102, "s", 3, planned=12), beat(103, "busy"),
+                     beat(104, "stopping")):
+        state.apply(envelope)
+        assert run.finished and run.status == "stopped"
+    state.apply(beat(150, "busy"))  # --resume
+    assert not run.finished and run.status == "running"
+    state.apply(epoch_event(160, "s", 4, planned=12))
+    assert run.status == "running"
+    # Stopped again in the resumed session, it is stopped again.
+    state.apply(stop(170))
+    assert run.finished and run.status == "stopped"
+    # A STOP sent to a run that had already ended does not outlive its resume either.
+    dead = WatchState()
+    for envelope in (epoch_event(100, "s", 2, planned=12), beat(101, "stopping"), stop(120)):
+        dead.apply(envelope)
+    assert dead.runs["s"].status == "stopped"
+    dead.apply(beat(150, "busy"))
+    assert dead.runs["s"].status == "running"
+
+
 def test_plain_line_is_one_line():
     line = plain_line(wrap(Topic.LIFECYCLE_SEED_TRANSITIONS, SeedTransition(
         run_id="a", seed_id="0:0", epoch=1, from_stage=S.DORMANT, to_stage=S.GERMINATED,
