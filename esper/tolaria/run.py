@@ -44,6 +44,7 @@ from esper.tolaria.trainer import (
     TrainingHistory,
     new_run_id,
     resolve_device,
+    write_run_config,
 )
 from esper.urza.values import require_path_safe
 
@@ -173,10 +174,11 @@ def _run_lock(run_dir: Path) -> Iterator[None]:
         lock.release()
 
 
-def _train(config: TrainConfig, registered: TrainConfig, run_id: str, run_dir: Path,
+def _train(config: TrainConfig, saved: TrainConfig, run_id: str, run_dir: Path,
            workspace: Any, redis_url: str | None, resume: bool,
            progress: Progress | None) -> RunResult:
-    """Build the data, the model and the controller, and train under the run's lock."""
+    """Build the data, the model and the controller, and train under the run's lock. `saved` is
+    the config in the run's folder (a new run's is `config`)."""
     device = resolve_device(config.device)
     seed_everything(config.seed)  # the host model's initial weights come from the run's seed
     data = build_data(config.data, seed=config.data_seed)
@@ -203,7 +205,7 @@ def _train(config: TrainConfig, registered: TrainConfig, run_id: str, run_dir: P
         urza = Urza.open(workspace)
     try:
         if urza is not None:
-            urza.register_run(run_id, json.dumps(registered.model_dump(mode="json")))
+            urza.register_run(run_id, _registration(urza, run_id, saved, resume))
             for interface in report.interfaces:
                 urza.register_interface(interface, target=target, dtype=DTYPE)
             missing = [str(i) for i in report.interfaces
@@ -229,11 +231,29 @@ def _train(config: TrainConfig, registered: TrainConfig, run_id: str, run_dir: P
         with _run_lock(run_dir):
             if not resume:
                 _check_new(run_dir)  # again, now that no other process can start it
+            elif config.epochs != saved.epochs:  # later resumes keep the epochs this one plans
+                write_run_config(run_dir, saved.model_copy(update={"epochs": config.epochs}))
             model, history = trainer.train()
     finally:
         if urza is not None:
             urza.close()
     return RunResult(run_id=run_id, run_dir=run_dir, model=model, history=history)
+
+
+def _registration(urza: Any, run_id: str, saved: TrainConfig, resume: bool) -> str:
+    """The config JSON to register the run with in Urza, which keeps the one a run began with
+    and refuses another. A resumed run's config.json may plan other epochs than it began with
+    (a resume with --epochs records them there; its epoch events carry them to the watcher):
+    it registers with the epochs it began with, so every other field is still checked."""
+    data = saved.model_dump(mode="json")
+    if resume:
+        try:
+            began = json.loads(urza.get_run(run_id).config_json)
+        except NotFoundError:
+            began = None  # trained without a workspace until now
+        if isinstance(began, dict) and isinstance(began.get("epochs"), int):
+            data["epochs"] = began["epochs"]
+    return json.dumps(data)
 
 
 def _resumable(saved: TrainConfig, given: TrainConfig | None) -> TrainConfig:

@@ -153,6 +153,12 @@ def new_run_id(name: str) -> str:
     return f"{name}-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
 
 
+def write_run_config(run_dir: Path, config: TrainConfig) -> None:
+    """The config.json that --resume reads, written atomically (a killed write leaves the old)."""
+    atomic_write_text(run_dir / CONFIG_FILE,
+                      json.dumps(config.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
+
+
 def resolve_device(spec: str | torch.device) -> torch.device:
     if str(spec) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -353,8 +359,7 @@ class TolariaTrainer:
             seed_everything(config.seed)
             if self.guard_data is not None:
                 self._guard_reference = self._guard_metric()
-            atomic_write_text(self.run_dir / CONFIG_FILE,
-                              json.dumps(config.model_dump(mode="json"), indent=2, sort_keys=True) + "\n")
+            write_run_config(self.run_dir, config)
             self.optimizer = build_optimizer(self.model, config.optimizer)
             self._write_metrics()
             self._checkpoint()  # epoch 0: the first known-good state

@@ -10,11 +10,13 @@ import shutil
 import signal
 
 import pytest
+from filelock import FileLock
 from tolaria_helpers import esper, short_dir, signal_mid_epoch, tiny_config, write_config
 
+from esper.errors import BadInputError
 from esper.nissa import Watcher
 from esper.oona import stop_embedded
-from esper.tolaria.run import run_training
+from esper.tolaria.run import LOCK_FILE, run_training
 from esper.tolaria.trainer import ProgressEvent, TrainingDivergedError
 from esper.workspace import Workspace
 
@@ -57,6 +59,60 @@ def test_a_completed_run_resumed_for_more_epochs_and_killed_mid_epoch_is_not_com
     final = json.loads(resumed.stdout)
     assert final == summary(ws, "resumed-killed")
     assert (final["status"], final["epochs"], final["epochs_planned"]) == ("completed", 12, 12)
+
+
+def watched(ws: Workspace, run_id: str):
+    """The run as a watcher reading the workspace's bus from its start and its catalog sees it."""
+    watcher = Watcher(ws, None, since_ms=0, run=run_id, publish_alerts=False,
+                      start_embedded=False)
+    try:
+        watcher.start()
+        watcher.refresh(force=True)
+        return watcher.state.runs[run_id]
+    finally:
+        watcher.close()
+
+
+def test_a_resume_that_plans_more_epochs_keeps_them_for_the_next_resume(workspace):
+    """Before: the resume with --epochs 12 left config.json at epochs 3, so once it was killed a
+    plain resume planned 3 again and ended "completed" at epoch 4 of 3; and the watcher took 3
+    from the config the run registered in Urza over its epoch events' 12, so the dead run at
+    epoch 4 or more showed "completed"."""
+    ws, root = workspace
+    bus = {"telemetry.bus": True}
+    config = write_config(root / "grown.yaml", epochs=3, **LONG, **bus)
+    done = esper(ws, "train", str(config), "--run-id", "grown")
+    assert done.returncode == 0, done.stderr
+
+    # Killed after its fifth epoch: the resumed session's first epoch event (epoch 4) was sent
+    # an epoch or more before, so the watcher has it.
+    code, stderr = signal_mid_epoch(ws, None, "grown", signal.SIGKILL, epoch=5,
+                                    extra=("--epochs", "12"))
+    assert code == -signal.SIGKILL, stderr[-2000:]
+    saved = json.loads((ws.root / "runs" / "grown" / "config.json").read_text())
+    assert saved == tiny_config(epochs=12, **LONG, **bus).model_dump(mode="json")
+    run = watched(ws, "grown")
+    assert run.epoch >= 4 and run.planned_epochs == 12 and run.status == "running"
+
+    resumed = esper(ws, "--json", "train", "--resume", "grown")
+    assert resumed.returncode == 0, resumed.stderr
+    final = json.loads(resumed.stdout)
+    assert (final["status"], final["epochs"], final["epochs_planned"]) == ("completed", 12, 12)
+    run = watched(ws, "grown")
+    assert (run.epoch, run.planned_epochs, run.status) == (12, 12, "completed")
+
+
+def test_a_resume_refused_because_the_run_is_training_changes_nothing(workspace):
+    """The planned epochs are recorded under the run's lock: a resume of a live run, refused,
+    leaves its config.json as it was."""
+    ws, _ = workspace
+    run_training(tiny_config(epochs=1), workspace=ws, run_id="live")
+    path = ws.root / "runs" / "live" / "config.json"
+    before = path.read_text()
+    # The lock as the training process holds it.
+    with FileLock(str(path.parent / LOCK_FILE)), pytest.raises(BadInputError, match="is in use"):
+        run_training(tiny_config(epochs=5), workspace=ws, resume="live")
+    assert path.read_text() == before
 
 
 def test_a_diverged_run_whose_resume_fails_at_its_start_is_ended_not_diverged(workspace):
