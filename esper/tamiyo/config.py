@@ -119,11 +119,20 @@ class TamiyoConfig(_Strict):
 
     At most `max_concurrent` adaptations are under way at once and `max_germinations` are
     started in the whole run (None: no limit); after an adaptation ends, the next germination
-    waits `cooldown_epochs` epochs."""
+    waits `cooldown_epochs` epochs.
+
+    `max_added_parameters` is the run's growth budget (None: no limit): the grafts it holds
+    (the adaptations Tamiyo started that are under way, and the fossilized ones) never have
+    more parameters than that in all. A germination takes only kernels whose measured parameter
+    count fits what is left, so with `kernel.rank: capacity` the largest that fits; a kernel
+    with no measured count does not fit. A graft CULLED, CANCELLED or ROLLED_BACK, or a
+    germination Kasmina refused, gives its parameters back. `kernel.max_parameters` caps one
+    graft."""
 
     policy: Literal["heuristic", "gnn"] = "heuristic"
     max_concurrent: PositiveInt = 1
     max_germinations: NonNegInt | None = None
+    max_added_parameters: PositiveInt | None = None
     cooldown_epochs: NonNegInt = 0
     plateau: PlateauConfig = Field(default_factory=PlateauConfig)
     location: LocationConfig = Field(default_factory=LocationConfig)

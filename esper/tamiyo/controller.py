@@ -89,6 +89,7 @@ class Adaptation:
     started_step: int                  # the controller's step count at the germination command
     started_epoch: int
     pre_metrics: dict[str, float]      # the run's metrics at germination
+    parameters: int | None = None      # the kernel's measured parameter count; None: unknown
     stage: SeedLifecycle | None = None  # last stage Kasmina reported; None before it did
     epochs_in_stage: int = 0           # epoch ends observed in `stage`
     trained: bool = False              # went through TRAINING (its kernel has parameters)
@@ -107,6 +108,8 @@ class Adaptation:
         for key in ("stage", "expected"):
             data[key] = S(data[key]) if data[key] is not None else None
         data["pre_metrics"] = {k: float(v) for k, v in data["pre_metrics"].items()}
+        if data.get("parameters") is not None:  # absent from states saved before it was kept
+            data["parameters"] = int(data["parameters"])
         return cls(**data)
 
 
@@ -183,6 +186,7 @@ class TamiyoController:
         self._guard: GuardReading | None = None  # this epoch's guarded task, when there is one
         self._blamed: set[str] = set()  # the grafts this epoch's guard reading culls
         self._germinations = 0
+        self._fossilized_parameters = 0  # of the adaptations Tamiyo started (max_added_parameters)
         self._last_end_step: int | None = None
         self._active: dict[str, Adaptation] = {}
         self._embargo_until: dict[str, int] = {}
@@ -355,6 +359,7 @@ class TamiyoController:
             "best_train_loss": self._best_train_loss,
             "metrics": dict(sorted(self._metrics.items())),
             "germinations": self._germinations,
+            "fossilized_parameters": self._fossilized_parameters,
             "last_end_step": self._last_end_step,
             "active": [self._active[sid].to_json() for sid in self.active_seeds],
             "embargo_until": {sid: self._embargo_until[sid]
@@ -399,6 +404,8 @@ class TamiyoController:
         self._best_train_loss = None if best is None else float(best)
         self._metrics = {k: float(v) for k, v in state["metrics"].items()}
         self._germinations = int(state["germinations"])
+        # Absent from states saved before max_added_parameters: what was fossilized is unknown.
+        self._fossilized_parameters = int(state.get("fossilized_parameters", 0))
         self._last_end_step = state["last_end_step"]
         adaptations = [Adaptation.from_json(a) for a in state["active"]]
         self._embargo_until = {k: int(v) for k, v in state["embargo_until"].items()}
@@ -473,6 +480,8 @@ class TamiyoController:
         if outcome is S.ROLLED_BACK:
             self._quarantined.add(a.seed_id)
             self._rolled_back_kernels.add(a.kernel_artifact_id)
+        if outcome is S.FOSSILIZED:  # kept for good: its parameters stay spent
+            self._fossilized_parameters += a.parameters or 0
         self._last_end_step = boundary_step
         self._report(a, outcome, reason, self._metrics)
 
@@ -489,8 +498,9 @@ class TamiyoController:
             f"{sid}: {why}. The next epoch end decides from the seed's actual stage.", seed=sid))
 
     def _refused_germination(self, a: Adaptation, why: str) -> None:
-        """The germination never happened: no outcome to report, the budget is given back, and
-        the seed waits out a full embargo (it may be under one Tamiyo did not see)."""
+        """The germination never happened: no outcome to report, the budget (the germination and
+        its parameters) is given back, and the seed waits out a full embargo (it may be under
+        one Tamiyo did not see)."""
         del self._active[a.seed_id]
         self._germinations -= 1
         until = self._steps + self.layers[seed_key(a.seed_id)[0]].embargo_epochs
@@ -713,6 +723,15 @@ class TamiyoController:
                 return [], (f"{len(within)} VALIDATED kernel(s) within max_risk, none with a measured "
                             f"parameter count at most max_parameters={kc.max_parameters}")
             within = small
+        left = self._parameters_left()
+        if within and left is not None:
+            fit = [k for k in within if k.parameters is not None and k.parameters <= left]
+            if not fit:
+                capped = " and max_parameters" if kc.max_parameters is not None else ""
+                return [], (f"{len(within)} VALIDATED kernel(s) within max_risk{capped}, none "
+                            f"with a measured parameter count within the {left} parameter(s) "
+                            f"left of max_added_parameters={self.config.max_added_parameters}")
+            within = fit
         if within:
             if kc.rank == "capacity":  # stable: the chooser's order (tags, latency) breaks ties
                 preferred = set(kc.prefer_tags)
@@ -722,6 +741,15 @@ class TamiyoController:
             return [], f"{len(found)} VALIDATED kernel(s), all above max_risk={kc.max_risk:g}"
         tags = f" with tags {', '.join(kc.require_tags)}" if kc.require_tags else ""
         return [], f"no VALIDATED kernel{tags} for {self.device_target}/{self.dtype}"
+
+    def _parameters_left(self) -> int | None:
+        """What the grafts the run holds leave of max_added_parameters (None: no budget): the
+        adaptations under way and the fossilized ones count; those that ended otherwise do not."""
+        budget = self.config.max_added_parameters
+        if budget is None:
+            return None
+        held = sum(a.parameters or 0 for a in self._active.values())
+        return max(0, budget - held - self._fossilized_parameters)
 
     def _germinate(self, seen: SeedTable, ranking: Ranking, ordered: np.ndarray, position: int,
                    candidate: KernelCandidate, considered: list[KernelCandidate],
@@ -767,6 +795,11 @@ class TamiyoController:
                   f"(blueprint {candidate.blueprint_id[:12]}, risk {risk}, tags "
                   f"[{', '.join(candidate.tags)}]{latency}): the best ranked (preferred tags "
                   f"{len(preferred)}, {ranked}) that has not failed here.")
+        left = self._parameters_left()
+        if left is not None and candidate.parameters is not None:
+            kernel += (f" Budget: {candidate.parameters} of the {left} parameter(s) left of "
+                       f"max_added_parameters={self.config.max_added_parameters}, "
+                       f"{left - candidate.parameters} left after it.")
         note = ""
         if self.chooser is not None:
             try:
@@ -777,7 +810,7 @@ class TamiyoController:
                        blueprint_id=candidate.blueprint_id, risk_score=candidate.risk_score,
                        tags=list(candidate.tags), started_step=self._steps,
                        started_epoch=self._epoch, pre_metrics=dict(self._metrics),
-                       expected=S.GERMINATED)
+                       parameters=candidate.parameters, expected=S.GERMINATED)
         self._active[sid] = a
         self._recent[sid] = a
         self._germinations += 1

@@ -533,18 +533,31 @@ def test_a_kernel_kasmina_cannot_load_is_reported_with_kasminas_reason():
     assert h.stage("0:0") is S.CULLED
 
 
+# Measured figures as Urabrask reports them: the biggest graft is the slowest.
+SIZES = {"mlp_relu_w4": (72, 0.01), "mlp_silu_w64": (1096, 0.05), "mlp_gelu_w32": (552, 0.02)}
+
+
+def sized(tamiyo_config: TamiyoConfig, *, seeds: int = 1, **harness) -> tuple[Harness, dict]:
+    """A one-layer model (8 outputs, `seeds` seeds) whose chooser offers the three kernels of
+    SIZES with their parameter counts, and the blueprint name of each kernel id."""
+    h = Harness(tamiyo_config, kernels=tuple(SIZES), model=nn.Sequential(nn.Linear(8, 8)),
+                kasmina_config={"seeds_per_layer": seeds}, **harness)
+    by_id = {kid: ir.name for kid, (ir, _) in h.source.entries.items()}
+    h.tamiyo.chooser = FixedKernelChooser([
+        KernelCandidate(kid, "0" * 64, interface, parameters=SIZES[ir.name][0],
+                        latency_ms=SIZES[ir.name][1])
+        for kid, (ir, interface) in h.source.entries.items()])
+    return h, by_id
+
+
+def germinated(h: Harness, by_id: dict) -> list[tuple[str, str]]:
+    return [(d.seed_id, by_id[d.kernel_artifact_id]) for d in h.decisions
+            if d.action == "germinate"]
+
+
 def test_kernel_rank_capacity_takes_the_largest_graft_within_max_parameters():
     def chosen(**kernel) -> tuple[str, str]:
-        h = Harness(config(kernel=kernel), kernels=("mlp_relu_w4", "mlp_silu_w64", "mlp_gelu_w32"),
-                    model=nn.Sequential(nn.Linear(8, 8)), kasmina_config={"seeds_per_layer": 1})
-        # Measured figures as Urabrask reports them: the biggest graft is the slowest.
-        sizes = {"mlp_relu_w4": (72, 0.01), "mlp_silu_w64": (1096, 0.05), "mlp_gelu_w32": (552, 0.02)}
-        by_id = {kid: name for kid, (ir, _) in h.source.entries.items()
-                 for name in sizes if ir.name == name}
-        h.tamiyo.chooser = FixedKernelChooser([
-            KernelCandidate(kid, "0" * 64, KernelInterface.parse("linear:8:8"),
-                            parameters=sizes[name][0], latency_ms=sizes[name][1])
-            for kid, name in by_id.items()])
+        h, by_id = sized(config(kernel=kernel))
         h.run([1.0] * 3)
         decision = h.decisions[0]
         return by_id.get(decision.kernel_artifact_id, ""), decision.explanation
@@ -556,6 +569,74 @@ def test_kernel_rank_capacity_takes_the_largest_graft_within_max_parameters():
     assert chosen(max_parameters=600)[0] == "mlp_gelu_w32"
     name, why = chosen(max_parameters=10)
     assert name == "" and "none with a measured parameter count at most max_parameters=10" in why
+
+
+def test_max_added_parameters_gives_each_graft_the_largest_kernel_that_fits_what_is_left():
+    # Fossilized grafts keep their parameters: 1096 of 1700, then 552 of the 604 left.
+    h, by_id = sized(config(max_added_parameters=1700), seeds=4)
+    h.run([1.0] * 3 + [0.9, 0.8, 0.7, 0.6, 0.5, 0.5, 0.5])
+    assert [r.outcome for r in h.reports] == [S.FOSSILIZED]
+    h.run([0.5] * 3 + [0.4, 0.3, 0.2, 0.1, 0.05, 0.05, 0.05])
+    assert [r.outcome for r in h.reports] == [S.FOSSILIZED, S.FOSSILIZED]
+    assert germinated(h, by_id) == [("0:0", "mlp_silu_w64"), ("0:1", "mlp_gelu_w32")]
+    second = [d for d in h.decisions if d.action == "germinate"][1]
+    assert "552 of the 604 parameter(s) left of max_added_parameters=1700, 52 left after it" in second.explanation
+    h.run([0.05] * 6)  # 52 left: the smallest kernel (72) does not fit, said once
+    assert len(germinated(h, by_id)) == 2
+    (wait,) = [d for d in h.decisions if d.action == "wait"]
+    assert "No VALIDATED kernel fits any free seed" in wait.explanation
+    assert ("3 VALIDATED kernel(s) within max_risk, none with a measured parameter "
+            "count within the 52 parameter(s) left of max_added_parameters=1700") in wait.explanation
+
+    # Grafts under way count as well.
+    under_way, by_id = sized(config(max_added_parameters=1700, max_concurrent=2,
+                                    gates={"max_loading_epochs": 50}), seeds=4)
+    under_way.hold = {"0:0", "0:1", "0:2", "0:3"}
+    under_way.run([1.0] * 8)
+    assert germinated(under_way, by_id) == [("0:0", "mlp_silu_w64"), ("0:1", "mlp_gelu_w32")]
+
+
+def test_a_budget_that_fits_no_kernel_is_said_once_and_nothing_germinates():
+    h, _ = sized(config(max_added_parameters=50), seeds=2)
+    signals = h.run([1.0] * 8)
+    assert all(not s.commands for s in signals)
+    (wait,) = h.decisions
+    assert wait.action == "wait" and wait.epoch == 3
+    assert "within the 50 parameter(s) left of max_added_parameters=50" in wait.explanation
+    # A kernel whose parameter count was not measured cannot be counted: it never fits.
+    unknown = Harness(config(max_added_parameters=10**9))
+    unknown.run([1.0] * 8)
+    (wait,) = unknown.decisions
+    assert "none with a measured parameter count within the 1000000000 parameter(s) left" in \
+        wait.explanation
+
+
+def test_a_graft_that_ends_without_being_kept_gives_its_parameters_back():
+    # Culled: 1096 of 1200 come back, and the other seed gets the largest kernel again.
+    h, by_id = sized(config(max_added_parameters=1200, gates={"max_training_epochs": 1}), seeds=2)
+    h.run([1.0] * 4)          # 0:0 germinated at 3 with the largest kernel, LOADING at 4
+    h.hold = {"0:0"}
+    h.run([1.0] * 2)          # TRAINING at 6 without readiness: culled at once (limit 1)
+    assert [r.outcome for r in h.reports] == [S.CULLED]
+    h.hold = set()
+    h.run([1.0] * 3)
+    assert germinated(h, by_id) == [("0:0", "mlp_silu_w64"), ("0:1", "mlp_silu_w64")]
+
+    # A germination Kasmina never applied: given back too.
+    refused, by_id = sized(config(max_added_parameters=1096), seeds=2, observe=False)
+    refused.dispatch = False
+    refused.run([1.0] * 4)
+    assert "did not happen" in refused.decisions[-1].explanation
+    refused.dispatch = True
+    refused.run([1.0] * 2)
+    assert germinated(refused, by_id) == [("0:0", "mlp_silu_w64"), ("0:1", "mlp_silu_w64")]
+
+
+def test_max_added_parameters_must_be_positive():
+    assert TamiyoConfig.from_mapping({}).max_added_parameters is None
+    for bad in (0, -5):
+        with pytest.raises(BadInputError, match="field 'max_added_parameters'"):
+            TamiyoConfig.from_mapping({"max_added_parameters": bad}, source="run.yaml")
 
 
 # Embargo ------------------------------------------------------------------------------------
@@ -870,6 +951,35 @@ def test_state_dict_round_trips_through_json_and_decides_the_same():
         twin.load_state_dict({"format": "other"})
     with pytest.raises(BadInputError, match="malformed Tamiyo state"):
         twin.load_state_dict({**state, "plateau": {}})
+
+
+def test_the_parameters_grafts_hold_survive_a_checkpoint_and_old_states_load():
+    h, by_id = sized(config(max_added_parameters=1700), seeds=4)
+    # 0:0 fossilized with 1096 parameters, then 0:1 germinated with 552: 52 left.
+    h.run([1.0] * 3 + [0.9, 0.8, 0.7, 0.6, 0.5, 0.5, 0.5, 0.5, 0.5])
+    assert [r.outcome for r in h.reports] == [S.FOSSILIZED]
+    assert germinated(h, by_id)[-1] == ("0:1", "mlp_gelu_w32")
+    state = json.loads(json.dumps(h.tamiyo.state_dict()))
+    assert state["fossilized_parameters"] == 1096 and state["active"][0]["parameters"] == 552
+
+    def twin(saved) -> TamiyoController:
+        other = TamiyoController(h.model, config(max_added_parameters=1700, max_concurrent=2),
+                                 run_id="run", kernel_chooser=h.tamiyo.chooser)
+        other.load_state_dict(saved)
+        return other
+
+    restored = twin(state)
+    assert restored.state_dict() == state
+    # A second graft at once (max_concurrent 2): with 52 left nothing fits, and the twin knows.
+    h.epoch += 1
+    assert not restored.step(h.packet(0.5)).commands
+    (wait,) = restored.drain_decisions()
+    assert "within the 52 parameter(s) left of max_added_parameters=1700" in wait.explanation
+    # A state saved before grafts were counted loads; what it held is not known (none).
+    old = copy.deepcopy(state)
+    del old["fossilized_parameters"], old["active"][0]["parameters"]
+    (command,) = twin(old).step(h.packet(0.5)).commands
+    assert by_id[command.kernel_artifact_id] == "mlp_silu_w64"
 
 
 def test_the_packet_alone_is_enough():
