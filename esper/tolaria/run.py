@@ -244,16 +244,24 @@ def _registration(urza: Any, run_id: str, saved: TrainConfig, resume: bool) -> s
     """The config JSON to register the run with in Urza, which keeps the one a run began with
     and refuses another. A resumed run's config.json may plan other epochs than it began with
     (a resume with --epochs records them there; its epoch events carry them to the watcher):
-    it registers with the epochs it began with, so every other field is still checked."""
+    it registers with the epochs it began with, so every other field is still checked. A run
+    registered by an earlier Esper lacks the config fields added since (their defaults change
+    nothing): if its config resolves to this one, it is the same run, registered as it was."""
     data = saved.model_dump(mode="json")
-    if resume:
-        try:
-            began = json.loads(urza.get_run(run_id).config_json)
-        except NotFoundError:
-            began = None  # trained without a workspace until now
-        if isinstance(began, dict) and isinstance(began.get("epochs"), int):
-            data["epochs"] = began["epochs"]
-    return json.dumps(data)
+    if not resume:
+        return json.dumps(data)
+    try:
+        began = json.loads(urza.get_run(run_id).config_json)
+    except NotFoundError:
+        return json.dumps(data)  # trained without a workspace until now
+    if not isinstance(began, dict) or not isinstance(began.get("epochs"), int):
+        return json.dumps(data)  # Urza refuses it, naming the run
+    data["epochs"] = began["epochs"]
+    try:
+        resolved = TrainConfig.model_validate(began).model_dump(mode="json")
+    except ValidationError:
+        resolved = None  # a field since removed or changed: Urza refuses it
+    return json.dumps(began if resolved == data else data)
 
 
 def _resumable(saved: TrainConfig, given: TrainConfig | None) -> TrainConfig:
