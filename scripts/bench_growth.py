@@ -12,6 +12,8 @@ Arms (each a `run_training` run, the function `esper train` calls, except gromo'
   objective `reconstruction`; `esper_gradient_match`: the same with `gradient_match`. Any other
   `esper_*` arm is `esper` with the config's section of that name merged in (`esper_eager`:
   a seed germinated every epoch from the first, the lifecycle without the plateau's wait).
+  A section's `budget_share: 0.25` gives Tamiyo a run-wide growth budget
+  (`tamiyo.max_added_parameters`) of that share of the task's large host's extra parameters.
 - `random_placement`: as `esper`, but Tamiyo draws the seed at random (`location.strategy:
   random`), capped at the number of germinations `esper` made at that seed. An arm
   `esper_X_random` is the control of `esper_X`: its own section sets `location.strategy:
@@ -52,6 +54,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import importlib.util
 import itertools
 import json
@@ -111,6 +114,9 @@ def train_config(bench: dict[str, Any], task: str, arm: str, seed: int, device: 
         return merge(config, NO_SEEDS)
     config = merge(config, bench["esper"])
     config = merge(config, bench.get(arm, {}) if arm.startswith("esper_") else {})
+    share = config.pop("budget_share", None)
+    if share is not None:
+        config = merge(config, {"tamiyo": {"max_added_parameters": growth_budget(spec, share)}})
     if arm == "random_placement":
         config = merge(config, {"tamiyo": {
             "location": {"strategy": "random", "random_seed": seed},
@@ -119,6 +125,26 @@ def train_config(bench: dict[str, Any], task: str, arm: str, seed: int, device: 
     if location.get("strategy") == "random" and "random_seed" not in location:
         config = merge(config, {"tamiyo": {"location": {"random_seed": seed}}})  # a draw per seed
     return config
+
+
+def growth_budget(spec: dict[str, Any], share: float) -> int:
+    """`share` of the task's large host's extra parameters over its small one: an arm's
+    `budget_share` as Tamiyo's run-wide `max_added_parameters`."""
+    in_features, out_dim = _host_dims(json.dumps(spec["data"], sort_keys=True))
+
+    def parameters(widths: list[int]) -> int:
+        return sum(a * b + b for a, b in itertools.pairwise([in_features, *widths, out_dim]))
+
+    return max(1, math.floor(share * (parameters(spec["large"]) - parameters(spec["small"]))))
+
+
+@functools.cache
+def _host_dims(data_spec: str) -> tuple[int, int]:
+    """(input features, outputs) of a task's data (a JSON data spec, so it can be cached)."""
+    from esper.tolaria.data import build_data
+
+    data = build_data(json.loads(data_spec), seed=0)
+    return math.prod(data.input_shape), data.out_dim
 
 
 def continual_config(bench: dict[str, Any], arm: str, seed: int, device: str, out_dir: str, *,
@@ -471,9 +497,7 @@ def continual_sweep(bench: dict[str, Any], args: argparse.Namespace, pool: Proce
 
 
 def _in_features(data_spec: dict[str, Any]) -> int:
-    from esper.tolaria.data import build_data
-
-    return math.prod(build_data(data_spec, seed=0).input_shape)
+    return _host_dims(json.dumps(data_spec, sort_keys=True))[0]
 
 
 def _collect(pool: ProcessPoolExecutor, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -196,3 +196,20 @@ def test_the_ceiling_s_static_host_is_the_widest_that_fits(full):
     # [w, w] on 64 inputs, 10 classes: 65w + (w + 1)w + 10(w + 1) = w^2 + 76w + 10 parameters.
     width = ceiling._static_width(full, "digits", 0, "runs", data, budget=7_042)
     assert width == 54 and 54 ** 2 + 76 * 54 + 10 <= 7_042 < 55 ** 2 + 76 * 55 + 10
+
+
+def test_a_budget_share_is_tamiyos_growth_budget_for_each_task(bench_growth, full):
+    """`budget_share` is the bench's key, not a TrainConfig one: it becomes
+    tamiyo.max_added_parameters, that share of the task's large-minus-small host parameters."""
+    bench = {**full, "esper_budget": {"budget_share": 0.25}}
+    mnist1d = TrainConfig.from_mapping(bench_growth.train_config(bench, "mnist1d", "esper_budget",
+                                                                 0, "cpu", "runs"))
+    # [16, 16] has 1098 parameters on MNIST-1D (40 inputs, 10 classes), [256, 256] 78858
+    assert mnist1d.tamiyo.max_added_parameters == (78858 - 1098) // 4
+    digits = TrainConfig.from_mapping(bench_growth.train_config(bench, "digits", "esper_budget",
+                                                                0, "cpu", "runs"))
+    small = 64 * 8 + 8 + 8 * 8 + 8 + 8 * 10 + 10
+    large = 64 * 128 + 128 + 128 * 128 + 128 + 128 * 10 + 10
+    assert digits.tamiyo.max_added_parameters == (large - small) // 4
+    assert TrainConfig.from_mapping(bench_growth.train_config(
+        full, "mnist1d", "esper", 0, "cpu", "runs")).tamiyo.max_added_parameters is None
