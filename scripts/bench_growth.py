@@ -23,8 +23,9 @@ Arms (each a `run_training` run, the function `esper train` calls, except gromo'
   zero-output blocks from each hidden layer's input to the next layer's pre-activation, and
   seeds on them (`kasmina.blocks`), alone or with the layers' own: grafts that widen a layer.
 - `static_adapters`: the small host with a zero-initialised parallel adapter on every hidden
-  layer from the start (`mlp` `adapter_width`), sized to the mean parameters `esper` added on
-  that task: the PEFT-style alternative at the same parameter budget.
+  layer from the start (`mlp` `adapter_width`), sized to the mean parameters `esper` (or the
+  config's `adapters_match` arm) added on that task: the PEFT-style alternative at the same
+  parameter budget.
 - `gromo`: the `gromo` package's TINY growth of the same small host (scripts/growth_gromo.py).
 
 The continual split (the config's `continual` section; `--tasks continual` alone): phase 1
@@ -430,6 +431,21 @@ def adapter_width(widths: list[int], budget: float, in_features: int) -> int:
     return max(1, round((budget - sum(b for _, b in pairs)) / per_unit))
 
 
+def matched_adapter_width(bench: dict[str, Any], task: str,
+                          done: list[dict[str, Any]]) -> int | None:
+    """The `static_adapters` width for `task` that adds the mean parameters the config's
+    `adapters_match` arm (default `esper`) added over `static_small` in `done`; None without
+    runs of both."""
+    matched = [r for r in done if r["task"] == task and r["arm"] == bench.get("adapters_match", "esper")]
+    small = [r for r in done if r["task"] == task and r["arm"] == "static_small"]
+    if not matched or not small:
+        return None
+    budget = (statistics.mean(r["parameters"] for r in matched)
+              - statistics.mean(r["parameters"] for r in small))
+    spec = bench["tasks"][task]
+    return adapter_width(spec["small"], budget, _in_features(spec["data"]))
+
+
 def sweep(bench: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any]]:
     kinds = task_kinds(bench)
     arms = bench["arms"]
@@ -450,16 +466,12 @@ def sweep(bench: dict[str, Any], args: argparse.Namespace) -> list[dict[str, Any
         for task in bench["tasks"]:
             done = [r for r in results if r["task"] == task and "skipped" not in r]
             esper = [r for r in done if r["arm"] == "esper"]
-            small = [r for r in done if r["arm"] == "static_small"]
+            width = matched_adapter_width(bench, task, done) if "static_adapters" in arms else None
             for seed in bench["seeds"]:
                 if "random_placement" in arms:
                     made = next((r["germinations"] for r in esper if r["seed"] == seed), 0)
                     second.append(job(task, "random_placement", seed, max_germinations=made))
-                if "static_adapters" in arms and esper and small:
-                    budget = (statistics.mean(r["parameters"] for r in esper)
-                              - statistics.mean(r["parameters"] for r in small))
-                    width = adapter_width(bench["tasks"][task]["small"], budget,
-                                          _in_features(bench["tasks"][task]["data"]))
+                if width is not None:
                     second.append(job(task, "static_adapters", seed, adapter_width=width))
                 if "gromo" in arms:
                     second.append(job(task, "gromo", seed))

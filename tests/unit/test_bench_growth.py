@@ -213,3 +213,19 @@ def test_a_budget_share_is_tamiyos_growth_budget_for_each_task(bench_growth, ful
     assert digits.tamiyo.max_added_parameters == (large - small) // 4
     assert TrainConfig.from_mapping(bench_growth.train_config(
         full, "mnist1d", "esper", 0, "cpu", "runs")).tamiyo.max_added_parameters is None
+
+
+def test_adapters_are_sized_to_the_matched_arm(bench_growth, full):
+    """static_adapters add what `esper` added, or what the config's `adapters_match` arm did."""
+    def run(arm, parameters, task="mnist1d"):
+        return {"task": task, "arm": arm, "parameters": parameters}
+
+    done = [run("static_small", 1098), run("esper", 1098 + 3000), run("esper", 1098 + 5000),
+            run("esper_widen_budget", 1098 + 15000), run("static_small", 682, "digits")]
+    spec = full["tasks"]["mnist1d"]
+    by_esper = bench_growth.matched_adapter_width(full, "mnist1d", done)
+    assert by_esper == bench_growth.adapter_width(spec["small"], 4000, 40)
+    matched = {**full, "adapters_match": "esper_widen_budget"}
+    assert bench_growth.matched_adapter_width(matched, "mnist1d", done) == \
+        bench_growth.adapter_width(spec["small"], 15000, 40) > by_esper
+    assert bench_growth.matched_adapter_width(full, "digits", done) is None  # no esper run there
