@@ -757,6 +757,8 @@ def plots(bench: dict[str, Any], results: list[dict[str, Any]], table: dict[str,
     written = []
     for task, t in table.items():
         fig, (curves, bars) = plt.subplots(1, 2, figsize=(12, 4.2))
+        if len(bench["arms"]) > 10:  # the default cycle repeats its 10 colours
+            curves.set_prop_cycle(color=plt.get_cmap("tab20").colors)
         for arm in bench["arms"]:
             got = [r["curve"] for r in results if r["task"] == task and r["arm"] == arm
                    and "skipped" not in r]
@@ -814,6 +816,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs", help="where results go")
     parser.add_argument("--seeds", type=int, nargs="+", help="override the config's seeds")
     parser.add_argument("--tasks", nargs="+", help="only these tasks")
+    parser.add_argument("--arms", nargs="+", help="only these of the config's arms")
     parser.add_argument("--stem", help="output file names (default growth-results, or "
                         "growth-results-quick with --quick)")
     parser.add_argument("--from-json", type=Path, help="redo the tables and plots of a saved run")
@@ -840,6 +843,12 @@ def main() -> None:
         if "continual" not in args.tasks:
             bench.pop("continual", None)
         bench["tasks"] = {t: bench["tasks"][t] for t in args.tasks if t != "continual"}
+    if args.arms:
+        unknown = sorted(set(args.arms) - set(bench["arms"]))
+        if unknown:
+            parser.error(f"--arms: {', '.join(unknown)} not in the config's arms "
+                         f"({', '.join(bench['arms'])})")
+        bench["arms"] = [arm for arm in bench["arms"] if arm in args.arms]
     started = time.perf_counter()
     env = environment(args.device)
     print(f"growth benchmark: {config_path.relative_to(ROOT) if config_path.is_relative_to(ROOT) else config_path}"
