@@ -32,12 +32,13 @@ import kasmina
 from esper.contracts import KernelQuery
 from esper.errors import BadInputError, IntegrityError, NotFoundError
 from esper.oona import check_url
-from esper.tolaria.checkpoint import seed_everything
+from esper.tolaria.checkpoint import CheckpointStore, seed_everything
 from esper.tolaria.config import TrainConfig, describe_problems, validation_problems
 from esper.tolaria.data import build_data
 from esper.tolaria.export import ModelOrigin
 from esper.tolaria.models import build_model, freeze_host, init_host
 from esper.tolaria.trainer import (
+    CHECKPOINTS_DIR,
     CONFIG_FILE,
     Progress,
     TolariaTrainer,
@@ -179,6 +180,12 @@ def _train(config: TrainConfig, saved: TrainConfig, run_id: str, run_dir: Path,
            progress: Progress | None) -> RunResult:
     """Build the data, the model and the controller, and train under the run's lock. `saved` is
     the config in the run's folder (a new run's is `config`)."""
+    if resume and config.epochs != saved.epochs:
+        trained = max((c.epoch for c in CheckpointStore(run_dir / CHECKPOINTS_DIR).list()),
+                      default=0)
+        if config.epochs < trained:
+            raise BadInputError(f"--epochs {config.epochs}: run {run_id} has trained {trained} "
+                                f"epochs already; give {trained} or more")
     device = resolve_device(config.device)
     seed_everything(config.seed)  # the host model's initial weights come from the run's seed
     data = build_data(config.data, seed=config.data_seed)

@@ -96,6 +96,7 @@ S = SeedLifecycle
 STATE_FORMAT = "esper.tolaria.state/1"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+CHECKPOINTS_DIR = "checkpoints"
 CONFIG_FILE = "config.json"
 # Stages in which a seed is growing: the "during germination" of the step-time target.
 GROWING = frozenset({S.GERMINATED, S.LOADING, S.TRAINING, S.GRAFTING, S.STABILIZATION,
@@ -284,7 +285,7 @@ class TolariaTrainer:
             self.bus = TrainingBus.open(workspace, url, run_id=self.run_id)
             self._owned.append(self.bus)
         self.history = TrainingHistory(self.run_id, self.run_dir, notices=list(notices or []))
-        self.checkpoints = CheckpointStore(self.run_dir / "checkpoints", config.checkpoints.keep_last)
+        self.checkpoints = CheckpointStore(self.run_dir / CHECKPOINTS_DIR, config.checkpoints.keep_last)
         # Run state (all of it in every checkpoint).
         self.epoch = 0
         self.global_step = 0

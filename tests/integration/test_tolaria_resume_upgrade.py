@@ -40,3 +40,20 @@ def test_a_run_registered_before_a_new_config_field_resumes(ws, tmp_path):
     # Urza keeps the config the run was registered with.
     with Urza.open(ws) as urza:
         assert json.loads(urza.get_run("old").config_json) == registered
+
+
+def test_a_resume_asking_for_fewer_epochs_than_trained_is_refused(ws, tmp_path):
+    """`--resume RUN --epochs 2` on a run that trained 3: one line, exit 2, config.json and
+    summary.json as they were (before: it 'completed' at epoch 3 of 2 and recorded 2)."""
+    config = write_config(tmp_path / "run.yaml", epochs=3)
+    assert esper(ws, "train", str(config), "--run-id", "done").returncode == 0
+    run = ws.root / "runs" / "done"
+    before = {name: (run / name).read_bytes() for name in ("config.json", "summary.json")}
+
+    refused = esper(ws, "train", "--resume", "done", "--epochs", "2")
+
+    assert refused.returncode == 2, refused.stderr
+    [line] = refused.stderr.strip().splitlines()
+    assert "--epochs 2" in line and "3 epochs" in line, line
+    assert {name: (run / name).read_bytes() for name in before} == before
+    assert esper(ws, "train", "--resume", "done", "--epochs", "3").returncode == 0  # nothing to do
