@@ -1,7 +1,8 @@
-"""A run registered by an earlier Esper resumes under this one. Urza keeps the config a run was
-registered with and refuses another; a newer Esper adds config fields (with defaults that change
-nothing), so the config it resolves from the same config.json has keys the registered one lacks.
-That is still the same run."""
+"""What `esper train --resume` accepts. A run registered by an earlier Esper resumes under this
+one: Urza keeps the config a run was registered with and refuses another, and a newer Esper adds
+config fields (with defaults that change nothing), so the config it resolves from the same
+config.json has keys the registered one lacks; that is still the same run. A resume may plan
+more epochs, not fewer than the run has trained."""
 
 from __future__ import annotations
 
