@@ -6,10 +6,10 @@ daemon warns once, keeps polling Urza, and tries the bus again every `RETRY_S`.
 
 Heartbeats (topic system.heartbeats, for `esper watch`) ride the daemon's own loop, not a
 thread: a beat every `HEARTBEAT_S` while it waits for work, one after each result it publishes,
-and a last one ("stopping") when a stop request ends its wait. A loop that hangs stops beating,
-which is what the watcher's stalled-daemon alert looks for; a single job longer than the alert's
-threshold looks stalled too, so the threshold must exceed the longest job (the forge's and the
-bench's wall limits).
+and a last one ("stopping") when a stop request ends its wait or the daemon exits (`stopped`:
+a `--once` run whose work is done). A loop that hangs stops beating, which is what the watcher's
+stalled-daemon alert looks for; a single job longer than the alert's threshold looks stalled
+too, so the threshold must exceed the longest job (the forge's and the bench's wall limits).
 """
 
 from __future__ import annotations
@@ -72,6 +72,7 @@ class DaemonBus:
         self._down_since: float | None = None
         self._started = time.monotonic()
         self._last_beat: float | None = None
+        self._said_stopping = False
         self._last_trim: float | None = None
         self._published: Counter[str] = Counter()
 
@@ -112,6 +113,12 @@ class DaemonBus:
         self._published[topic.value] += 1
         self.heartbeat("busy")
 
+    def stopped(self) -> None:
+        """The daemon is exiting: a last "stopping" beat, unless one was sent or the watcher never
+        saw it beat. Without it, a `--once` run that simply finished reads as a stalled daemon."""
+        if self._last_beat is not None and not self._said_stopping:
+            self.heartbeat("stopping")
+
     def heartbeat(self, state: str) -> None:
         """Publish a DaemonHeartbeat now (best effort, like every publish here)."""
         if self.bus is None or self._down_since is not None:
@@ -131,6 +138,7 @@ class DaemonBus:
             self._failed(e)
             return
         self._last_beat = now
+        self._said_stopping = state == "stopping"
 
     def _beat_if_due(self, state: str) -> None:
         if self._last_beat is None or time.monotonic() - self._last_beat >= self.heartbeat_interval_s:

@@ -289,6 +289,7 @@ class Forge:
             with self._stop.on_signals():
                 self._loop(once)
         finally:
+            self._bus.stopped()
             if self._warm is not None:
                 self._warm.close()
             shutil.rmtree(self._scratch, ignore_errors=True)

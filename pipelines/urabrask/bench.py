@@ -196,6 +196,7 @@ class Bench:
             with self._stop.on_signals():
                 self._loop(once)
         finally:
+            self._bus.stopped()
             shutil.rmtree(self._scratch, ignore_errors=True)
             self.summary.stopped_by_signal = self._stop.requested
             self.summary.seconds = time.monotonic() - started
