@@ -70,7 +70,7 @@ def list_(
     with _open(ctx) as urza:
         if kind is Kind.BLUEPRINTS:
             status_enum = _parse_enum(BlueprintStatus, status, "--status")
-            items = urza.list_blueprints(status=status_enum, origin=origin)
+            items = urza.list_blueprints(status=status_enum, origin=_parse_origin(origin))
             columns, rows = blueprint_rows(items)
         else:
             status_enum = _parse_enum(KernelStatus, status, "--status")
@@ -296,6 +296,21 @@ def stats(ctx: typer.Context) -> None:
     with _open(ctx) as urza:
         numbers = urza.stats()
     ectx.emit(numbers, lambda: print_stats(numbers))
+
+
+def _parse_origin(value: str | None) -> str | None:
+    """--origin, checked as --status is: a misspelt origin would list nothing and exit 0."""
+    if value is None:
+        return None
+    from typing import get_args
+
+    from esper.contracts import Blueprint
+    from esper.errors import BadInputError
+
+    origins = get_args(Blueprint.model_fields["origin"].annotation)
+    if value.lower() not in origins:
+        raise BadInputError(f"--origin: unknown origin {value!r}; choose from {', '.join(origins)}")
+    return value.lower()
 
 
 def _parse_enum(enum_cls, value: str | None, option: str):
