@@ -760,8 +760,10 @@ class TolariaTrainer:
             self._store("record_decision", decision)
             if (decision.action == "wait" and "No VALIDATED kernel" in decision.explanation
                     and not any("no VALIDATED kernel" in n for n in self.history.notices)):
+                # Tamiyo's why (per interface: none built, too risky, over the budget...).
+                why = decision.explanation.partition("without growing. ")[2].rstrip(".")
                 self._notice("no VALIDATED kernel fits a free seed: training goes on without "
-                             "growing (run `esper forge` and `esper bench`)")
+                             f"growing ({why or 'run `esper forge` and `esper bench`'})")
         for report in self.tamiyo.drain_field_reports():
             self.history.field_reports.append(report)
             self._publish(Topic.INNOVATION_FIELD_REPORTS, report)
