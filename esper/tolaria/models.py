@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from pydantic import AfterValidator, Field, ValidationError
 from torch import nn
 
-from esper.errors import BadInputError
+from esper.errors import BadInputError, EsperError
 from esper.tolaria.config import (
     ModelConfig,
     check_component,
@@ -325,7 +325,10 @@ def init_host(host: nn.Module, path: str | os.PathLike[str]) -> None:
     from kasmina.lifecycle import HAS_KERNEL
 
     where = f"field 'model.init_from': {path}"
-    saved = load_model(path)
+    try:
+        saved = load_model(path)
+    except EsperError as e:  # missing, not a saved model, or damaged: say which setting named it
+        raise type(e)(f"field 'model.init_from': {e}") from None
     grafted = sum(layer.stage(seed) in HAS_KERNEL for layer in kasmina.layers(saved)
                   for seed in range(layer.seeds))
     if grafted:
