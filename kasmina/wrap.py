@@ -72,13 +72,14 @@ def _check_patterns(config: KasminaConfig, modules: dict[str, nn.Module]) -> Non
     targets = [p for p, m in modules.items()
                if isinstance(m.host if isinstance(m, KasminaLayer) else m, types)]
     blocks = [p for p in modules if any(_matches(p, pattern) for pattern in config.blocks)]
-    for pattern in config.include:
+    # `targets: []` is "no seeds but the blocks": include (it narrows the targets) has nothing
+    # to select, and exclude nothing to keep out unless there are blocks.
+    for pattern in config.include if config.targets else ():
         if not any(_matches(p, pattern) for p in targets):
-            kind = "/".join(config.targets)
-            hint = (f"{kind} module of the model (it has {_some(targets) or 'none'})" if kind
-                    else "module: kasmina.targets is empty, and include narrows the targets")
-            raise BadInputError(f"field 'kasmina.include': {pattern!r} matches no {hint}")
-    for pattern in config.exclude:
+            raise BadInputError(f"field 'kasmina.include': {pattern!r} matches no "
+                                f"{'/'.join(config.targets)} module of the model (it has "
+                                f"{_some(targets) or 'none'})")
+    for pattern in config.exclude if config.targets or config.blocks else ():
         if not any(_matches(p, pattern) for p in targets + blocks):
             raise BadInputError(f"field 'kasmina.exclude': {pattern!r} matches no module kasmina "
                                 f"selects (it selects {_some(targets + blocks) or 'none'})")
