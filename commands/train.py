@@ -84,6 +84,12 @@ def train(
         with _sigterm_interrupts():
             result = run_training(train_config, workspace=workspace, redis_url=ectx.redis_url,
                                   resume=resume, progress=progress, run_id=run_id)
+    except BadInputError as e:
+        # A setting the config file checks out on, refused once the model is built (a kasmina
+        # pattern that matches no module, a model that fails to import): name the file too.
+        if config is not None and str(e).startswith("field '"):
+            raise BadInputError(f"{config}: {e}") from None
+        raise
     except KeyboardInterrupt:
         progress.close()
         if progress.run_id is not None:  # started: its config and a checkpoint are on disk

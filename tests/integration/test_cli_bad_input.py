@@ -127,7 +127,7 @@ def test_a_model_that_fails_to_import_or_build_is_named_and_leaves_no_run(ws, tm
         return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True,
                               timeout=300, check=False)
 
-    one_error_line(train(), 2, "field 'model.name'", *expected)
+    one_error_line(train(), 2, str(config), "field 'model.name'", *expected)
     assert not (ws.runs_dir / "mine").exists()
     module.write_text("from esper.tolaria.models import MLP as Model\n")
     rerun = train()
