@@ -118,6 +118,9 @@ class RunView:
             self.ended_at = self.outcome = None
             if self.stopped_at is not None and at > self.stopped_at:
                 self.stopped_at = None
+            # The plan was the last session's (a completed run resumed with --epochs plans
+            # more): unknown, not the registered config's, until its next epoch event says.
+            self.planned_epochs, self.planned_by_events = None, True
 
     def plan_from_config(self, epochs: int) -> None:
         """The epochs the run's config in Urza plans: only a fallback, for a run whose epoch

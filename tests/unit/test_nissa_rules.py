@@ -229,3 +229,24 @@ def test_dashboard_lists_every_recent_transition_newest_last():
                     ["a", "2", "1:0", "GERMINATED -> LOADING", "step 1"],
                     ["a", "3", "1:0", "LOADING -> TRAINING", "step 2"],
                     ["b", "4", "0:3", "DORMANT -> GERMINATED", "-"]]
+
+
+def test_a_completed_run_resumed_for_more_epochs_is_running_before_its_next_epoch():
+    """Its last epoch event said 3 of 3: once its resumed process beats, that plan is the old
+    session's, and the run is running (not "completed") until an epoch event says the new one."""
+    from esper.contracts import DaemonHeartbeat
+
+    def beat(seconds, state):
+        return at(seconds, Topic.SYSTEM_HEARTBEATS, DaemonHeartbeat(
+            daemon="tolaria", worker_id="r", state=state, interval_s=10))
+
+    state = WatchState()
+    state.apply(epoch_event(100, "r", 3, planned=3))
+    state.apply(beat(101, "stopping"))
+    run = state.runs["r"]
+    assert run.status == "completed"
+    state.apply(beat(150, "busy"))  # esper train --resume r --epochs 12
+    run.plan_from_config(3)  # the watcher's catalog refresh: the config the run began with
+    assert run.status == "running" and not run.finished
+    state.apply(epoch_event(160, "r", 4, planned=12))
+    assert (run.status, run.planned_epochs) == ("running", 12)
