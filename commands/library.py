@@ -53,7 +53,8 @@ def init(ctx: typer.Context) -> None:
 def list_(
     ctx: typer.Context,
     kind: Annotated[Kind, typer.Option(help="What to list.")] = Kind.BLUEPRINTS,
-    status: Annotated[str | None, typer.Option(help="Only this status, e.g. VALIDATED.")] = None,
+    status: Annotated[str | None, typer.Option(
+        help="Only this status (blueprints: e.g. UNVALIDATED; kernels: e.g. VALIDATED).")] = None,
     tag: Annotated[str | None, typer.Option(help="Kernels: only those with this tag.")] = None,
     origin: Annotated[str | None, typer.Option(
         help="Blueprints: only this origin (library, human, karn).")] = None,
@@ -65,7 +66,13 @@ def list_(
     """
     from commands._render import blueprint_rows, kernel_rows, print_table
     from esper.contracts import BlueprintStatus, KernelStatus
+    from esper.errors import BadInputError
 
+    for option, value, filters in (("--tag", tag, Kind.KERNELS), ("--target", target, Kind.KERNELS),
+                                   ("--origin", origin, Kind.BLUEPRINTS)):
+        if value is not None and filters is not kind:  # ignored, it would list everything
+            raise BadInputError(f"{option} filters {filters.value}, not {kind.value}: add "
+                                f"--kind {filters.value}")
     ectx = get_context(ctx)
     with _open(ctx) as urza:
         if kind is Kind.BLUEPRINTS:

@@ -23,3 +23,19 @@ def test_list_by_origin_and_an_unknown_origin_is_exit_2(ws):
     assert typo.exit_code == 2 and typo.stdout == ""
     assert typo.stderr.strip() == ("error: --origin: unknown origin 'libary'; choose from "
                                    "library, human, karn")
+
+
+def test_an_option_of_the_other_kind_is_exit_2_not_ignored(ws):
+    """--tag and --target filter kernels, --origin blueprints: given with the other --kind they
+    would be ignored and list everything, which reads as "all of these match"."""
+    def esper(*args: str):
+        return CliRunner().invoke(app, ["--workspace", str(ws.root), "library", "list", *args],
+                                  catch_exceptions=False)
+
+    for args, option in ((["--tag", "low_memory"], "--tag"), (["--target", "cpu"], "--target"),
+                         (["--kind", "kernels", "--origin", "library"], "--origin")):
+        refused = esper(*args)
+        assert refused.exit_code == 2 and refused.stdout == "", refused.output
+        [line] = refused.stderr.strip().splitlines()
+        assert line.startswith(f"error: {option} ") and "--kind" in line, line
+    assert esper("--kind", "kernels", "--tag", "low_memory", "--target", "cpu").exit_code == 0
