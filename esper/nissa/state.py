@@ -101,20 +101,22 @@ class RunView:
         return (self.planned_epochs is not None and self.epoch is not None
                 and self.epoch >= self.planned_epochs)
 
-    def beat(self, state: str, at: float) -> None:
+    def beat(self, state: str, at: float, new_process: bool = False) -> None:
         """Its process's heartbeat: "stopping" ends the run; a later one of another state (a
-        --resume of it) starts it again."""
+        --resume of it) starts it again, as does one from another process than the last beat's
+        (`new_process`: the run was killed before it could say it was stopping)."""
         if state == "stopping":
             if self.ended_at is None or at >= self.ended_at:
                 self.ended_at = at
         else:
-            self.restarted(at)
+            self.restarted(at, new_process)
 
-    def restarted(self, at: float) -> None:
-        """Something the run sent at `at`: after the end it knew of, the run goes on (resumed),
-        and a STOP issued before `at` is done with. Not after the STOP alone: a run stops at its
-        next step or epoch end, so an epoch event or a beat may follow the STOP before it ends."""
-        if self.ended_at is not None and at > self.ended_at:
+    def restarted(self, at: float, new_process: bool = False) -> None:
+        """Something the run sent at `at`: after the end it knew of, or from a new process, the
+        run goes on (resumed), and a STOP issued before `at` is done with. Not after the STOP
+        alone: a run stops at its next step or epoch end, so an epoch event or a beat of the same
+        process may follow the STOP before it ends."""
+        if new_process or (self.ended_at is not None and at > self.ended_at):
             self.ended_at = self.outcome = None
             if self.stopped_at is not None and at > self.stopped_at:
                 self.stopped_at = None
@@ -152,6 +154,16 @@ class DaemonView:
     interval_s: float
     published: dict[str, int]
     beats: int = 0
+    host: str = ""
+    pid: int = 0
+    uptime_s: float = 0.0
+
+    def other_process(self, beat: DaemonHeartbeat) -> bool:
+        """`beat` comes from another process than this last one: another host or pid, or the
+        same pid with less uptime (pids are reused: a container gives its process the same one
+        each time). A "stopping" beat may come a few ms of uptime behind the beat published
+        before it (it is queued as the process closes): RunView.beat does not ask of one."""
+        return (beat.host, beat.pid) != (self.host, self.pid) or beat.uptime_s < self.uptime_s
 
 
 @dataclass
@@ -224,14 +236,17 @@ class WatchState:
             self.judged[message.status] += 1
         elif isinstance(message, DaemonHeartbeat):
             key = (message.daemon, message.worker_id)
-            beats = self.daemons[key].beats + 1 if key in self.daemons else 1
+            last = self.daemons.get(key)
             self.daemons[key] = DaemonView(daemon=message.daemon, worker_id=message.worker_id,
                                            state=message.state, last_beat_at=at,
                                            interval_s=message.interval_s,
-                                           published=dict(message.published), beats=beats)
+                                           published=dict(message.published),
+                                           beats=last.beats + 1 if last is not None else 1,
+                                           host=message.host, pid=message.pid,
+                                           uptime_s=message.uptime_s)
             run = self.runs.get(message.worker_id) if message.daemon == RUN_DAEMON else None
             if run is not None:
-                run.beat(message.state, at)
+                run.beat(message.state, at, last is not None and last.other_process(message))
         return True
 
     def _run(self, run_id: str, at: float) -> RunView:

@@ -171,6 +171,49 @@ def test_a_stopped_run_is_stopped_until_it_goes_on_after_its_end():
     assert dead.runs["s"].status == "running"
 
 
+def test_a_stopped_run_killed_before_it_ended_is_running_once_another_process_beats():
+    """A STOP, then the run is killed before it ends: no "stopping" beat. Before, the resumed
+    run showed "stopped" for ever; now a beat from another process (another pid, or the same pid
+    with less uptime: a container gives its process the same pid each time) ends the STOP."""
+    from esper.contracts import DaemonHeartbeat, RunControl, RunControlAction
+
+    def beat(seconds, pid, uptime, state="busy"):
+        return at(seconds, Topic.SYSTEM_HEARTBEATS, DaemonHeartbeat(
+            daemon="tolaria", worker_id="k", pid=pid, uptime_s=uptime, state=state,
+            interval_s=10))
+
+    def stop(seconds):
+        return at(seconds, Topic.CONTROL_RUN, RunControl(run_id="k", action=RunControlAction.STOP))
+
+    state = WatchState()
+    for envelope in (beat(90, 7, 1.0), epoch_event(100, "k", 2, planned=12), beat(100, 7, 11.0),
+                     stop(101)):
+        state.apply(envelope)
+    run = state.runs["k"]
+    # The same process goes on to its next step or epoch end before it stops: still stopped.
+    for envelope in (beat(110, 7, 21.0), epoch_event(111, "k", 3, planned=12),
+                     beat(120, 7, 31.0)):
+        state.apply(envelope)
+        assert run.finished and run.status == "stopped"
+    # Killed there; esper train --resume k is another process.
+    state.apply(beat(150, 8, 0.5))
+    assert not run.finished and run.status == "running"
+    assert run.planned_epochs is None  # the killed session's plan, until an epoch event says
+    state.apply(epoch_event(160, "k", 4, planned=12))
+    assert (run.status, run.planned_epochs) == ("running", 12)
+    # Stopped and killed again, resumed in a container: the same pid, its uptime starts over.
+    for envelope in (stop(170), beat(171, 8, 21.5)):
+        state.apply(envelope)
+        assert run.status == "stopped"
+    state.apply(beat(200, 8, 0.4))
+    assert not run.finished and run.status == "running"
+    # The "stopping" beat of a process that does stop is queued as it closes, so it may carry a
+    # few ms less uptime than the beat published just before it: it is no new process.
+    for envelope in (stop(210), beat(211, 8, 11.402), beat(212, 8, 11.4, "stopping")):
+        state.apply(envelope)
+        assert run.finished and run.status == "stopped"
+
+
 def test_plain_line_is_one_line():
     line = plain_line(wrap(Topic.LIFECYCLE_SEED_TRANSITIONS, SeedTransition(
         run_id="a", seed_id="0:0", epoch=1, from_stage=S.DORMANT, to_stage=S.GERMINATED,
