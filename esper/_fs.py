@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from filelock import FileLock, Timeout
 
 
 def fsync_dir(directory: Path) -> None:
@@ -49,3 +53,18 @@ def replace_file(path: Path, data: bytes, mode: int) -> None:
 
 def atomic_write_text(path: Path, text: str, mode: int = 0o644) -> None:
     atomic_write_bytes(path, text.encode("utf-8"), mode)
+
+
+@contextmanager
+def held(lock_path: Path, timeout_s: float, timed_out: Callable[[str], Exception]) -> Iterator[None]:
+    """Hold the file lock at `lock_path` (released with the process if it dies), waiting at
+    most `timeout_s` for another process; past that, raise `timed_out(lock_path)`."""
+    lock = FileLock(str(lock_path))
+    try:
+        lock.acquire(timeout=timeout_s)
+    except Timeout:
+        raise timed_out(str(lock_path)) from None
+    try:
+        yield
+    finally:
+        lock.release()

@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from filelock import FileLock, Timeout
-
-from esper._fs import atomic_write_text
+from esper._fs import atomic_write_text, held
 from esper.errors import BadInputError, EsperError, NotFoundError
 
 if TYPE_CHECKING:  # cryptography loads lazily: `esper --help` must stay fast
@@ -158,22 +155,13 @@ class Workspace:
             marker["catalog_created_at"] = datetime.now(UTC).isoformat()
             atomic_write_text(self.marker, json.dumps(marker, indent=2) + "\n")
 
-    @contextmanager
-    def _init_lock(self) -> Iterator[None]:
+    def _init_lock(self) -> AbstractContextManager[None]:
         """Hold .init.lock, waiting at most INIT_LOCK_TIMEOUT_S for another process (exit 1, as
         the embedded Redis's server.lock: the workspace is busy, the command was right)."""
-        lock = FileLock(str(self.root / ".init.lock"))
-        try:
-            lock.acquire(timeout=INIT_LOCK_TIMEOUT_S)
-        except Timeout:
-            raise EsperError(f"timed out after {INIT_LOCK_TIMEOUT_S:g} s waiting for "
-                             f"{lock.lock_file}: another esper process is creating this workspace "
-                             "and has not finished; if none is, end the one holding the lock "
-                             "(stopped or hung) and run the command again") from None
-        try:
-            yield
-        finally:
-            lock.release()
+        return held(self.root / ".init.lock", INIT_LOCK_TIMEOUT_S, lambda path: EsperError(
+            f"timed out after {INIT_LOCK_TIMEOUT_S:g} s waiting for {path}: another esper process "
+            "is creating this workspace and has not finished; if none is, end the one holding "
+            "the lock (stopped or hung) and run the command again"))
 
     # Keys -----------------------------------------------------------------------------------
     def private_key(self, role: KeyRole) -> Ed25519PrivateKey:

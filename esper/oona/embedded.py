@@ -33,17 +33,15 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 import redis
-from filelock import FileLock, Timeout
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from esper._fs import atomic_write_text
+from esper._fs import atomic_write_text, held
 from esper.errors import BusUnavailableError
 from esper.workspace import Workspace
 
@@ -224,19 +222,10 @@ def _log_tail(workspace: Workspace) -> str:
 
 # Probing ----------------------------------------------------------------------------------------
 
-@contextmanager
-def _server_lock(workspace: Workspace) -> Iterator[None]:
-    lock = FileLock(str(workspace.oona_dir / "server.lock"))
-    try:
-        lock.acquire(timeout=LOCK_TIMEOUT_S)
-    except Timeout:
-        raise BusUnavailableError(f"timed out after {LOCK_TIMEOUT_S:.0f} s waiting for "
-                                  f"{lock.lock_file}: another process is starting the embedded "
-                                  f"Redis and has not finished") from None
-    try:
-        yield
-    finally:
-        lock.release()
+def _server_lock(workspace: Workspace) -> AbstractContextManager[None]:
+    return held(workspace.oona_dir / "server.lock", LOCK_TIMEOUT_S, lambda path: BusUnavailableError(
+        f"timed out after {LOCK_TIMEOUT_S:.0f} s waiting for {path}: another process is "
+        "starting the embedded Redis and has not finished"))
 
 
 def _probe_client(socket_path: Path, timeout_s: float) -> redis.Redis:

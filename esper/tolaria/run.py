@@ -24,11 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
 from pydantic import ValidationError
 from torch import nn
 
 import kasmina
+from esper._fs import held
 from esper.contracts import KernelQuery
 from esper.errors import BadInputError, IntegrityError, NotFoundError
 from esper.oona import check_url
@@ -163,16 +163,10 @@ def _run_lock(run_dir: Path) -> Iterator[None]:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise BadInputError(f"cannot make the run directory {run_dir}: {e.strerror or e}") from None
-    lock = FileLock(str(run_dir / LOCK_FILE))
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise BadInputError(f"{run_dir} is in use: run {run_dir.name} is training in another "
-                            "process; wait for it to end, or choose another run id") from None
-    try:
+    with held(run_dir / LOCK_FILE, 0, lambda _: BadInputError(
+            f"{run_dir} is in use: run {run_dir.name} is training in another process; wait for "
+            "it to end, or choose another run id")):
         yield
-    finally:
-        lock.release()
 
 
 def _train(config: TrainConfig, saved: TrainConfig, run_id: str, run_dir: Path,
